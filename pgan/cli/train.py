@@ -1,0 +1,62 @@
+"""`pgan-train`: compose the Hydra config and run (or resume) the progressive training in the run directory.
+
+Resuming: `pgan-train hydra.run.dir=DIR` on an existing run directory re-applies the overrides the run was
+started with (Hydra saved them in DIR/.hydra/overrides.yaml) before the ones given now, so the resumed run
+has the same config; the trainer then continues from the newest checkpoint and refuses an architecture change.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from pgan.errors import UserError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+EXIT_USER_ERROR = 2
+
+
+def _override_key(override: str) -> str:
+    """'+data.path=x' -> 'data.path' (the key an override sets, without its +/++/~ prefix)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def with_saved_overrides(args: list[str]) -> list[str]:
+    """Prepend the overrides saved in an existing run directory named by `hydra.run.dir=` (current ones win)."""
+    run_dir = next((a.split("=", 1)[1] for a in args if _override_key(a) == "hydra.run.dir"), None)
+    saved_file = Path(run_dir) / ".hydra" / "overrides.yaml" if run_dir else None
+    if saved_file is None or not saved_file.is_file():
+        return args
+    saved = yaml.safe_load(saved_file.read_text()) or []
+    given = {_override_key(a) for a in args}
+    kept = [o for o in saved if _override_key(o) not in given]
+    if kept:
+        print(f"resuming {run_dir} with its saved overrides: {' '.join(kept)}", flush=True)
+    return kept + args
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    from pgan.train.loop import train  # imported here so that `--help` stays fast
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        train(cfg, run_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def main() -> None:
+    """Console entry point of `pgan-train`."""
+    sys.argv = [sys.argv[0], *with_saved_overrides(sys.argv[1:])]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Datasets (procedural shapes, an image folder, torchvision) and the resumable sampler the trainer uses."""
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf.errors import MissingMandatoryValue
+from torch.utils.data import Dataset
+
+from pgan.data.folder import FolderDataset
+from pgan.data.sampler import InfiniteSampler
+from pgan.data.shapes import ShapesDataset
+from pgan.data.torchvision_source import TorchvisionDataset
+from pgan.errors import UserError
+
+__all__ = ["FolderDataset", "InfiniteSampler", "ShapesDataset", "TorchvisionDataset", "make_dataset"]
+
+SOURCES = ("shapes", "folder", "torchvision")
+
+
+def _required(cfg: Mapping, key: str) -> Any:
+    """cfg[key], or a UserError telling the user to set data.<key> when it is absent or still `???`."""
+    try:
+        value = cfg[key]
+    except (KeyError, MissingMandatoryValue):
+        value = None
+    if value is None or value == "???":
+        context = "" if key == "source" else f" for data.source={cfg.get('source')}"
+        raise UserError(f"data.{key} is required{context}: add data.{key}=... to the command line")
+    return value
+
+
+def make_dataset(cfg: Mapping, resolution: int) -> Dataset:
+    """Build the dataset named by cfg["source"] at `resolution` px.
+
+    Each item is a float32 tensor [channels, resolution, resolution] in [-1, 1].
+    """
+    source = _required(cfg, "source")
+    channels = int(cfg.get("channels", 3))
+    if source == "shapes":
+        return ShapesDataset(
+            resolution, size=int(cfg.get("size", 50000)), seed=int(cfg.get("seed", 0)), channels=channels
+        )
+    if source == "folder":
+        return FolderDataset(str(_required(cfg, "path")), resolution, channels=channels)
+    if source == "torchvision":
+        return TorchvisionDataset(
+            str(_required(cfg, "name")),
+            str(_required(cfg, "path")),
+            resolution,
+            channels=channels,
+            split=str(cfg.get("split", "train")),
+        )
+    raise UserError(f"unknown data.source={source!r}: choose one of {', '.join(SOURCES)} (e.g. data=shapes)")

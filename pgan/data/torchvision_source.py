@@ -1,0 +1,102 @@
+"""A torchvision dataset read from files already on disk (never downloaded), as square [-1, 1] image tensors."""
+
+import difflib
+import inspect
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
+
+from pgan.data.folder import pil_mode, square_resize, to_signed_tensor
+from pgan.errors import UserError
+
+# Shown when data.name is unknown; any dataset class in torchvision.datasets taking `root` works.
+EXAMPLE_NAMES = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "CelebA", "SVHN", "STL10", "Flowers102")
+
+
+def dataset_class(name: str) -> type[Dataset]:
+    """The class torchvision.datasets.<name>, or a UserError suggesting valid names."""
+    candidate = getattr(torchvision.datasets, name, None) if name in torchvision.datasets.__all__ else None
+    if isinstance(candidate, type) and issubclass(candidate, Dataset):
+        return candidate
+    # Match case-insensitively so data.name=cifar10 suggests CIFAR10.
+    by_lower = {valid.lower(): valid for valid in torchvision.datasets.__all__}
+    close = [by_lower[match] for match in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(
+        f"unknown torchvision dataset data.name={name!r}: {hint}valid names include {', '.join(EXAMPLE_NAMES)}"
+    )
+
+
+def split_arguments(cls: type[Dataset], split: str) -> dict[str, object]:
+    """The constructor arguments selecting `split`: train=bool for MNIST/CIFAR-like, split=str for CelebA/SVHN-like."""
+    parameters = inspect.signature(cls).parameters
+    if "train" in parameters:
+        return {"train": split == "train"}
+    if "split" in parameters:
+        return {"split": split}
+    return {}
+
+
+def _download_command(name: str, root: Path, arguments: dict[str, object]) -> str:
+    """A one-line shell command that downloads the dataset into `root` with torchvision."""
+    call_arguments = ", ".join([repr(str(root))] + [f"{key}={value!r}" for key, value in arguments.items()])
+    return f'python -c "import torchvision; torchvision.datasets.{name}({call_arguments}, download=True)"'
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message collapsed onto one line (UserErrors print as exactly one line)."""
+    return " ".join(str(error).split())
+
+
+def _to_pil(image: object) -> Image.Image:
+    """The PIL image for whatever a torchvision dataset returned (PIL, CHW tensor or HWC array)."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (torch.Tensor, np.ndarray)):
+        return F.to_pil_image(image)
+    raise TypeError(f"torchvision dataset returned an image of unsupported type {type(image).__name__}")
+
+
+class TorchvisionDataset(Dataset):
+    """torchvision.datasets.<name> under `path`, items as [channels, resolution, resolution] tensors in [-1, 1]."""
+
+    def __init__(self, name: str, path: str | Path, resolution: int, channels: int = 3, split: str = "train") -> None:
+        self.mode = pil_mode(channels)
+        cls = dataset_class(name)
+        root = Path(path).expanduser()
+        arguments = split_arguments(cls, split)
+        downloadable = "download" in inspect.signature(cls).parameters
+        try:
+            # Never download: training must not reach the network, and a silent multi-GB download surprises.
+            self.dataset = cls(root=str(root), **arguments, **({"download": False} if downloadable else {}))
+        except (RuntimeError, FileNotFoundError) as error:
+            # torchvision raises RuntimeError("Dataset not found ...") or FileNotFoundError for missing files.
+            if downloadable:
+                fix = f"download it yourself with: {_download_command(name, root, arguments)}"
+            else:
+                fix = f"torchvision cannot download {name}: put its files there by hand"
+            reason = _one_line(error)
+            raise UserError(f"torchvision dataset {name} not found under data.path {root} ({reason}); {fix}") from error
+        except ValueError as error:
+            raise UserError(f"torchvision dataset {name} rejected data.split={split!r}: {_one_line(error)}") from error
+        self.name = name
+        self.root = root
+        self.split = split
+        self.resolution = resolution
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        sample = self.dataset[index]
+        # Drop the label: items are images only for now.
+        image = sample[0] if isinstance(sample, (tuple, list)) else sample
+        # PIL's convert: "L" for grayscale (luma), "RGB" replicates a grey channel or drops alpha.
+        converted = _to_pil(image).convert(self.mode)
+        return to_signed_tensor(square_resize(converted, self.resolution))

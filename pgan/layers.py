@@ -1,0 +1,95 @@
+"""ProGAN building blocks: equalized-LR conv/linear, pixel norm, minibatch stddev, resampling.
+
+No training logic lives here. References: Karras et al. 2018, "Progressive Growing of GANs for Improved
+Quality, Stability, and Variation", section 4 (equalized learning rate, pixelwise feature vector
+normalization) and section 3 (minibatch standard deviation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_SLOPE = 0.2
+HE_GAIN = math.sqrt(2.0)
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv2d whose weight is drawn from N(0, 1) and scaled at run time by He's constant gain / sqrt(fan_in).
+
+    Scaling at run time (instead of at init) makes Adam's per-parameter step sizes equal for all layers,
+    which is the point of the equalized learning rate.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, gain: float = HE_GAIN) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.scale = gain / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.padding = kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve with the run-time scaled weight ('same' padding)."""
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        out_c, in_c, k, _ = self.weight.shape
+        return f"{in_c}, {out_c}, kernel_size={k}, scale={self.scale:.4g}"
+
+
+class EqualizedLinear(nn.Module):
+    """Linear layer with the equalized learning rate (weight ~ N(0, 1), scaled by gain / sqrt(fan_in))."""
+
+    def __init__(self, in_features: int, out_features: int, gain: float = HE_GAIN) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.scale = gain / math.sqrt(in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the run-time scaled affine map."""
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        out_f, in_f = self.weight.shape
+        return f"{in_f}, {out_f}, scale={self.scale:.4g}"
+
+
+def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise the feature vector of every pixel (dim 1) to unit RMS (ProGAN eq. in section 4.2)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+
+
+def minibatch_stddev(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.Tensor:
+    """Append one feature map: the stddev of each feature over groups of samples, averaged over C, H, W.
+
+    The batch is split into groups of min(group_size, N) samples as in the official code: sample i belongs
+    to group i % (N // group). N must be divisible by the group size.
+    """
+    n, c, h, w = x.shape
+    group = min(group_size, n)
+    if n % group != 0:
+        raise ValueError(f"batch size {n} is not divisible by the minibatch-stddev group size {group}")
+    y = x.float().reshape(group, -1, c, h, w)  # [G, M, C, H, W]; fp32 so the variance is not lost in bf16
+    y = (y - y.mean(dim=0)).pow(2).mean(dim=0)  # variance over the group: [M, C, H, W]
+    y = (y + eps).sqrt().mean(dim=(1, 2, 3))  # [M]
+    y = y.to(x.dtype).reshape(-1, 1, 1, 1).repeat(group, 1, h, w)  # back to [N, 1, H, W]
+    return torch.cat([x, y], dim=1)
+
+
+def upsample_2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling (ProGAN's choice: it keeps the faded-in output exactly blockwise)."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def downsample_2x(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling."""
+    return F.avg_pool2d(x, kernel_size=2)
+
+
+def lrelu(x: torch.Tensor) -> torch.Tensor:
+    """LeakyReLU with ProGAN's slope 0.2."""
+    return F.leaky_relu(x, LRELU_SLOPE)

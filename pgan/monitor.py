@@ -1,0 +1,84 @@
+"""What a researcher watches: TensorBoard events, a `stats.jsonl` line per tick, a progress bar per stage.
+
+TensorBoard's step is the number of real images shown to D over the whole run (kimg x 1000): one
+continuous axis across stages and resumes (TensorBoard steps must be integers, so not kimg itself).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+def resource_stats(device: torch.device) -> dict[str, float]:
+    """Memory in MB: peak process RSS, and CUDA's peak allocated/reserved when on CUDA."""
+    # ru_maxrss is in KiB on Linux.
+    stats = {"Resources/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        stats["Resources/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        stats["Resources/cuda_max_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return stats
+
+
+class Monitor:
+    """TensorBoard writer + jsonl log for one run directory.
+
+    On resume pass `purge_step` = the step of the checkpoint resumed from, so that TensorBoard drops the
+    events a killed run wrote after it (they would otherwise be shown twice).
+    """
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+        self._jsonl = open(self.run_dir / "stats.jsonl", "a", encoding="utf-8")
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Log scalars to TensorBoard and append them as one line to stats.jsonl."""
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+
+    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        """Log a CHW image grid with values in [0, 1]."""
+        self.writer.add_image(tag, grid, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Log a markdown text entry."""
+        self.writer.add_text(tag, text, step)
+
+    def hparams(self, run_name: str, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """Log an hparams session (one per stage, in a sub-run named `run_name`)."""
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, dict(metrics), run_name=run_name)
+
+    def flush(self) -> None:
+        """Push pending events to disk."""
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the writer and the jsonl file."""
+        self.writer.close()
+        self._jsonl.close()
+
+
+def progress_bar(total_img: int, done_img: int, description: str, enabled: bool = True) -> tqdm:
+    """A per-stage progress bar counted in images (tqdm shows img/s and the ETA)."""
+    return tqdm(
+        total=total_img,
+        initial=done_img,
+        desc=description,
+        unit="img",
+        unit_scale=True,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not enabled,
+    )

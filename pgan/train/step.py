@@ -1,0 +1,97 @@
+"""One discriminator step and one generator step. The loop in `loop.py` calls them in turn."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from pgan.layers import downsample_2x, upsample_2x
+from pgan.losses import Loss, gradient_penalty, r1_penalty
+
+
+def fade_reals(reals: Tensor, alpha: float) -> Tensor:
+    """Blend real images like G's output: alpha = 0 gives the 2x-downsampled-then-upsampled image, 1 the real one."""
+    if alpha >= 1.0:
+        return reals
+    return torch.lerp(upsample_2x(downsample_2x(reals)), reals, float(alpha))
+
+
+def d_step(
+    G: nn.Module,
+    D: nn.Module,
+    opt_D: torch.optim.Optimizer,
+    loss: Loss,
+    reals: Tensor,
+    z: Tensor,
+    alpha: float,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, Tensor]:
+    """Update D once on `reals` and G(z); returns detached scalars (no host sync) for logging."""
+    autocast = autocast or contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        fakes = G(z, alpha)
+    if loss.penalty == "r1":
+        reals = reals.detach().requires_grad_(True)
+    with autocast:
+        real_scores = D(reals, alpha).float()
+        fake_scores = D(fakes, alpha).float()
+    d_loss = loss.d_loss(real_scores, fake_scores)
+    if loss.penalty == "gp":
+        # One random interpolate per sample between its real and fake image (WGAN-GP).
+        eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
+        mixed = torch.lerp(reals, fakes.to(reals.dtype), eps).requires_grad_(True)
+        with autocast:
+            mixed_scores = D(mixed, alpha).float()
+        penalty = gradient_penalty(mixed_scores, mixed, loss.penalty_weight, loss.gp_target)
+    elif loss.penalty == "r1":
+        penalty = r1_penalty(real_scores, reals, loss.penalty_weight)
+    else:
+        penalty = torch.zeros((), device=reals.device)
+    opt_D.zero_grad(set_to_none=True)
+    (d_loss + penalty).backward()
+    opt_D.step()
+    return {
+        "Loss/D": d_loss.detach(),
+        "Loss/gp": penalty.detach(),
+        "Scores/real": real_scores.detach().mean(),
+        "Scores/fake": fake_scores.detach().mean(),
+    }
+
+
+def g_step(
+    G: nn.Module,
+    D: nn.Module,
+    opt_G: torch.optim.Optimizer,
+    loss: Loss,
+    z: Tensor,
+    alpha: float,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, Tensor]:
+    """Update G once through a frozen D; returns the detached G loss."""
+    autocast = autocast or contextlib.nullcontext()
+    D.requires_grad_(False)  # D's gradients are not needed here: skip computing them
+    try:
+        with autocast:
+            fake_scores = D(G(z, alpha), alpha).float()
+        g_loss = loss.g_loss(fake_scores)
+        opt_G.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_G.step()
+    finally:
+        D.requires_grad_(True)
+    return {"Loss/G": g_loss.detach()}
+
+
+@torch.no_grad()
+def ema_update(G_ema: nn.Module, G: nn.Module, beta: float) -> None:
+    """G_ema <- beta * G_ema + (1 - beta) * G, parameter by parameter.
+
+    Written by hand rather than with torch.optim.swa_utils.AveragedModel: G_ema must stay a plain
+    Generator (same parameter names) so that it grows across stages and exports like G.
+    """
+    ema_params = list(G_ema.parameters())
+    torch._foreach_lerp_(ema_params, list(G.parameters()), 1.0 - beta)
+    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+        b_ema.copy_(b)
