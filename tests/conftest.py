@@ -21,7 +21,6 @@ TINY = [
     "schedule.stable_kimg=0.016",
     "schedule.batch_size=8",
     "schedule.ema_kimg=0.05",
-    "data.size=512",
     "data.num_workers=0",
     "checkpoint.every_kimg=0.056",
     "log.tick_kimg=0.016",

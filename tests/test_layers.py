@@ -1,0 +1,202 @@
+"""Tests for pgan.layers: equalized-LR layers, pixel norm, minibatch stddev and 2x resampling."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgan.layers import (
+    HE_GAIN,
+    EqualizedConv2d,
+    EqualizedLinear,
+    downsample_2x,
+    minibatch_stddev,
+    pixel_norm,
+    upsample_2x,
+)
+
+# ---------------------------------------------------------------- equalized learning rate
+
+
+@pytest.mark.parametrize(
+    "make, fan_in",
+    [
+        (lambda gain: EqualizedConv2d(128, 256, 3, gain=gain), 128 * 9),
+        (lambda gain: EqualizedConv2d(512, 64, 1, gain=gain), 512),
+        (lambda gain: EqualizedLinear(1024, 512, gain=gain), 1024),
+    ],
+    ids=["conv3x3", "conv1x1", "linear"],
+)
+@pytest.mark.parametrize("gain", [1.0, HE_GAIN, HE_GAIN / 4])
+def test_equalized_layer_stores_unit_normal_weight_and_he_scale(make, fan_in, gain):
+    """The stored weight is ~N(0, 1), the bias is zero and scale == gain / sqrt(fan_in)."""
+    torch.manual_seed(0)
+    layer = make(gain)
+    w = layer.weight.detach()
+    tol = 5 / math.sqrt(w.numel())  # five standard errors of the sample mean (and ~3.5 of the sample std)
+    assert abs(w.mean().item()) < tol
+    assert w.std().item() == pytest.approx(1.0, abs=tol)
+    assert torch.count_nonzero(layer.bias) == 0
+    assert layer.scale == pytest.approx(gain / math.sqrt(fan_in), rel=1e-12)
+
+
+@pytest.mark.parametrize("in_c, out_c, k", [(3, 5, 1), (4, 6, 3), (2, 3, 5)])
+def test_equalized_conv_forward_matches_f_conv2d_with_scaled_weight(in_c, out_c, k):
+    """forward == F.conv2d with weight * gain / sqrt(in_c * k * k), the bias and 'same' padding."""
+    torch.manual_seed(1)
+    gain = 1.7
+    layer = EqualizedConv2d(in_c, out_c, k, gain=gain).double()
+    with torch.no_grad():
+        layer.bias.normal_()  # a non-zero bias, so a dropped bias would show
+    x = torch.randn(2, in_c, 7, 6, dtype=torch.float64)
+    w = layer.weight.detach() * (gain / math.sqrt(in_c * k * k))
+    expected = F.conv2d(x, w, layer.bias.detach(), padding=(k - 1) // 2)
+    out = layer(x)
+    assert out.shape == (2, out_c, 7, 6)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_f, out_f", [(1, 1), (7, 3), (64, 10)])
+def test_equalized_linear_forward_matches_matmul_with_scaled_weight(in_f, out_f):
+    """forward == x @ (weight * gain / sqrt(in_features)).T + bias."""
+    torch.manual_seed(2)
+    gain = 0.6
+    layer = EqualizedLinear(in_f, out_f, gain=gain).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(5, in_f, dtype=torch.float64)
+    expected = x @ (layer.weight.detach() * gain / math.sqrt(in_f)).T + layer.bias.detach()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_equalized_linear_preserves_unit_variance_with_gain_one():
+    """With N(0, 1) input and gain 1 a wide layer's output has std ~1: the point of He's constant."""
+    torch.manual_seed(3)
+    layer = EqualizedLinear(2048, 1024, gain=1.0)
+    x = torch.randn(512, 2048)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.std().item() == pytest.approx(1.0, abs=0.03)
+    assert abs(y.mean().item()) < 0.03
+
+
+def test_equalized_conv_preserves_unit_variance_with_gain_one():
+    """The same for a 3x3 conv away from the zero-padded border."""
+    torch.manual_seed(4)
+    layer = EqualizedConv2d(256, 128, 3, gain=1.0)
+    x = torch.randn(8, 256, 10, 10)
+    with torch.no_grad():
+        y = layer(x)[:, :, 1:-1, 1:-1]
+    assert y.std().item() == pytest.approx(1.0, abs=0.03)
+
+
+# ---------------------------------------------------------------- pixel norm
+
+
+def test_pixel_norm_gives_unit_mean_square_per_pixel():
+    """After pixel_norm every pixel's feature vector has mean square 1 over the channels."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 7, 5, 4, dtype=torch.float64) * torch.rand(3, 1, 5, 4, dtype=torch.float64) * 10
+    y = pixel_norm(x)
+    ms = (y**2).sum(dim=1) / x.shape[1]
+    torch.testing.assert_close(ms, torch.ones_like(ms), rtol=1e-6, atol=0)
+    # Only the length changes: each pixel's vector is a positive multiple of the input one.
+    ratio = y / x
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-10, atol=0)
+    assert (ratio > 0).all()
+
+
+@pytest.mark.parametrize("c", [0.1, 0.5, 3.0, 1e3])
+def test_pixel_norm_is_scale_invariant(c):
+    """pixel_norm(c * x) == pixel_norm(x) for c > 0 (up to the 1e-8 epsilon)."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(pixel_norm(c * x), pixel_norm(x), rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------- minibatch stddev
+
+
+def reference_mbstd(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The stddev channel written out group by group (sample i is in group i % (N // G)), in float64."""
+    n, _, h, w = x.shape
+    g = min(group_size, n)
+    m = n // g
+    x = x.double()
+    out = torch.empty(n, 1, h, w, dtype=torch.float64)
+    for j in range(m):
+        members = [i for i in range(n) if i % m == j]
+        assert len(members) == g
+        xs = x[members]
+        var = ((xs - xs.mean(dim=0, keepdim=True)) ** 2).sum(dim=0) / g  # population variance
+        value = torch.sqrt(var + 1e-8).mean()
+        out[members] = value
+    return out
+
+
+@pytest.mark.parametrize("n, group_size", [(8, 4), (8, 2), (4, 4), (6, 3), (6, 2), (5, 1), (12, 4), (3, 4), (2, 8)])
+def test_minibatch_stddev_matches_per_group_reference(n, group_size):
+    """Shape [N, C+1, H, W], first C channels unchanged, new channel equal to the per-group reference."""
+    torch.manual_seed(7)
+    # Distinct per-sample scales, so assigning samples to the wrong group changes the result.
+    x = torch.randn(n, 3, 4, 5) * torch.arange(1, n + 1, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    out = minibatch_stddev(x, group_size)
+    assert out.shape == (n, 4, 4, 5)
+    assert out.dtype == x.dtype
+    assert torch.equal(out[:, :3], x)
+    expected = reference_mbstd(x, group_size).float()
+    torch.testing.assert_close(out[:, 3:], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_minibatch_stddev_channel_is_constant_over_space_and_uses_interleaved_groups():
+    """For N=4, G=2 samples {0, 2} and {1, 3} share a value: i % (N // G), not contiguous blocks."""
+    x = torch.zeros(4, 1, 2, 2)
+    x[0] = 1.0  # group {0, 2}: values 1 and 0 -> std 0.5
+    x[1] = 3.0
+    x[3] = -3.0  # group {1, 3}: values 3 and -3 -> std 3
+    out = minibatch_stddev(x, group_size=2)[:, 1]
+    expected = torch.tensor([0.5, 3.0, 0.5, 3.0]).reshape(4, 1, 1).expand(4, 2, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, group_size", [(6, 4), (5, 2), (7, 3)])
+def test_minibatch_stddev_rejects_indivisible_batch(n, group_size):
+    """A batch that is not a multiple of the group size raises ValueError."""
+    with pytest.raises(ValueError, match="divisible"):
+        minibatch_stddev(torch.randn(n, 2, 4, 4), group_size)
+
+
+def test_minibatch_stddev_keeps_float64_precision():
+    """A float64 input gets a float64-accurate stddev channel (it must not be squeezed through float32)."""
+    torch.manual_seed(8)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    out = minibatch_stddev(x, 4)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out[:, 3:], reference_mbstd(x, 4), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- resampling
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 4), (2, 3, 8, 6), (3, 5, 16, 16)])
+def test_upsample_and_downsample_shapes_and_values(shape):
+    """upsample_2x doubles H, W by repeating pixels; downsample_2x halves them by 2x2 means."""
+    torch.manual_seed(9)
+    n, c, h, w = shape
+    x = torch.randn(shape, dtype=torch.float64)
+    up = upsample_2x(x)
+    assert up.shape == (n, c, 2 * h, 2 * w)
+    assert torch.equal(up, x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    down = downsample_2x(x)
+    assert down.shape == (n, c, h // 2, w // 2)
+    expected = x.reshape(n, c, h // 2, 2, w // 2, 2).mean(dim=(3, 5))
+    torch.testing.assert_close(down, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_downsample_inverts_upsample(dtype):
+    """downsample_2x(upsample_2x(x)) == x."""
+    torch.manual_seed(10)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    torch.testing.assert_close(downsample_2x(upsample_2x(x)), x, rtol=0, atol=4 * torch.finfo(dtype).eps)

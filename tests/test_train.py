@@ -1,0 +1,259 @@
+"""End to end: the trainer on a tiny two-stage run, exact resume, chained stages, TensorBoard, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY, compose_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from pgan.checkpoint import load_checkpoint
+from pgan.errors import UserError
+from pgan.schedule import alpha_at
+from pgan.train.loop import stages_from_config, train
+
+PGAN_TRAIN = str(Path(sys.executable).with_name("pgan-train"))
+STATE_KEYS = ("G", "D", "G_ema", "opt_G", "opt_D")
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Every tensor of the networks and optimizers is bit-identical."""
+    for key in STATE_KEYS:
+        flat_a, flat_b = _flatten(a[key]), _flatten(b[key])
+        assert flat_a.keys() == flat_b.keys(), key
+        for name, value in flat_a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, flat_b[name]), f"{key}.{name} differs"
+            else:
+                assert value == flat_b[name], f"{key}.{name} differs"
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out |= _flatten(v, f"{prefix}{k}.")
+        return out
+    if isinstance(tree, (list, tuple)):
+        return _flatten(dict(enumerate(tree)), prefix)
+    return {prefix: tree}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """One uninterrupted tiny 8 -> 16 px run, shared by the tests that compare against it."""
+    run_dir = tmp_path_factory.mktemp("full")
+    train(compose_config(*TINY), run_dir)
+    return run_dir
+
+
+def test_run_directory_layout(full_run: Path) -> None:
+    """A run leaves per-stage final/latest checkpoints, sample grids, the resolved config and events."""
+    assert (full_run / "stage-0008" / "final.pt").is_file()
+    assert (full_run / "stage-0016" / "final.pt").is_file()
+    assert (full_run / "stage-0016" / "latest.pt").is_file()
+    assert sorted(p.name for p in (full_run / "samples").glob("*.png"))
+    assert yaml.safe_load((full_run / "config.yaml").read_text())["schedule"]["resolutions"] == [8, 16]
+    assert list(full_run.glob("events.out.tfevents.*"))
+    assert not list(full_run.rglob("*.tmp")), "a temporary checkpoint file was left behind"
+
+
+def test_final_checkpoint_contents(full_run: Path) -> None:
+    """final.pt loads with weights_only=True and holds everything a resume or an export needs."""
+    ckpt = load_checkpoint(full_run / "stage-0016" / "final.pt")
+    assert ckpt["done"] is True and ckpt["resolution"] == 16 and ckpt["stage"] == 1
+    stages = stages_from_config(compose_config(*TINY))
+    assert ckpt["nimg"] == stages[1].num_images
+    assert ckpt["total_nimg"] == stages[0].num_images + stages[1].num_images
+    assert ckpt["config"]["schedule"]["resolutions"] == [8, 16]
+    assert ckpt["config"]["model"]["image_channels"] == 3  # interpolations resolved
+    assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
+    # G_ema is an average, not a copy of G; the new 16 px block exists in all three networks.
+    assert any(not torch.equal(ckpt["G"][k], ckpt["G_ema"][k]) for k in ckpt["G"])
+    for key in ("G", "G_ema"):
+        assert "blocks.16.conv1.weight" in ckpt[key] and "to_rgb.8.weight" in ckpt[key]
+    assert "from_rgb.16.weight" in ckpt["D"]
+
+
+def test_stats_cover_the_fade(full_run: Path) -> None:
+    """stats.jsonl logs alpha rising 0 -> 1 in the second stage and a continuous, increasing step."""
+    rows = [json.loads(line) for line in (full_run / "stats.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    alphas = [r["Progress/alpha"] for r in rows if r["Progress/resolution"] == 16]
+    assert 0 < alphas[0] < 0.5 and alphas[-1] == 1.0 and alphas == sorted(alphas)
+    assert all(r["Progress/alpha"] == 1.0 for r in rows if r["Progress/resolution"] == 8)
+    assert all(torch.isfinite(torch.tensor(r["Loss/D"])) for r in rows)
+
+
+def test_tensorboard_tags(full_run: Path) -> None:
+    """The events hold the scalars, image grids and config text a researcher looks for."""
+    events = EventAccumulator(str(full_run), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in (
+        "Loss/D",
+        "Loss/G",
+        "Loss/gp",
+        "Scores/real",
+        "Scores/fake",
+        "Progress/resolution",
+        "Progress/alpha",
+        "Progress/stage",
+        "Progress/kimg",
+        "Speed/img_per_s",
+        "Resources/peak_rss_mb",
+    ):
+        assert tag in tags["scalars"], tag
+    assert {"Samples/G_ema", "Reals/stage-0008", "Reals/stage-0016"} <= set(tags["images"])
+    assert "Config/text_summary" in tags["tensors"]
+    resolution = events.Scalars("Progress/resolution")
+    assert [e.value for e in resolution][0] == 8 and resolution[-1].value == 16
+    assert resolution[-1].step == load_checkpoint(full_run / "stage-0016" / "final.pt")["total_nimg"]
+    hparams = EventAccumulator(str(full_run / "hparams" / "stage-0016"))
+    hparams.Reload()
+    start = hparams.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    assert {"resolution", "batch_size", "lr", "loss"} <= set(
+        plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    )
+    assert "hparam/Loss/D" in hparams.Tags()["scalars"]
+
+
+def test_resume_mid_fade_is_bit_identical(full_run: Path, tmp_path: Path) -> None:
+    """Resuming from a checkpoint written mid-fade reproduces the uninterrupted run exactly."""
+    latest = load_checkpoint(full_run / "stage-0016" / "latest.pt")
+    stage = stages_from_config(compose_config(*TINY))[1]
+    assert 0 < alpha_at(stage, latest["nimg"]) < 1, "the test needs a checkpoint taken during the fade-in"
+    # The state a kill would leave: stage 8 finished, stage 16 with only its latest.pt.
+    shutil.copytree(full_run / "stage-0008", tmp_path / "stage-0008")
+    (tmp_path / "stage-0016").mkdir()
+    shutil.copy(full_run / "stage-0016" / "latest.pt", tmp_path / "stage-0016" / "latest.pt")
+    train(compose_config(*TINY), tmp_path)
+    assert_same_state(
+        load_checkpoint(tmp_path / "stage-0016" / "final.pt"), load_checkpoint(full_run / "stage-0016" / "final.pt")
+    )
+
+
+def test_stage_as_separate_job_matches_full_run(full_run: Path, tmp_path: Path) -> None:
+    """`stage=16 init_from=<stage-0008/final.pt>` in a new directory equals stage 16 of the full run."""
+    cfg = compose_config(*TINY, "stage=16", f"init_from={full_run / 'stage-0008' / 'final.pt'}")
+    train(cfg, tmp_path)
+    assert not (tmp_path / "stage-0008").exists()
+    assert_same_state(
+        load_checkpoint(tmp_path / "stage-0016" / "final.pt"), load_checkpoint(full_run / "stage-0016" / "final.pt")
+    )
+
+
+def test_finished_run_is_not_trained_again(full_run: Path, tmp_path: Path) -> None:
+    """Pointing the trainer at a finished run changes nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    before = (run / "stage-0016" / "final.pt").read_bytes()
+    train(compose_config(*TINY), run)
+    assert (run / "stage-0016" / "final.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_different_architecture(full_run: Path, tmp_path: Path) -> None:
+    """Resuming a run with a changed model is refused, naming the key."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    (run / "stage-0016" / "final.pt").unlink()
+    with pytest.raises(UserError, match="model.fmap_max"):
+        train(compose_config(*TINY, "model.fmap_max=32"), run)
+
+
+@pytest.mark.parametrize("loss", ["logistic", "hinge", "wgan_gp"])
+def test_every_loss_trains(loss: str, tmp_path: Path) -> None:
+    """Each loss runs a stage with finite losses (logistic with R1 on)."""
+    extra = ["loss.r1_gamma=1.0"] if loss == "logistic" else []
+    train(compose_config(*TINY, f"loss={loss}", *extra, "schedule.resolutions=[8]", "schedule.stable_kimg=0.032"), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor([r["Loss/D"], r["Loss/G"]])).all() for r in rows)
+    assert (rows[-1]["Loss/gp"] > 0) == (loss != "hinge")
+
+
+def test_grayscale_data_trains(tmp_path: Path) -> None:
+    """data.channels=1 builds one-channel networks end to end."""
+    train(compose_config(*TINY, "data.channels=1", "schedule.resolutions=[8]"), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "stage-0008" / "final.pt")
+    assert ckpt["G"]["to_rgb.8.weight"].shape[0] == 1 and ckpt["D"]["from_rgb.8.weight"].shape[1] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["schedule.resolutions=[8,32]"], "double"),
+        (["schedule.resolutions=[16,8]"], "increasing"),
+        (["schedule.batch_size=6"], "mbstd_group_size"),
+        (["stage=64"], "stage=64"),
+        (["init_from=/nonexistent/final.pt"], "/nonexistent/final.pt"),
+        (["device=tpu"], "device"),
+        (["data=folder", "data.path=/nonexistent/images"], "/nonexistent/images"),
+    ],
+)
+def test_bad_settings_are_user_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
+    """Mistakes in the config end in a UserError naming the culprit, before any training."""
+    with pytest.raises(UserError, match=message.replace("[", r"\[")):
+        train(compose_config(*TINY, *overrides), tmp_path)
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_stage_without_previous_checkpoint_is_refused(tmp_path: Path) -> None:
+    """A later stage alone needs init_from (or the previous stage in the run directory)."""
+    with pytest.raises(UserError, match="stage-0008"):
+        train(compose_config(*TINY, "stage=16"), tmp_path)
+
+
+def _cli(run_dir: Path, *overrides: str) -> list[str]:
+    return [PGAN_TRAIN, *TINY, f"hydra.run.dir={run_dir}", *overrides]
+
+
+def test_cli_user_error_is_one_line(tmp_path: Path) -> None:
+    """`pgan-train` with a missing data folder exits 2 with one line naming the path, no traceback."""
+    missing = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        _cli(tmp_path / "run", "data=folder", f"data.path={missing}"), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_killed_and_resumed_matches_uninterrupted(tmp_path: Path) -> None:
+    """SIGKILL `pgan-train` mid-stage, then `pgan-train hydra.run.dir=DIR` alone: bit-identical final weights."""
+    overrides = [*TINY, "schedule.stable_kimg=0.4", "checkpoint.every_kimg=0.04"]  # long enough to kill mid-stage
+    train(compose_config(*overrides), tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [PGAN_TRAIN, *overrides, f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "stage-0016" / "latest.pt").exists():
+        assert proc.poll() is None, "the trainer exited before it could be killed"
+        assert time.monotonic() < deadline, "the trainer never wrote a stage-16 checkpoint"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run_dir / "stage-0016" / "final.pt").exists()
+    # The saved overrides (the tiny model and schedule) must be re-applied from the run directory.
+    resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "tensorboard --logdir" in resumed.stdout
+    assert_same_state(
+        load_checkpoint(run_dir / "stage-0016" / "final.pt"),
+        load_checkpoint(tmp_path / "reference" / "stage-0016" / "final.pt"),
+    )
