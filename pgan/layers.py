@@ -73,7 +73,8 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) ->
     group = min(group_size, n)
     if n % group != 0:
         raise ValueError(f"batch size {n} is not divisible by the minibatch-stddev group size {group}")
-    y = x.float().reshape(group, -1, c, h, w)  # [G, M, C, H, W]; fp32 so the variance is not lost in bf16
+    # At least fp32 (a bf16 variance loses the signal); float64 stays float64.
+    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(group, -1, c, h, w)  # [G, M, C, H, W]
     y = (y - y.mean(dim=0)).pow(2).mean(dim=0)  # variance over the group: [M, C, H, W]
     y = (y + eps).sqrt().mean(dim=(1, 2, 3))  # [M]
     y = y.to(x.dtype).reshape(-1, 1, 1, 1).repeat(group, 1, h, w)  # back to [N, 1, H, W]
