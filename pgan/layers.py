@@ -58,6 +58,11 @@ class EqualizedLinear(nn.Module):
         return f"{in_f}, {out_f}, scale={self.scale:.4g}"
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if it is in a lower precision (bf16/fp16 under autocast); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Normalise the feature vector of every pixel (dim 1) to unit RMS (ProGAN eq. in section 4.2)."""
     return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
@@ -73,8 +78,7 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) ->
     group = min(group_size, n)
     if n % group != 0:
         raise ValueError(f"batch size {n} is not divisible by the minibatch-stddev group size {group}")
-    # At least fp32 (a bf16 variance loses the signal); float64 stays float64.
-    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(group, -1, c, h, w)  # [G, M, C, H, W]
+    y = at_least_fp32(x).reshape(group, -1, c, h, w)  # [G, M, C, H, W]; a bf16 variance would lose the signal
     y = (y - y.mean(dim=0)).pow(2).mean(dim=0)  # variance over the group: [M, C, H, W]
     y = (y + eps).sqrt().mean(dim=(1, 2, 3))  # [M]
     y = y.to(x.dtype).reshape(-1, 1, 1, 1).repeat(group, 1, h, w)  # back to [N, 1, H, W]

@@ -6,13 +6,15 @@ the penalty the trainer applies for `loss=<name>`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pgan.layers import at_least_fp32
 
 
 def wgan_d_loss(real_scores: Tensor, fake_scores: Tensor, drift: float = 0.001) -> Tensor:
@@ -32,14 +34,14 @@ def gradient_penalty(scores: Tensor, inputs: Tensor, weight: float = 10.0, targe
     requires_grad) so the penalty is differentiable w.r.t. the critic's parameters.
     """
     (grad,) = torch.autograd.grad(scores.sum(), inputs, create_graph=True)
-    norm = grad.float().flatten(1).norm(dim=1)
+    norm = at_least_fp32(grad).flatten(1).norm(dim=1)
     return weight * ((norm - target) / target).square().mean()
 
 
 def r1_penalty(real_scores: Tensor, reals: Tensor, gamma: float) -> Tensor:
     """R1 penalty gamma / 2 * E[||grad_x D(x)||^2] on real images (Mescheder et al. 2018)."""
     (grad,) = torch.autograd.grad(real_scores.sum(), reals, create_graph=True)
-    return 0.5 * gamma * grad.float().flatten(1).square().sum(dim=1).mean()
+    return 0.5 * gamma * at_least_fp32(grad).flatten(1).square().sum(dim=1).mean()
 
 
 def logistic_d_loss(real_scores: Tensor, fake_scores: Tensor) -> Tensor:

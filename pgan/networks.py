@@ -121,7 +121,9 @@ class Generator(nn.Module):
         self.resolution = resolution
         self.latent_dim = latent_dim
         self.image_channels = image_channels
-        width = functools.partial(channels_for, fmap_base=fmap_base, fmap_max=fmap_max, fmap_min=fmap_min, table=channels)
+        width = functools.partial(
+            channels_for, fmap_base=fmap_base, fmap_max=fmap_max, fmap_min=fmap_min, table=channels
+        )
         self.resolutions = resolutions_up_to(resolution)
         self.blocks = nn.ModuleDict({"4": GeneratorInput(latent_dim, width(4))})
         for res in self.resolutions[1:]:
@@ -197,7 +199,9 @@ class Discriminator(nn.Module):
         super().__init__()
         self.resolution = resolution
         self.image_channels = image_channels
-        width = functools.partial(channels_for, fmap_base=fmap_base, fmap_max=fmap_max, fmap_min=fmap_min, table=channels)
+        width = functools.partial(
+            channels_for, fmap_base=fmap_base, fmap_max=fmap_max, fmap_min=fmap_min, table=channels
+        )
         self.resolutions = resolutions_up_to(resolution)
         self.blocks = nn.ModuleDict({"4": DiscriminatorOutput(width(4), mbstd_group_size)})
         for res in self.resolutions[1:]:

@@ -38,7 +38,7 @@ def load_conf(group: str, **overrides: object):
 # ---------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name, workers", [("shapes", 2), ("folder", 4), ("torchvision", 4)])
+@pytest.mark.parametrize("name, workers", [("shapes", 1), ("folder", 4), ("torchvision", 4)])
 def test_config_files_name_their_source(name: str, workers: int) -> None:
     cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
     assert cfg.source == name

@@ -47,11 +47,18 @@ def test_build_stages_with_per_resolution_maps(key):
 
 def test_build_stages_mixes_scalars_and_maps():
     """Scalars and maps can be combined, and a map may hold entries for unused resolutions."""
-    stages = build_stages([4, 8], fade_kimg=1.0, stable_kimg={4: 2.0, 8: 3.0, 1024: 9.0}, batch_size={"4": 32, "8": 16}, lr=0.5)
-    assert [(s.fade_kimg, s.stable_kimg, s.batch_size, s.lr) for s in stages] == [(0.0, 2.0, 32, 0.5), (1.0, 3.0, 16, 0.5)]
+    stages = build_stages(
+        [4, 8], fade_kimg=1.0, stable_kimg={4: 2.0, 8: 3.0, 1024: 9.0}, batch_size={"4": 32, "8": 16}, lr=0.5
+    )
+    assert [(s.fade_kimg, s.stable_kimg, s.batch_size, s.lr) for s in stages] == [
+        (0.0, 2.0, 32, 0.5),
+        (1.0, 3.0, 16, 0.5),
+    ]
 
 
-@pytest.mark.parametrize("kimg, batch, steps", [(0.1, 16, 7), (0.128, 16, 8), (0.128, 12, 11), (0.001, 16, 1), (1.0, 1, 1000), (0.0, 8, 0)])
+@pytest.mark.parametrize(
+    "kimg, batch, steps", [(0.1, 16, 7), (0.128, 16, 8), (0.128, 12, 11), (0.001, 16, 1), (1.0, 1, 1000), (0.0, 8, 0)]
+)
 def test_num_images_rounds_up_to_whole_batches(kimg, batch, steps):
     """num_steps = ceil(kimg * 1000 / batch) (robust to float kimg); num_images = num_steps * batch."""
     (stage,) = build_stages([4], fade_kimg=0.0, stable_kimg=kimg, batch_size=batch, lr=1.0)
@@ -89,12 +96,24 @@ def test_stage_name():
 
 def make_stage(fade_kimg: float, stable_kimg: float = 1.0) -> Stage:
     """A stage with the given fade-in, built directly."""
-    return Stage(index=1, resolution=8, fade_kimg=fade_kimg, stable_kimg=stable_kimg, batch_size=16, lr=1e-3, start_nimg=0)
+    return Stage(
+        index=1, resolution=8, fade_kimg=fade_kimg, stable_kimg=stable_kimg, batch_size=16, lr=1e-3, start_nimg=0
+    )
 
 
 @pytest.mark.parametrize(
     "nimg, alpha",
-    [(0, 0.0), (16, 0.0125), (320, 0.25), (640, 0.5), (960, 0.75), (1279, 1279 / 1280), (1280, 1.0), (1296, 1.0), (10**6, 1.0)],
+    [
+        (0, 0.0),
+        (16, 0.0125),
+        (320, 0.25),
+        (640, 0.5),
+        (960, 0.75),
+        (1279, 1279 / 1280),
+        (1280, 1.0),
+        (1296, 1.0),
+        (10**6, 1.0),
+    ],
 )
 def test_alpha_at_is_linear_over_the_fade_then_one(nimg, alpha):
     """alpha is 0 at the start of a fade, nimg / fade_nimg during it, and 1 at and after its end."""

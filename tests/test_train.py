@@ -177,7 +177,10 @@ def test_resume_refuses_a_different_architecture(full_run: Path, tmp_path: Path)
 def test_every_loss_trains(loss: str, tmp_path: Path) -> None:
     """Each loss runs a stage with finite losses (logistic with R1 on)."""
     extra = ["loss.r1_gamma=1.0"] if loss == "logistic" else []
-    train(compose_config(*TINY, f"loss={loss}", *extra, "schedule.resolutions=[8]", "schedule.stable_kimg=0.032"), tmp_path)
+    train(
+        compose_config(*TINY, f"loss={loss}", *extra, "schedule.resolutions=[8]", "schedule.stable_kimg=0.032"),
+        tmp_path,
+    )
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor([r["Loss/D"], r["Loss/G"]])).all() for r in rows)
     assert (rows[-1]["Loss/gp"] > 0) == (loss != "hinge")

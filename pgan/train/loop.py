@@ -23,8 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from pgan.checkpoint import FINAL, LATEST, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
-from pgan.checkpoint import stage_checkpoint
+from pgan.checkpoint import (
+    FINAL,
+    LATEST,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    stage_checkpoint,
+)
 from pgan.data import InfiniteSampler, make_dataset
 from pgan.errors import UserError
 from pgan.losses import Loss, make_loss
@@ -34,7 +41,15 @@ from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
 from pgan.train.step import d_step, ema_update, fade_reals, g_step
 
 # Keys of the model that define the architecture: a checkpoint is only usable by a model with the same ones.
-ARCHITECTURE_KEYS = ("latent_dim", "fmap_base", "fmap_max", "fmap_min", "channels", "mbstd_group_size", "image_channels")
+ARCHITECTURE_KEYS = (
+    "latent_dim",
+    "fmap_base",
+    "fmap_max",
+    "fmap_min",
+    "channels",
+    "mbstd_group_size",
+    "image_channels",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,7 +179,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
             elif state is None and st.index > 0:
                 prev = run_dir / stages[st.index - 1].name / FINAL
                 if not prev.is_file():
-                    raise UserError(f"stage {st.resolution} needs the previous stage's checkpoint {prev} (or init_from=...)")
+                    raise UserError(
+                        f"stage {st.resolution} needs the previous stage's checkpoint {prev} (or init_from=...)"
+                    )
                 init = load_checkpoint(prev)
             last = train_stage(cfg, st, stage_dir, device, loss, monitor, resume=state, init=init)
             resume_state = None
@@ -217,9 +234,7 @@ def train_stage(
     # channels_last is faster for these convolutions on CUDA and, measured, 2x at 256 px on CPU (oneDNN).
     G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     beta = ema_beta(stage.batch_size, cfg.schedule.ema_kimg)
     latent_dim = int(cfg.model.latent_dim)
 

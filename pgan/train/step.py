@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from pgan.layers import downsample_2x, upsample_2x
+from pgan.layers import at_least_fp32, downsample_2x, upsample_2x
 from pgan.losses import Loss, gradient_penalty, r1_penalty
 
 
@@ -35,15 +35,15 @@ def d_step(
     if loss.penalty == "r1":
         reals = reals.detach().requires_grad_(True)
     with autocast:
-        real_scores = D(reals, alpha).float()
-        fake_scores = D(fakes, alpha).float()
+        real_scores = at_least_fp32(D(reals, alpha))
+        fake_scores = at_least_fp32(D(fakes, alpha))
     d_loss = loss.d_loss(real_scores, fake_scores)
     if loss.penalty == "gp":
         # One random interpolate per sample between its real and fake image (WGAN-GP).
         eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
         mixed = torch.lerp(reals, fakes.to(reals.dtype), eps).requires_grad_(True)
         with autocast:
-            mixed_scores = D(mixed, alpha).float()
+            mixed_scores = at_least_fp32(D(mixed, alpha))
         penalty = gradient_penalty(mixed_scores, mixed, loss.penalty_weight, loss.gp_target)
     elif loss.penalty == "r1":
         penalty = r1_penalty(real_scores, reals, loss.penalty_weight)
@@ -74,7 +74,7 @@ def g_step(
     D.requires_grad_(False)  # D's gradients are not needed here: skip computing them
     try:
         with autocast:
-            fake_scores = D(G(z, alpha), alpha).float()
+            fake_scores = at_least_fp32(D(G(z, alpha), alpha))
         g_loss = loss.g_loss(fake_scores)
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
