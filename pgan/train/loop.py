@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
 
 from pgan.checkpoint import (
@@ -136,72 +136,79 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
 
-    # Where does this run stand? The newest stage with a checkpoint tells the resume point.
-    resume_from = None
-    for st in selected:
-        ckpt = stage_checkpoint(run_dir / st.name)
-        if ckpt is not None:
-            resume_from = ckpt
-    resume_state = load_checkpoint(resume_from) if resume_from is not None else None
+    # Where does this run stand? The newest checkpoint of the newest stage is the resume point.
+    checkpoints = [ckpt for st in selected if (ckpt := stage_checkpoint(run_dir / st.name)) is not None]
+    resume_state = load_checkpoint(checkpoints[-1]) if checkpoints else None
+    plan = selected
     if resume_state is not None:
         check_same_architecture(cfg, resume_state["config"], f"the run in {run_dir}")
-        print(f"resuming from {resume_from} ({resume_state['total_nimg'] / 1000:.3f} kimg)", flush=True)
+        print(f"resuming from {checkpoints[-1]} ({resume_state['total_nimg'] / 1000:.3f} kimg)", flush=True)
+        done = resume_state["done"]
+        plan = [
+            st
+            for st in selected
+            if st.index > resume_state["stage"] or (st.index == resume_state["stage"] and not done)
+        ]
+    if not plan:
+        print(f"nothing to do: every stage in {run_dir} is finished", flush=True)
+        return run_dir / selected[-1].name / FINAL
+    # Everything the first stage needs is checked before anything is written.
+    resuming_first = resume_state is not None and resume_state["stage"] == plan[0].index
+    init = None if resuming_first else initial_state(cfg, run_dir, stages, plan[0])
+    dataset = make_dataset(cfg.data, plan[0].resolution)
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     monitor = Monitor(run_dir, purge_step=resume_state["total_nimg"] if resume_state else None)
     if resume_state is None:
         monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
-
     try:
-        last = None
-        for st in selected:
-            stage_dir = run_dir / st.name
-            state = resume_state if resume_state is not None and resume_state["stage"] == st.index else None
-            if state is None and resume_state is not None and resume_state["stage"] > st.index:
-                continue  # finished before the interruption
-            if state is not None and state["done"]:
-                last = stage_dir / FINAL
-                resume_state = None
-                continue
-            init = None
-            if state is None and st is selected[0] and cfg.init_from is not None:
-                init = load_checkpoint(cfg.init_from)
-                check_same_architecture(cfg, init["config"], f"init_from={cfg.init_from}")
-                if init["resolution"] * 2 != st.resolution:
-                    raise UserError(
-                        f"init_from={cfg.init_from} is a {init['resolution']} px checkpoint; stage {st.resolution} "
-                        f"grows from a {st.resolution // 2} px one"
-                    )
-            elif state is None and st.index > 0:
-                prev = run_dir / stages[st.index - 1].name / FINAL
-                if not prev.is_file():
-                    raise UserError(
-                        f"stage {st.resolution} needs the previous stage's checkpoint {prev} (or init_from=...)"
-                    )
-                init = load_checkpoint(prev)
-            last = train_stage(cfg, st, stage_dir, device, loss, monitor, resume=state, init=init)
-            resume_state = None
+        for st in plan:
+            if st is not plan[0]:
+                init = load_checkpoint(run_dir / stages[st.index - 1].name / FINAL)
+                dataset = make_dataset(cfg.data, st.resolution)
+            resume = resume_state if resuming_first and st is plan[0] else None
+            final = train_stage(cfg, st, run_dir, dataset, device, loss, monitor, resume=resume, init=init)
     finally:
         monitor.close()
     print(f"done. watch it with: tensorboard --logdir {run_dir}", flush=True)
-    return last
+    return final
+
+
+def initial_state(cfg: DictConfig, run_dir: Path, stages: list[Stage], stage: Stage) -> dict | None:
+    """The checkpoint a stage starting afresh grows from: `init_from`, else the previous stage's final.pt."""
+    if cfg.init_from is not None:
+        init = load_checkpoint(cfg.init_from)
+        check_same_architecture(cfg, init["config"], f"init_from={cfg.init_from}")
+        if init["resolution"] * 2 != stage.resolution:
+            raise UserError(
+                f"init_from={cfg.init_from} is a {init['resolution']} px checkpoint; stage {stage.resolution} "
+                f"grows from a {stage.resolution // 2} px one"
+            )
+        return init
+    if stage.index == 0:
+        return None  # the first stage starts from scratch
+    prev = run_dir / stages[stage.index - 1].name / FINAL
+    if not prev.is_file():
+        raise UserError(f"stage {stage.resolution} needs the previous stage's checkpoint {prev} (or init_from=...)")
+    return load_checkpoint(prev)
 
 
 def train_stage(
     cfg: DictConfig,
     stage: Stage,
-    stage_dir: Path,
+    run_dir: Path,
+    dataset: Dataset,
     device: torch.device,
     loss: Loss,
     monitor: Monitor,
     resume: dict | None,
     init: dict | None,
 ) -> Path:
-    """Train one stage from `resume` (its own checkpoint) or `init` (the previous stage's); returns final.pt."""
+    """Train one stage from `resume` (its own checkpoint) or `init` (the state it grows from); returns final.pt."""
     if resume is None and init is not None:
         # Continue the random stream where the previous stage ended (before the new layers draw their
         # weights), so that a stage started from final.pt - after a kill, or as a separate job - is
@@ -238,7 +245,7 @@ def train_stage(
     beta = ema_beta(stage.batch_size, cfg.schedule.ema_kimg)
     latent_dim = int(cfg.model.latent_dim)
 
-    dataset = make_dataset(cfg.data, stage.resolution)
+    stage_dir = run_dir / stage.name
     if len(dataset) < stage.batch_size:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch ({stage.batch_size})")
     # The data order is a pure function of (seed, stage, images seen), so resuming restarts it exactly.
@@ -342,7 +349,7 @@ def train_stage(
                 samples = G_ema(grid_z, alpha_at(stage, nimg)).float()
             grid = _to_grid(samples)
             monitor.image("Samples/G_ema", grid, step)
-            samples_dir = stage_dir.parent / "samples"
+            samples_dir = run_dir / "samples"
             samples_dir.mkdir(exist_ok=True)
             save_image(grid, samples_dir / f"fakes-{stage.name}-{step / 1000:09.3f}kimg.png")
         if _crossed(prev, nimg, ckpt_nimg) and not finished:
