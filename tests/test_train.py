@@ -260,3 +260,23 @@ def test_cli_killed_and_resumed_matches_uninterrupted(tmp_path: Path) -> None:
         load_checkpoint(run_dir / "stage-0016" / "final.pt"),
         load_checkpoint(tmp_path / "reference" / "stage-0016" / "final.pt"),
     )
+
+
+def test_cli_ctrl_c_exits_130_with_the_resume_command(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) mid-run exits with 130 and says how to resume; the checkpoints written so far stay."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [PGAN_TRAIN, *TINY, "schedule.stable_kimg=0.4", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "stage-0008" / "final.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"resume with: pgan-train hydra.run.dir={run_dir}" in stderr
+    assert load_checkpoint(run_dir / "stage-0008" / "final.pt")["done"]

@@ -19,6 +19,7 @@ from pgan.errors import UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 def _override_key(override: str) -> str:
@@ -50,6 +51,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; the last checkpoint is kept, resume with: pgan-train hydra.run.dir={run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def main() -> None:
