@@ -100,11 +100,12 @@ def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_models(cfg: DictConfig, resolution: int, device: torch.device) -> tuple[Generator, Discriminator]:
-    """Fresh G and D for one resolution (weights drawn from the global torch RNG)."""
+    """Fresh G and D for one resolution (weights drawn from the global torch RNG), channels-last on `device`."""
     kwargs = model_kwargs(cfg)
     G = Generator(resolution, latent_dim=int(cfg.model.latent_dim), **kwargs)
     D = Discriminator(resolution, mbstd_group_size=int(cfg.model.mbstd_group_size), **kwargs)
-    return G.to(device), D.to(device)
+    # channels_last is faster for these convolutions on CUDA and, measured, 2x at 256 px on CPU (oneDNN).
+    return G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
 
 
 def check_same_architecture(cfg: DictConfig, saved_config: dict, what: str) -> None:
@@ -161,7 +162,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    monitor = Monitor(run_dir, purge_step=resume_state["total_nimg"] if resume_state else None)
+    # On resume, TensorBoard drops what the interrupted run logged after its checkpoint (steps > total_nimg).
+    monitor = Monitor(run_dir, purge_step=resume_state["total_nimg"] + 1 if resume_state else None)
     if resume_state is None:
         monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
@@ -238,8 +240,6 @@ def train_stage(
         except ValueError as exc:
             raise UserError(f"cannot grow stage {stage.resolution} from the previous checkpoint: {exc}") from exc
 
-    # channels_last is faster for these convolutions on CUDA and, measured, 2x at 256 px on CPU (oneDNN).
-    G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     beta = ema_beta(stage.batch_size, cfg.schedule.ema_kimg)
@@ -359,7 +359,7 @@ def train_stage(
     final = save(FINAL, done=True)
     monitor.hparams(
         f"hparams/{stage.name}",
-        {**{k: v for k, v in asdict(stage).items()}, "loss": loss.name, "model": cfg.model.name, "seed": cfg.seed},
+        {**asdict(stage), "loss": loss.name, "model": cfg.model.name, "seed": cfg.seed},
         {f"hparam/{k}": v for k, v in values.items() if k.startswith(("Loss/", "Scores/"))},
     )
     monitor.flush()
