@@ -31,14 +31,18 @@ def resource_stats(device: torch.device) -> dict[str, float]:
 class Monitor:
     """TensorBoard writer + jsonl log for one run directory.
 
-    On resume pass `purge_step` = the step of the checkpoint resumed from, so that TensorBoard drops the
-    events a killed run wrote after it (they would otherwise be shown twice).
+    `purge_step`: events and stats.jsonl lines at this step or later are dropped - what an interrupted
+    attempt logged after the point the run continues from (it would otherwise be shown twice).
     """
 
     def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
-        self._jsonl = open(self.run_dir / "stats.jsonl", "a", encoding="utf-8")
+        jsonl = self.run_dir / "stats.jsonl"
+        if purge_step is not None and jsonl.is_file():
+            kept = [line for line in jsonl.read_text().splitlines() if json.loads(line)["step"] < purge_step]
+            jsonl.write_text("".join(line + "\n" for line in kept))
+        self._jsonl = open(jsonl, "a", encoding="utf-8")
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Log scalars to TensorBoard and append them as one line to stats.jsonl."""

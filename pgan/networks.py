@@ -23,6 +23,7 @@ from pgan.layers import (
     HE_GAIN,
     EqualizedConv2d,
     EqualizedLinear,
+    at_least_fp32,
     downsample_2x,
     lrelu,
     minibatch_stddev,
@@ -176,7 +177,10 @@ class DiscriminatorOutput(nn.Module):
         x = minibatch_stddev(x, self.mbstd_group_size)
         x = lrelu(self.conv(x))
         x = lrelu(self.dense(x.flatten(1)))
-        return self.out(x).squeeze(1)
+        # The score itself in (at least) fp32 even under bf16 autocast: scores reach the hundreds, where
+        # bf16's spacing is 2-4, and the losses and drift term are computed from them.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.out(at_least_fp32(x)).squeeze(1)
 
 
 class Discriminator(nn.Module):

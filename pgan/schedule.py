@@ -56,15 +56,20 @@ def build_stages(
     stable_kimg: float | Mapping,
     batch_size: int | Mapping,
     lr: float | Mapping,
+    fade_first: bool = False,
 ) -> list[Stage]:
-    """Expand the schedule settings into stages; the first stage has no fade-in (nothing to fade from)."""
+    """Expand the schedule settings into stages.
+
+    The first stage has no fade-in (nothing to fade from) unless `fade_first`: it is grown from a smaller
+    checkpoint, so its new block must fade in like any other.
+    """
     stages: list[Stage] = []
     start_nimg = 0
     for index, res in enumerate(resolutions):
         stage = Stage(
             index=index,
             resolution=int(res),
-            fade_kimg=0.0 if index == 0 else float(_per_resolution(fade_kimg, res, "fade_kimg")),
+            fade_kimg=0.0 if index == 0 and not fade_first else float(_per_resolution(fade_kimg, res, "fade_kimg")),
             stable_kimg=float(_per_resolution(stable_kimg, res, "stable_kimg")),
             batch_size=int(_per_resolution(batch_size, res, "batch_size")),
             lr=float(_per_resolution(lr, res, "lr")),

@@ -15,10 +15,12 @@ import pytest
 import torch
 import yaml
 from conftest import TINY, compose_config
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from pgan.checkpoint import load_checkpoint
+from pgan.cli.train import _one_line
 from pgan.errors import UserError
 from pgan.schedule import alpha_at
 from pgan.train.loop import stages_from_config, train
@@ -143,6 +145,33 @@ def test_resume_mid_fade_is_bit_identical(full_run: Path, tmp_path: Path) -> Non
     assert_same_state(
         load_checkpoint(tmp_path / "stage-0016" / "final.pt"), load_checkpoint(full_run / "stage-0016" / "final.pt")
     )
+    # The logged averages after the resume, the partial tick included, are those of the uninterrupted run.
+    full = {r["step"]: r for r in _stats(full_run)}
+    resumed = _stats(tmp_path)
+    assert resumed and resumed[0]["step"] > latest["total_nimg"]
+    for row in resumed:
+        for key in ("Loss/D", "Loss/G", "Loss/gp", "Scores/real", "Scores/fake", "Progress/alpha"):
+            assert row[key] == full[row["step"]][key], (row["step"], key)
+
+
+def _stats(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+def test_init_from_grows_the_first_stage_with_a_fade_and_resumes_across_stages(full_run: Path, tmp_path: Path) -> None:
+    """init_from on the schedule's first stage fades it in; after a kill at the stage boundary the run
+    continues from its own final.pt, not from init_from again, and ends as an uninterrupted run does."""
+    overrides = [*TINY, "schedule.resolutions=[16,32]", f"init_from={full_run / 'stage-0008' / 'final.pt'}"]
+    train(compose_config(*overrides), tmp_path / "full")
+    first = load_checkpoint(tmp_path / "full" / "stage-0016" / "final.pt")
+    assert first["stage_info"]["fade_kimg"] == 0.128
+    assert _stats(tmp_path / "full")[0]["Progress/alpha"] < 1
+    shutil.copytree(tmp_path / "full" / "stage-0016", tmp_path / "killed" / "stage-0016")  # killed at the boundary
+    train(compose_config(*overrides), tmp_path / "killed")
+    assert_same_state(
+        load_checkpoint(tmp_path / "killed" / "stage-0032" / "final.pt"),
+        load_checkpoint(tmp_path / "full" / "stage-0032" / "final.pt"),
+    )
 
 
 def test_stage_as_separate_job_matches_full_run(full_run: Path, tmp_path: Path) -> None:
@@ -186,6 +215,32 @@ def test_every_loss_trains(loss: str, tmp_path: Path) -> None:
     assert (rows[-1]["Loss/gp"] > 0) == (loss != "hinge")
 
 
+def test_dataset_smaller_than_a_batch_is_refused(tmp_path: Path) -> None:
+    """A folder with fewer images than one batch stops before anything is written."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(images / f"{i}.png")
+    with pytest.raises(UserError, match="3 images, fewer than one batch"):
+        train(compose_config(*TINY, "data=folder", f"data.path={images}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path: Path) -> None:
+    """A UserError raised inside a DataLoader worker still prints as its own one line."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.new("RGB", (20, 20), (30 * i, 0, 0)).save(images / f"{i}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    cfg = compose_config(*TINY, "data=folder", f"data.path={images}", "data.num_workers=1", "schedule.resolutions=[8]")
+    with pytest.raises(UserError) as caught:
+        train(cfg, tmp_path / "run")
+    assert "DataLoader worker" in str(caught.value)  # torch wrapped it with the worker's traceback
+    line = _one_line(caught.value)
+    assert line.startswith("cannot read image") and str(images / "broken.png") in line and "\n" not in line
+
+
 def test_grayscale_data_trains(tmp_path: Path) -> None:
     """data.channels=1 builds one-channel networks end to end."""
     train(compose_config(*TINY, "data.channels=1", "schedule.resolutions=[8]"), tmp_path)
@@ -202,6 +257,11 @@ def test_grayscale_data_trains(tmp_path: Path) -> None:
         (["stage=64"], "stage=64"),
         (["init_from=/nonexistent/final.pt"], "/nonexistent/final.pt"),
         (["device=tpu"], "device"),
+        (["schedule.resolutions=[24,48]"], "power of two"),
+        (["schedule.resolutions=[2,4]"], "power of two"),
+        (["model.mbstd_group_size=0"], "mbstd_group_size"),
+        (["precision=fp16"], "precision"),
+        (["loss.name=foo"], "unknown loss"),
         (["data=folder", "data.path=/nonexistent/images"], "/nonexistent/images"),
     ],
 )
@@ -256,6 +316,8 @@ def test_cli_killed_and_resumed_matches_uninterrupted(tmp_path: Path) -> None:
     resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "tensorboard --logdir" in resumed.stdout
+    steps = [row["step"] for row in _stats(run_dir)]
+    assert steps == sorted(set(steps)), "stats.jsonl repeats what the killed run logged after its checkpoint"
     assert_same_state(
         load_checkpoint(run_dir / "stage-0016" / "final.pt"),
         load_checkpoint(tmp_path / "reference" / "stage-0016" / "final.pt"),

@@ -41,6 +41,16 @@ def with_saved_overrides(args: list[str]) -> list[str]:
     return kept + args
 
 
+def _one_line(exc: UserError) -> str:
+    """The user-facing line of a UserError, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception with the worker's traceback prepended to its message; the
+    original message is the last line, after the exception's qualified name.
+    """
+    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return last.removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     from pgan.train.loop import train  # imported here so that `--help` stays fast
@@ -49,7 +59,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg, run_dir)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print(

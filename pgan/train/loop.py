@@ -36,7 +36,7 @@ from pgan.data import InfiniteSampler, make_dataset
 from pgan.errors import UserError
 from pgan.losses import Loss, make_loss
 from pgan.monitor import Monitor, progress_bar, resource_stats
-from pgan.networks import Discriminator, Generator, grow_from
+from pgan.networks import Discriminator, Generator, check_resolution, grow_from
 from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
 from pgan.train.step import d_step, ema_update, fade_reals, g_step
 
@@ -53,30 +53,60 @@ ARCHITECTURE_KEYS = (
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda` without CUDA is a user error."""
+    """`auto` -> cuda when available, else cpu; a CUDA device this machine lacks is a user error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available on this machine (use device=cpu or device=auto)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    device = torch.device("cuda", device.index or 0)
+    # Initialise CUDA now: torch.manual_seed before initialisation is queued and would run *after* a CUDA
+    # RNG state restored later, silently replacing it. set_device keeps stray contexts off GPU 0.
+    torch.cuda.init()
+    torch.cuda.set_device(device)
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> bool:
+    """Whether to use bf16 autocast: `auto` on GPUs with native bf16, `bf16` always, `fp32` never."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise UserError(f"precision must be auto, fp32 or bf16, got {name!r}")
+    if name == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return name == "bf16"
 
 
 def stages_from_config(cfg: DictConfig) -> list[Stage]:
-    """The run's stages from `cfg.schedule`, with a user-facing error for a bad schedule."""
+    """The run's stages from `cfg.schedule`, with a user-facing error for a bad schedule.
+
+    The first stage fades in too when the run grows it from `init_from` (a smaller checkpoint).
+    """
     s = cfg.schedule
     resolutions = list(s.resolutions)
     if not resolutions or any(b <= a for a, b in zip(resolutions, resolutions[1:])):
         raise UserError(f"schedule.resolutions must be a non-empty increasing list, got {resolutions}")
-    try:
-        stages = build_stages(resolutions, s.fade_kimg, s.stable_kimg, s.batch_size, s.lr)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    for res in resolutions:
+        try:
+            check_resolution(res)
+        except ValueError as exc:
+            raise UserError(f"schedule.resolutions: {exc}") from exc
     for a, b in zip(resolutions, resolutions[1:]):
         if b != 2 * a:
             raise UserError(f"schedule.resolutions must double from stage to stage, got {a} -> {b}")
+    grows_first = cfg.init_from is not None and cfg.stage in (None, resolutions[0])
+    try:
+        stages = build_stages(resolutions, s.fade_kimg, s.stable_kimg, s.batch_size, s.lr, fade_first=grows_first)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     group = cfg.model.mbstd_group_size
+    if group < 1:
+        raise UserError(f"model.mbstd_group_size must be >= 1, got {group}")
     for st in stages:
         if st.batch_size <= 0 or st.batch_size % min(group, st.batch_size):
             raise UserError(
@@ -122,20 +152,23 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Run (or resume) every selected stage of `cfg` in `run_dir`; returns the last stage's final.pt."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
+    use_bf16 = resolve_precision(cfg.precision, device)
     stages = stages_from_config(cfg)
-    loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
+    try:
+        loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"loss: {exc}") from exc
     if cfg.stage is not None:
         selected = [st for st in stages if st.resolution == cfg.stage]
         if not selected:
             raise UserError(f"stage={cfg.stage} is not one of schedule.resolutions {list(cfg.schedule.resolutions)}")
     else:
         selected = stages
-    if cfg.init_from is not None and not Path(cfg.init_from).is_file():
-        raise UserError(f"init_from checkpoint not found: {cfg.init_from}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 unless the user asked for full fp32.
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = cfg.precision != "fp32"
 
     torch.manual_seed(cfg.seed)
 
@@ -157,13 +190,20 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         return run_dir / selected[-1].name / FINAL
     # Everything the first stage needs is checked before anything is written.
     resuming_first = resume_state is not None and resume_state["stage"] == plan[0].index
-    init = None if resuming_first else initial_state(cfg, run_dir, stages, plan[0])
+    init = (
+        None if resuming_first else initial_state(cfg, run_dir, stages, plan[0], use_init_from=plan[0] is selected[0])
+    )
     dataset = make_dataset(cfg.data, plan[0].resolution)
+    largest_batch = max(st.batch_size for st in plan)
+    if len(dataset) < largest_batch:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch ({largest_batch})")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    # On resume, TensorBoard drops what the interrupted run logged after its checkpoint (steps > total_nimg).
-    monitor = Monitor(run_dir, purge_step=resume_state["total_nimg"] + 1 if resume_state else None)
+    # TensorBoard and stats.jsonl drop what an interrupted attempt logged after the point this run
+    # continues from (the checkpoint, or the start of the first stage to run), so curves never double.
+    continue_from = resume_state["total_nimg"] if resuming_first else plan[0].start_nimg
+    monitor = Monitor(run_dir, purge_step=continue_from + 1)
     if resume_state is None:
         monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
@@ -173,16 +213,19 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                 init = load_checkpoint(run_dir / stages[st.index - 1].name / FINAL)
                 dataset = make_dataset(cfg.data, st.resolution)
             resume = resume_state if resuming_first and st is plan[0] else None
-            final = train_stage(cfg, st, run_dir, dataset, device, loss, monitor, resume=resume, init=init)
+            final = train_stage(cfg, st, run_dir, dataset, device, use_bf16, loss, monitor, resume=resume, init=init)
     finally:
         monitor.close()
     print(f"done. watch it with: tensorboard --logdir {run_dir}", flush=True)
     return final
 
 
-def initial_state(cfg: DictConfig, run_dir: Path, stages: list[Stage], stage: Stage) -> dict | None:
-    """The checkpoint a stage starting afresh grows from: `init_from`, else the previous stage's final.pt."""
-    if cfg.init_from is not None:
+def initial_state(
+    cfg: DictConfig, run_dir: Path, stages: list[Stage], stage: Stage, use_init_from: bool
+) -> dict | None:
+    """The checkpoint a stage starting afresh grows from: `init_from` (for the run's first selected stage
+    only: later stages grow from this run's own final.pt), else the previous stage's final.pt."""
+    if cfg.init_from is not None and use_init_from:
         init = load_checkpoint(cfg.init_from)
         check_same_architecture(cfg, init["config"], f"init_from={cfg.init_from}")
         if init["resolution"] * 2 != stage.resolution:
@@ -205,6 +248,7 @@ def train_stage(
     run_dir: Path,
     dataset: Dataset,
     device: torch.device,
+    use_bf16: bool,
     loss: Loss,
     monitor: Monitor,
     resume: dict | None,
@@ -240,14 +284,11 @@ def train_stage(
         except ValueError as exc:
             raise UserError(f"cannot grow stage {stage.resolution} from the previous checkpoint: {exc}") from exc
 
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     beta = ema_beta(stage.batch_size, cfg.schedule.ema_kimg)
     latent_dim = int(cfg.model.latent_dim)
 
     stage_dir = run_dir / stage.name
-    if len(dataset) < stage.batch_size:
-        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch ({stage.batch_size})")
     # The data order is a pure function of (seed, stage, images seen), so resuming restarts it exactly.
     sampler = InfiniteSampler(len(dataset), seed=cfg.seed * 1000 + stage.index, start=nimg)
     workers = int(cfg.data.num_workers)
@@ -288,6 +329,8 @@ def train_stage(
                 "opt_G": opt_G.state_dict(),
                 "opt_D": opt_D.state_dict(),
                 "rng": get_rng_state(),
+                # The partial log tick, so that a resumed run logs the same averages as an uninterrupted one.
+                "tick": {"sums": sums, "steps": steps_since_tick},
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "stage_info": asdict(stage),
             },
@@ -300,6 +343,9 @@ def train_stage(
     sums: dict[str, torch.Tensor] = {}
     values: dict[str, float] = {}
     steps_since_tick = 0
+    if resume is not None:
+        sums = {k: v.to(device) for k, v in resume["tick"]["sums"].items()}
+        steps_since_tick = int(resume["tick"]["steps"])
     tick_start_time, tick_start_nimg = time.perf_counter(), nimg
     bar = progress_bar(stage.num_images, nimg, f"{stage.resolution}px", enabled=cfg.log.progress_bar)
     print(
