@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: help install train test test-all clean
+.PHONY: help install train test lint test-all clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,10 @@ train: $(STAMP) ## the default multi-stage run (32 -> 256 px, procedural shapes,
 
 test: $(STAMP) ## the fast test suite (no GPU, no network)
 	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check pgan tests experiments
+	$(VENV)/bin/ruff format --check pgan tests experiments
 
 test-all: $(STAMP) ## every test, the slow ones too
 	$(PY) -m pytest -q -m ''

@@ -210,7 +210,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     try:
         for st in plan:
             if st is not plan[0]:
-                init = load_checkpoint(run_dir / stages[st.index - 1].name / FINAL)
+                init = initial_state(cfg, run_dir, stages, st, use_init_from=False)
                 dataset = make_dataset(cfg.data, st.resolution)
             resume = resume_state if resuming_first and st is plan[0] else None
             final = train_stage(cfg, st, run_dir, dataset, device, use_bf16, loss, monitor, resume=resume, init=init)
