@@ -20,6 +20,7 @@ TINY = [
     "schedule.fade_kimg=0.128",
     "schedule.stable_kimg=0.016",
     "schedule.batch_size=8",
+    "schedule.lr=0.001",
     "schedule.ema_kimg=0.05",
     "data.num_workers=0",
     "checkpoint.every_kimg=0.056",
