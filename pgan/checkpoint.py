@@ -3,7 +3,8 @@
 A checkpoint is a dict of tensors and plain Python values only:
   format, version, stage (index), resolution (px), nimg (images shown in this stage), total_nimg (images
   shown over the whole run), done (True for a stage's final.pt), G, D, G_ema (state dicts), opt_G, opt_D
-  (optimizer state dicts), rng (torch CPU + CUDA generator states), config (the resolved run config).
+  (optimizer state dicts), rng (torch CPU + CUDA generator states), tick (the partial log tick's sums and
+  step count), config (the resolved run config), stage_info (the stage's schedule entry).
 """
 
 from __future__ import annotations
@@ -18,7 +19,21 @@ from pgan.errors import UserError
 
 FORMAT = "pgan-checkpoint"
 VERSION = 1
-REQUIRED_KEYS = ("stage", "resolution", "nimg", "total_nimg", "done", "G", "D", "G_ema", "config")
+REQUIRED_KEYS = (
+    "stage",
+    "resolution",
+    "nimg",
+    "total_nimg",
+    "done",
+    "G",
+    "D",
+    "G_ema",
+    "opt_G",
+    "opt_D",
+    "rng",
+    "tick",
+    "config",
+)
 LATEST = "latest.pt"
 FINAL = "final.pt"
 

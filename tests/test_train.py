@@ -241,6 +241,19 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path: Path) -> None:
     assert line.startswith("cannot read image") and str(images / "broken.png") in line and "\n" not in line
 
 
+@pytest.mark.parametrize("loss", ["wgan_gp", "logistic"])
+def test_bf16_autocast_path_trains(loss: str, tmp_path: Path) -> None:
+    """precision=bf16 runs the autocast path CUDA uses (here on the CPU), penalties included, across a fade."""
+    extra = ["loss.r1_gamma=1.0"] if loss == "logistic" else []
+    train(compose_config(*TINY, "precision=bf16", f"loss={loss}", *extra), tmp_path)
+    rows = _stats(tmp_path)
+    assert any(0 < r["Progress/alpha"] < 1 for r in rows)
+    assert all(torch.isfinite(torch.tensor([r["Loss/D"], r["Loss/G"], r["Loss/gp"]])).all() for r in rows)
+    assert all(r["Loss/gp"] > 0 for r in rows)
+    ckpt = load_checkpoint(tmp_path / "stage-0016" / "final.pt")
+    assert all(v.dtype == torch.float32 for v in ckpt["G"].values())  # autocast never changes the weights
+
+
 def test_grayscale_data_trains(tmp_path: Path) -> None:
     """data.channels=1 builds one-channel networks end to end."""
     train(compose_config(*TINY, "data.channels=1", "schedule.resolutions=[8]"), tmp_path)
