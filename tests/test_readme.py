@@ -55,3 +55,17 @@ def test_readme_make_targets_exist() -> None:
     assert targets[:2] == ["train", "test"]
     for target in set(targets):
         assert re.search(rf"^{target}:", makefile, re.M), target
+
+
+def test_readme_python_snippet_rebuilds_the_generator(tmp_path: Path) -> None:
+    """The README's snippet that rebuilds G_ema from a final.pt runs and produces images."""
+    from conftest import TINY
+
+    from pgan.train.loop import train
+
+    final = train(compose_config(*TINY), tmp_path)
+    (snippet,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    assert "runs/my-run/stage-0256/final.pt" in snippet
+    namespace: dict = {}
+    exec(snippet.replace("runs/my-run/stage-0256/final.pt", str(final)), namespace)
+    assert namespace["images"].shape == (16, 3, 16, 16)
