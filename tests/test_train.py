@@ -52,6 +52,11 @@ def _flatten(tree, prefix: str = "") -> dict:
     return {prefix: tree}
 
 
+def _stats(run_dir: Path) -> list[dict]:
+    """The rows of a run's stats.jsonl."""
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     """One uninterrupted tiny 8 -> 16 px run, shared by the tests that compare against it."""
@@ -90,7 +95,7 @@ def test_final_checkpoint_contents(full_run: Path) -> None:
 
 def test_stats_cover_the_fade(full_run: Path) -> None:
     """stats.jsonl logs alpha rising 0 -> 1 in the second stage and a continuous, increasing step."""
-    rows = [json.loads(line) for line in (full_run / "stats.jsonl").read_text().splitlines()]
+    rows = _stats(full_run)
     steps = [r["step"] for r in rows]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     alphas = [r["Progress/alpha"] for r in rows if r["Progress/resolution"] == 16]
@@ -154,10 +159,6 @@ def test_resume_mid_fade_is_bit_identical(full_run: Path, tmp_path: Path) -> Non
             assert row[key] == full[row["step"]][key], (row["step"], key)
 
 
-def _stats(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-
-
 def test_init_from_grows_the_first_stage_with_a_fade_and_resumes_across_stages(full_run: Path, tmp_path: Path) -> None:
     """init_from on the schedule's first stage fades it in; after a kill at the stage boundary the run
     continues from its own final.pt, not from init_from again, and ends as an uninterrupted run does."""
@@ -210,7 +211,7 @@ def test_every_loss_trains(loss: str, tmp_path: Path) -> None:
         compose_config(*TINY, f"loss={loss}", *extra, "schedule.resolutions=[8]", "schedule.stable_kimg=0.032"),
         tmp_path,
     )
-    rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    rows = _stats(tmp_path)
     assert all(torch.isfinite(torch.tensor([r["Loss/D"], r["Loss/G"]])).all() for r in rows)
     assert (rows[-1]["Loss/gp"] > 0) == (loss != "hinge")
 
