@@ -10,6 +10,7 @@ A checkpoint is a dict of tensors and plain Python values only:
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ REQUIRED_KEYS = (
 )
 LATEST = "latest.pt"
 FINAL = "final.pt"
+OK = "ok.pt"  # the stage's last checkpoint written while the collapse detector said ok (for rollbacks)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -57,6 +59,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def link_checkpoint(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of the checkpoint `src` atomically: a hard link (no second write) where the file
+    system allows it, a copy otherwise, under a temporary name renamed over `dst`."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -28,28 +28,47 @@ def resource_stats(device: torch.device) -> dict[str, float]:
     return stats
 
 
+# The jsonl logs in a run directory: stats.jsonl (one line per tick), collapse.jsonl (one per diversity evaluation).
+JSONL_FILES = ("stats", "collapse")
+
+
 class Monitor:
     """TensorBoard writer + jsonl log for one run directory.
 
-    `purge_step`: events and stats.jsonl lines at this step or later are dropped - what an interrupted
+    `purge_step`: events and jsonl lines at this step or later are dropped - what an interrupted
     attempt logged after the point the run continues from (it would otherwise be shown twice).
     """
 
     def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
-        jsonl = self.run_dir / "stats.jsonl"
-        if purge_step is not None and jsonl.is_file():
-            kept = [line for line in jsonl.read_text().splitlines() if json.loads(line)["step"] < purge_step]
-            jsonl.write_text("".join(line + "\n" for line in kept))
-        self._jsonl = open(jsonl, "a", encoding="utf-8")
+        self._jsonl: dict[str, Any] = {}
+        self._open(purge_step)
 
-    def scalars(self, values: Mapping[str, float], step: int) -> None:
-        """Log scalars to TensorBoard and append them as one line to stats.jsonl."""
+    def _open(self, purge_step: int | None) -> None:
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+        for name in JSONL_FILES:
+            path = self.run_dir / f"{name}.jsonl"
+            if purge_step is not None and path.is_file():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < purge_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            self._jsonl[name] = open(path, "a", encoding="utf-8")
+
+    def restart(self, purge_step: int) -> None:
+        """Drop everything logged at `purge_step` or later and go on logging from there (after a rollback)."""
+        self.close()
+        self._open(purge_step)
+
+    def scalars(self, values: Mapping[str, float], step: int, jsonl: str | None = "stats") -> None:
+        """Log scalars to TensorBoard and, unless `jsonl` is None, as one line of `<jsonl>.jsonl`."""
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
+        if jsonl is not None:
+            self.record(jsonl, {"step": step, **values})
+
+    def record(self, name: str, row: Mapping[str, Any]) -> None:
+        """Append `row` (which has a "step") as one line of `<name>.jsonl` in the run directory."""
+        self._jsonl[name].write(json.dumps(dict(row)) + "\n")
+        self._jsonl[name].flush()
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
         """Log a CHW image grid with values in [0, 1]."""
@@ -71,7 +90,8 @@ class Monitor:
     def close(self) -> None:
         """Flush and close the writer and the jsonl file."""
         self.writer.close()
-        self._jsonl.close()
+        for f in self._jsonl.values():
+            f.close()
 
 
 def progress_bar(total_img: int, done_img: int, description: str, enabled: bool = True) -> tqdm:

@@ -28,6 +28,9 @@ TINY = [
     "log.image_every_kimg=0.064",
     "log.grid_size=4",
     "log.progress_bar=false",
+    "diversity.every_kimg=0.032",
+    "diversity.num_samples=16",
+    "diversity.num_real=32",
     "device=cpu",
 ]
 

@@ -52,9 +52,14 @@ def _flatten(tree, prefix: str = "") -> dict:
     return {prefix: tree}
 
 
+def _jsonl(run_dir: Path, name: str) -> list[dict]:
+    """The rows of a run's <name>.jsonl."""
+    return [json.loads(line) for line in (run_dir / f"{name}.jsonl").read_text().splitlines()]
+
+
 def _stats(run_dir: Path) -> list[dict]:
     """The rows of a run's stats.jsonl."""
-    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    return _jsonl(run_dir, "stats")
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +162,9 @@ def test_resume_mid_fade_is_bit_identical(full_run: Path, tmp_path: Path) -> Non
     for row in resumed:
         for key in ("Loss/D", "Loss/G", "Loss/gp", "Scores/real", "Scores/fake", "Progress/alpha"):
             assert row[key] == full[row["step"]][key], (row["step"], key)
+    # So are the diversity evaluations and the collapse detector's states (diversity metrics included).
+    kept = [r for r in _jsonl(full_run, "collapse") if r["step"] > latest["total_nimg"]]
+    assert kept and _jsonl(tmp_path, "collapse") == kept
 
 
 def test_init_from_grows_the_first_stage_with_a_fade_and_resumes_across_stages(full_run: Path, tmp_path: Path) -> None:
@@ -234,7 +242,14 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(tmp_path: Path) -> None:
     for i in range(8):
         Image.new("RGB", (20, 20), (30 * i, 0, 0)).save(images / f"{i}.png")
     (images / "broken.png").write_bytes(b"not a png")
-    cfg = compose_config(*TINY, "data=folder", f"data.path={images}", "data.num_workers=1", "schedule.resolutions=[8]")
+    cfg = compose_config(
+        *TINY,
+        "data=folder",
+        f"data.path={images}",
+        "data.num_workers=1",
+        "schedule.resolutions=[8]",
+        "diversity.enabled=false",  # its real subset would read the broken file first, in the main process
+    )
     with pytest.raises(UserError) as caught:
         train(cfg, tmp_path / "run")
     assert "DataLoader worker" in str(caught.value)  # torch wrapped it with the worker's traceback

@@ -19,6 +19,7 @@ from pgan.errors import UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXIT_USER_ERROR = 2
+EXIT_COLLAPSE = 3  # the collapse detector stopped the run (diversity.on_collapse=stop, or rollbacks ran out)
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
@@ -53,7 +54,7 @@ def _one_line(exc: UserError) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pgan.train.loop import train  # imported here so that `--help` stays fast
+    from pgan.train.loop import CollapseStop, train  # imported here so that `--help` stays fast
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -61,6 +62,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except CollapseStop as exc:
+        print(
+            f"error: {exc} Continue anyway with: pgan-train hydra.run.dir={run_dir} diversity.on_collapse=warn",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_COLLAPSE)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted; the last checkpoint is kept, resume with: pgan-train hydra.run.dir={run_dir}",

@@ -26,7 +26,9 @@ from torchvision.utils import make_grid, save_image
 from pgan.checkpoint import (
     FINAL,
     LATEST,
+    OK,
     get_rng_state,
+    link_checkpoint,
     load_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -39,6 +41,7 @@ from pgan.monitor import Monitor, progress_bar, resource_stats
 from pgan.networks import Discriminator, Generator, check_resolution, grow_from
 from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
 from pgan.train.step import d_step, ema_update, fade_reals, g_step
+from pgan.train.watch import CollapseWatch, check_diversity_config
 
 # Keys of the model that define the architecture: a checkpoint is only usable by a model with the same ones.
 ARCHITECTURE_KEYS = (
@@ -50,6 +53,10 @@ ARCHITECTURE_KEYS = (
     "mbstd_group_size",
     "image_channels",
 )
+
+
+class CollapseStop(Exception):
+    """The collapse detector fired with on_collapse=stop (or no rollback was left); latest.pt was written."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,6 +165,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
     except (TypeError, ValueError) as exc:
         raise UserError(f"loss: {exc}") from exc
+    if cfg.diversity.enabled:
+        check_diversity_config(cfg)
     if cfg.stage is not None:
         selected = [st for st in stages if st.resolution == cfg.stage]
         if not selected:
@@ -207,13 +216,15 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     if resume_state is None:
         monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    watch = CollapseWatch(cfg, device, autocast, monitor) if cfg.diversity.enabled else None
     try:
         for st in plan:
             if st is not plan[0]:
                 init = initial_state(cfg, run_dir, stages, st, use_init_from=False)
                 dataset = make_dataset(cfg.data, st.resolution)
             resume = resume_state if resuming_first and st is plan[0] else None
-            final = train_stage(cfg, st, run_dir, dataset, device, use_bf16, loss, monitor, resume=resume, init=init)
+            final = train_stage(cfg, st, run_dir, dataset, device, autocast, loss, monitor, watch, resume, init)
     finally:
         monitor.close()
     print(f"done. watch it with: tensorboard --logdir {run_dir}", flush=True)
@@ -248,13 +259,19 @@ def train_stage(
     run_dir: Path,
     dataset: Dataset,
     device: torch.device,
-    use_bf16: bool,
+    autocast: contextlib.AbstractContextManager,
     loss: Loss,
     monitor: Monitor,
+    watch: CollapseWatch | None,
     resume: dict | None,
     init: dict | None,
 ) -> Path:
-    """Train one stage from `resume` (its own checkpoint) or `init` (the state it grows from); returns final.pt."""
+    """Train one stage from `resume` (its own checkpoint) or `init` (the state it grows from); returns final.pt.
+
+    With a collapse watch, `diversity.on_collapse` decides what a collapse does: `warn` logs it, `stop` writes
+    latest.pt and raises CollapseStop, `rollback` restores the stage's ok.pt (the last checkpoint written while
+    the detector said ok) with scaled learning rates and goes on.
+    """
     if resume is None and init is not None:
         # Continue the random stream where the previous stage ended (before the new layers draw their
         # weights), so that a stage started from final.pt - after a kill, or as a separate job - is
@@ -266,14 +283,26 @@ def train_stage(
     opt_G = torch.optim.Adam(G.parameters(), **opt_kwargs)
     opt_D = torch.optim.Adam(D.parameters(), **opt_kwargs)
     nimg = 0
+    sums: dict[str, torch.Tensor] = {}
+    steps_since_tick = 0
+
+    def restore(state: dict) -> None:
+        """Continue from one of this stage's checkpoints: weights, optimizers, counters, RNG, partial tick."""
+        nonlocal nimg, sums, steps_since_tick
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        G_ema.load_state_dict(state["G_ema"])
+        opt_G.load_state_dict(state["opt_G"])
+        opt_D.load_state_dict(state["opt_D"])
+        nimg = int(state["nimg"])
+        set_rng_state(state["rng"])
+        sums = {k: v.to(device) for k, v in state["tick"]["sums"].items()}
+        steps_since_tick = int(state["tick"]["steps"])
+
     if resume is not None:
-        G.load_state_dict(resume["G"])
-        D.load_state_dict(resume["D"])
-        G_ema.load_state_dict(resume["G_ema"])
-        opt_G.load_state_dict(resume["opt_G"])
-        opt_D.load_state_dict(resume["opt_D"])
-        nimg = int(resume["nimg"])
-        set_rng_state(resume["rng"])
+        restore(resume)
+        if watch is not None:
+            watch.load_state_dict(resume.get("collapse"))
     elif init is not None:
         try:
             grow_from(G, init["G"])
@@ -283,28 +312,51 @@ def train_stage(
             grow_from(G_ema, init["G_ema"])
         except ValueError as exc:
             raise UserError(f"cannot grow stage {stage.resolution} from the previous checkpoint: {exc}") from exc
+        if watch is not None:
+            watch.load_state_dict(init.get("collapse"), new_stage=True)
+    if watch is not None:
+        watch.begin_stage(stage, dataset)
 
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     beta = ema_beta(stage.batch_size, cfg.schedule.ema_kimg)
     latent_dim = int(cfg.model.latent_dim)
 
     stage_dir = run_dir / stage.name
     # The data order is a pure function of (seed, stage, images seen), so resuming restarts it exactly.
-    sampler = InfiniteSampler(len(dataset), seed=cfg.seed * 1000 + stage.index, start=nimg)
     workers = int(cfg.data.num_workers)
-    loader = iter(
-        DataLoader(
-            dataset,
-            batch_size=stage.batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            persistent_workers=False,
-            prefetch_factor=4 if workers > 0 else None,
-            generator=_private_generator(cfg.seed),
+
+    def make_loader(start: int):
+        sampler = InfiniteSampler(len(dataset), seed=cfg.seed * 1000 + stage.index, start=start)
+        return iter(
+            DataLoader(
+                dataset,
+                batch_size=stage.batch_size,
+                sampler=sampler,
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+                drop_last=True,
+                persistent_workers=False,
+                prefetch_factor=4 if workers > 0 else None,
+                generator=_private_generator(cfg.seed),
+            )
         )
-    )
+
+    loader = make_loader(nimg)
+
+    def roll_back(ok_state: dict, from_step: int) -> None:
+        """Back to a checkpoint taken while the detector said ok, with scaled learning rates."""
+        restore(ok_state)
+        watch.roll_back(ok_state.get("collapse"), float(cfg.diversity.rollback_lr_scale))
+        for opt in (opt_G, opt_D):
+            for group in opt.param_groups:
+                group["lr"] = stage.lr * watch.lr_scale
+        # A new latent stream, so that the rolled-back run does not replay the same collapse.
+        torch.manual_seed(cfg.seed + 1_000_003 * watch.rollbacks + stage.index)
+        # Curves restart at the restored point, as after a resume; the rollback itself is logged there.
+        monitor.restart(purge_step=stage.start_nimg + nimg + 1)
+        watch.announce_rollback(from_step, stage, nimg)
+        bar.reset(stage.num_images)
+        bar.update(nimg)
+
     # Fixed latents for the sample grids, the same for the whole run, drawn without touching the training RNG.
     grid_z = torch.randn(int(cfg.log.grid_size), latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
     grid_z = grid_z.to(device)
@@ -331,6 +383,7 @@ def train_stage(
                 "rng": get_rng_state(),
                 # The partial log tick, so that a resumed run logs the same averages as an uninterrupted one.
                 "tick": {"sums": sums, "steps": steps_since_tick},
+                "collapse": watch.state_dict() if watch is not None else None,
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "stage_info": asdict(stage),
             },
@@ -340,12 +393,8 @@ def train_stage(
     tick_nimg = max(1, round(cfg.log.tick_kimg * 1000))
     image_nimg = max(1, round(cfg.log.image_every_kimg * 1000))
     ckpt_nimg = max(1, round(cfg.checkpoint.every_kimg * 1000))
-    sums: dict[str, torch.Tensor] = {}
+    diversity_nimg = max(1, round(cfg.diversity.every_kimg * 1000))
     values: dict[str, float] = {}
-    steps_since_tick = 0
-    if resume is not None:
-        sums = {k: v.to(device) for k, v in resume["tick"]["sums"].items()}
-        steps_since_tick = int(resume["tick"]["steps"])
     tick_start_time, tick_start_nimg = time.perf_counter(), nimg
     bar = progress_bar(stage.num_images, nimg, f"{stage.resolution}px", enabled=cfg.log.progress_bar)
     print(
@@ -398,8 +447,22 @@ def train_stage(
             samples_dir = run_dir / "samples"
             samples_dir.mkdir(exist_ok=True)
             save_image(grid, samples_dir / f"fakes-{stage.name}-{step / 1000:09.3f}kimg.png")
+        if watch is not None and (_crossed(prev, nimg, diversity_nimg) or finished):
+            if watch.evaluate(G_ema, G, stage, nimg).entered_collapse and cfg.diversity.on_collapse != "warn":
+                ok = stage_dir / OK
+                if cfg.diversity.on_collapse == "rollback" and watch.rollbacks < cfg.diversity.max_rollbacks:
+                    if ok.is_file():
+                        roll_back(load_checkpoint(ok), from_step=step)
+                        loader = make_loader(nimg)
+                        tick_start_time, tick_start_nimg = time.perf_counter(), nimg
+                        continue
+                save(LATEST, done=False)
+                monitor.flush()
+                raise CollapseStop(watch.stop_message(stage, step, ok))
         if _crossed(prev, nimg, ckpt_nimg) and not finished:
             save(LATEST, done=False)
+            if watch is not None and watch.state == "ok":
+                link_checkpoint(stage_dir / LATEST, stage_dir / OK)
             monitor.flush()
     bar.close()
     final = save(FINAL, done=True)

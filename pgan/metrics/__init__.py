@@ -1,0 +1,1 @@
+"""Sample-diversity metrics, the collapse detector and mode coverage."""
