@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from pgan.errors import UserError
+from pgan.networks import Generator
+from pgan.schedule import Stage, alpha_at
 
 FORMAT = "pgan-checkpoint"
 VERSION = 1
@@ -113,3 +115,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def generator_from_checkpoint(state: dict[str, Any], which: str = "G_ema") -> tuple[Generator, float]:
+    """The generator `which` (G_ema or G) of a loaded checkpoint, in eval mode on the CPU, and the alpha it was
+    at (1.0 unless the checkpoint was written during a fade-in)."""
+    m = state["config"]["model"]
+    channels = {int(k): int(v) for k, v in m["channels"].items()} if m.get("channels") else None
+    G = Generator(
+        int(state["resolution"]),
+        latent_dim=int(m["latent_dim"]),
+        image_channels=int(m["image_channels"]),
+        fmap_base=int(m["fmap_base"]),
+        fmap_max=int(m["fmap_max"]),
+        fmap_min=int(m["fmap_min"]),
+        channels=channels,
+    )
+    G.load_state_dict(state[which])
+    info = state.get("stage_info")
+    alpha = alpha_at(Stage(**info), int(state["nimg"])) if info else 1.0
+    return G.eval().requires_grad_(False), alpha

@@ -31,14 +31,15 @@ TINY = [
     "diversity.every_kimg=0.032",
     "diversity.num_samples=16",
     "diversity.num_real=32",
+    "diversity.mode_coverage=false",
     "device=cpu",
 ]
 
 
-def compose_config(*overrides: str) -> DictConfig:
-    """The config `pgan-train` would build from these command-line overrides."""
+def compose_config(*overrides: str, config_name: str = "train") -> DictConfig:
+    """The config `pgan-train` (or the command of `config_name`) would build from these overrides."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 @pytest.fixture

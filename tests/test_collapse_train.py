@@ -157,3 +157,12 @@ def test_bad_diversity_settings_are_user_errors(override: str, message: str, tmp
     with pytest.raises(UserError, match=message):
         train(compose_config(*TINY, override), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_mode_coverage_is_logged_on_data_with_known_modes(tmp_path: Path) -> None:
+    train(compose_config(*ONE_STAGE, "data=digits", "diversity.mode_coverage=true"), tmp_path)
+    rows = _collapse_rows(tmp_path)
+    assert rows and all(1 <= r["modes_covered"] <= 10 and r["mode_kl"] >= 0 for r in rows)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert len(events.Scalars("Diversity/modes_covered")) == len(rows)

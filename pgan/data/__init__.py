@@ -1,4 +1,4 @@
-"""Datasets (procedural shapes, an image folder, torchvision) and the resumable sampler the trainer uses."""
+"""Datasets (procedural shapes, bundled digits, an image folder, torchvision) and the resumable sampler."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -6,15 +6,24 @@ from typing import Any
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import Dataset
 
+from pgan.data.digits import NUM_DIGITS, DigitsDataset, StackedDigitsDataset
 from pgan.data.folder import FolderDataset
 from pgan.data.sampler import InfiniteSampler
 from pgan.data.shapes import ShapesDataset
 from pgan.data.torchvision_source import TorchvisionDataset
 from pgan.errors import UserError
 
-__all__ = ["FolderDataset", "InfiniteSampler", "ShapesDataset", "TorchvisionDataset", "make_dataset"]
+__all__ = [
+    "DigitsDataset",
+    "FolderDataset",
+    "InfiniteSampler",
+    "ShapesDataset",
+    "StackedDigitsDataset",
+    "TorchvisionDataset",
+    "make_dataset",
+]
 
-SOURCES = ("shapes", "folder", "torchvision")
+SOURCES = ("shapes", "digits", "stacked_digits", "folder", "torchvision")
 
 
 def _required(cfg: Mapping, key: str) -> Any:
@@ -38,6 +47,14 @@ def make_dataset(cfg: Mapping, resolution: int) -> Dataset:
     channels = int(cfg.get("channels", 3))
     if source == "shapes":
         return ShapesDataset(
+            resolution, size=int(cfg.get("size", 50000)), seed=int(cfg.get("seed", 0)), channels=channels
+        )
+    if source == "digits":
+        return DigitsDataset(
+            resolution, channels=channels, size=int(cfg.get("size", NUM_DIGITS)), seed=int(cfg.get("seed", 0))
+        )
+    if source == "stacked_digits":
+        return StackedDigitsDataset(
             resolution, size=int(cfg.get("size", 50000)), seed=int(cfg.get("seed", 0)), channels=channels
         )
     if source == "folder":

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 # Wang et al. 2003 weights per scale, finest first (as in ProGAN's and TensorFlow's MS-SSIM).
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -193,6 +194,12 @@ def vendi_score(features: torch.Tensor, centre: torch.Tensor | None = None) -> f
 def pixel_std(images: torch.Tensor) -> float:
     """Mean over pixels of the per-pixel standard deviation across the batch."""
     return float(images.float().std(dim=0).mean())
+
+
+def sample_dataset(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of min(n, len(dataset)) items of `dataset`, stacked (the same one every call)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: min(n, len(dataset))]
+    return torch.stack([dataset[int(i)] for i in order])
 
 
 @dataclass

@@ -24,7 +24,14 @@ from tqdm import tqdm
 
 from pgan.errors import UserError
 from pgan.metrics.collapse import STATES, DetectorState, Thresholds, in_grace_window, update
-from pgan.metrics.diversity import RandomEmbedding, RealReference, diversity_metrics, real_reference
+from pgan.metrics.diversity import (
+    RandomEmbedding,
+    RealReference,
+    diversity_metrics,
+    real_reference,
+    sample_dataset,
+)
+from pgan.metrics.modes import ModeClassifier, mode_classifier_for, mode_coverage
 from pgan.monitor import Monitor
 from pgan.networks import Generator
 from pgan.schedule import Stage, alpha_at
@@ -108,6 +115,7 @@ class CollapseWatch:
         self._reals: torch.Tensor | None = None  # uint8 real images of the current stage, on the CPU
         self._reals_resolution = 0
         self._refs: dict[tuple[int, float], RealReference] = {}
+        self.classifier: ModeClassifier | None = None
 
     # --- state carried in checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -176,9 +184,13 @@ class CollapseWatch:
         """Load the real images for this stage's resolution (the same seeded subset every time)."""
         if self._reals_resolution == stage.resolution:
             return
-        n = min(int(self.cfg.num_real), len(dataset))
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed + 104729))[:n]
-        images = torch.stack([dataset[int(i)] for i in order])
+        self.classifier = None
+        if self.cfg.mode_coverage:
+            try:
+                self.classifier = mode_classifier_for(dataset)
+            except UserError:
+                pass  # a dataset without known modes: nothing to count
+        images = sample_dataset(dataset, int(self.cfg.num_real), seed=self.seed + 104729)
         # uint8 on the CPU: 512 images at 256 px are 100 MB, and the data was 8-bit to begin with.
         self._reals = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         self._reals_resolution = stage.resolution
@@ -212,7 +224,12 @@ class CollapseWatch:
         start = time.perf_counter()
         alpha = alpha_at(stage, nimg)
         ref = self.reference(alpha)
-        metrics = diversity_metrics(self.samples(G_ema, alpha), ref, self.embedding, seed=self.seed)
+        fakes = self.samples(G_ema, alpha)
+        metrics = diversity_metrics(fakes, ref, self.embedding, seed=self.seed)
+        if self.classifier is not None:
+            # Ground truth where the dataset's modes are known: how many of them G_ema's samples hit.
+            coverage = mode_coverage(self.classifier.predict(fakes.cpu()), self.classifier.num_modes)
+            metrics |= {"modes_covered": coverage["modes_covered"], "mode_kl": coverage["kl_to_uniform"]}
         grace = in_grace_window(
             nimg, round(stage.fade_kimg * 1000), float(self.cfg.grace_kimg), float(self.cfg.grace_fade_fraction)
         )
@@ -227,7 +244,7 @@ class CollapseWatch:
         )
         result = Evaluation(metrics, previous, self.detector.state, grace)
         step = stage.start_nimg + nimg
-        scalars = {f"Diversity/{k}": metrics[k] for k in LOGGED}
+        scalars = {f"Diversity/{k}": metrics[k] for k in LOGGED + ("modes_covered", "mode_kl") if k in metrics}
         if G is not None and self.cfg.raw_G:
             raw = diversity_metrics(self.samples(G, alpha), ref, self.embedding, seed=self.seed)
             scalars |= {f"Diversity/raw_G/{k}": raw[k] for k in LOGGED}

@@ -1,0 +1,116 @@
+"""`pgan-eval`: metrics of generated images (a folder, or samples of a checkpoint) against real images (a
+folder, or a dataset config), printed as one JSON object on the last line of stdout.
+
+Exit code 0 whatever the verdict; 2 with one line `error: ...` when an input is unusable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from pgan.cli.train import CONFIG_DIR, EXIT_USER_ERROR, _one_line
+from pgan.errors import UserError
+
+METRICS = ("diversity",)
+
+
+def _folder(path: str, key: str) -> Path:
+    """`path` as an existing folder, or a user error naming `key=`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{key}={path}: no such folder")
+    return folder
+
+
+def _first_image_side(folder: Path) -> int:
+    """The smaller side in pixels of the first image of `folder` (sorted order)."""
+    from pgan.data.folder import find_images
+
+    files = find_images(folder)
+    if not files:
+        raise UserError(f"fake={folder}: no images found")
+    try:
+        with Image.open(files[0]) as image:
+            return min(image.size)
+    except OSError as exc:
+        raise UserError(f"cannot read image {files[0]}: {exc}") from exc
+
+
+def _check_resolution(resolution: int) -> None:
+    if resolution < 4:
+        raise UserError(f"resolution {resolution} px is too small for the diversity metrics (at least 4 px)")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Compute the requested metrics; the dict printed as JSON."""
+    from pgan.checkpoint import generator_from_checkpoint, load_checkpoint
+    from pgan.data import FolderDataset, make_dataset
+    from pgan.metrics.collapse import STATES, severity
+    from pgan.metrics.diversity import RandomEmbedding, diversity_metrics, real_reference, sample_dataset
+    from pgan.train.loop import resolve_device
+    from pgan.train.watch import thresholds_from_config
+
+    unknown = [m for m in cfg.metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"metrics: unknown {', '.join(map(str, unknown))} (available: {', '.join(METRICS)})")
+    if (cfg.fake is None) == (cfg.ckpt is None):
+        raise UserError("give exactly one of fake=FOLDER or ckpt=CHECKPOINT")
+    device = resolve_device(cfg.device)
+    thresholds = thresholds_from_config(cfg)
+    channels = int(cfg.data.get("channels", 3))
+    if cfg.ckpt is not None:
+        state = load_checkpoint(cfg.ckpt)
+        G, alpha = generator_from_checkpoint(state)
+        G = G.to(device)
+        channels = G.image_channels
+        resolution = int(cfg.resolution or G.resolution)
+        z = torch.randn(int(cfg.num_fake), G.latent_dim, generator=torch.Generator().manual_seed(int(cfg.seed)))
+        with torch.no_grad():
+            fakes = torch.cat([G(chunk.to(device), alpha) for chunk in z.split(64)]).float().clamp(-1, 1)
+        if fakes.shape[-1] != resolution:
+            fakes = torch.nn.functional.interpolate(fakes, size=(resolution, resolution), mode="area")
+    else:
+        folder = _folder(cfg.fake, "fake")
+        resolution = int(cfg.resolution or _first_image_side(folder))
+        _check_resolution(resolution)
+        fakes = sample_dataset(FolderDataset(folder, resolution, channels), int(cfg.num_fake), int(cfg.seed))
+    _check_resolution(resolution)
+    if cfg.real is not None:
+        real_data = FolderDataset(_folder(cfg.real, "real"), resolution, channels)
+    else:
+        real_data = make_dataset({**OmegaConf.to_container(cfg.data), "channels": channels}, resolution)
+    reals = sample_dataset(real_data, int(cfg.num_real), int(cfg.seed) + 1)
+    if len(fakes) < 4 or len(reals) < 4:
+        raise UserError(f"need at least 4 fake and 4 real images, got {len(fakes)} and {len(reals)}")
+    embedding = RandomEmbedding().to(device)
+    ref = real_reference(reals.to(device), embedding, seed=int(cfg.seed))
+    result = diversity_metrics(fakes.to(device), ref, embedding, seed=int(cfg.seed))
+    # A one-shot verdict: the detector's level for this one evaluation (no patience, no history).
+    result["state"] = STATES[severity(result, thresholds)]
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        result = evaluate(cfg)
+    except UserError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    print(json.dumps(result), flush=True)
+
+
+def main() -> None:
+    """Console entry point of `pgan-eval`."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
