@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_config
+from omegaconf import OmegaConf
 
 from pgan.train.loop import stages_from_config
 
@@ -69,3 +70,17 @@ def test_readme_python_snippet_rebuilds_the_generator(tmp_path: Path) -> None:
     namespace: dict = {}
     exec(snippet.replace("runs/my-run/stage-0256/final.pt", str(final)), namespace)
     assert namespace["images"].shape == (16, 3, 16, 16)
+
+
+EVAL_COMMANDS = _commands("pgan-eval")
+
+
+@pytest.mark.parametrize("command", EVAL_COMMANDS, ids=[" ".join(c[1:])[:60] for c in EVAL_COMMANDS])
+def test_readme_eval_command_composes(command: list[str]) -> None:
+    """Each documented pgan-eval command composes, and its values land in the eval config."""
+    cfg = compose_config(*command[1:], config_name="eval")
+    for override in command[1:]:
+        key, value = override.split("=", 1)
+        if key in cfg and not OmegaConf.is_config(cfg[key]):  # group choices like data=shapes select a node
+            assert str(cfg[key]) == value
+    assert EVAL_COMMANDS, "the README shows pgan-eval"
