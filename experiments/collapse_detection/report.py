@@ -125,21 +125,24 @@ def plots(results: Path, controlled: list[dict], runs: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = [("k_prototypes", "k prototypes"), ("kept_modes", "modes kept"), ("truncation_psi", "psi")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    families = [("k_prototypes", "k prototypes"), ("kept_modes", "fraction of modes kept"), ("truncation_psi", "psi")]
+    num_modes = {"shapes": 16, "digits": 10, "stacked_digits": 1000}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (family, label) in zip(axes, families):
-        for dataset in sorted({r["dataset"] for r in controlled}):
+        for colour, dataset in zip(("C0", "C1", "C2"), sorted({r["dataset"] for r in controlled})):
             rs = [r for r in controlled if r["family"] == family and r["dataset"] == dataset]
             params = sorted({r["param"] for r in rs})
-            detection = [statistics.fmean(r["level"] == 2 for r in rs if r["param"] == p) for p in params]
-            ax.plot(params, detection, marker="o", label=dataset)
+            xs = [p / num_modes[dataset] for p in params] if family == "kept_modes" else params
+            for level, style, name in ((2, "-", "collapsed"), (1, "--", "warning+")):
+                y = [statistics.fmean(r["level"] >= level for r in rs if r["param"] == p) for p in params]
+                ax.plot(xs, y, style, color=colour, marker="o", ms=3, label=f"{dataset} {name}")
         ax.set_xlabel(label)
-        ax.set_ylabel("P(collapsed), one evaluation")
-        if family == "k_prototypes":
+        ax.set_ylabel("fraction flagged, one evaluation")
+        if family in ("k_prototypes", "kept_modes"):
             ax.set_xscale("log", base=2)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(results / "detection.png", dpi=110)
     if not runs:
@@ -168,10 +171,37 @@ def plots(results: Path, controlled: list[dict], runs: list[dict]) -> None:
     fig.savefig(results / "timelines.png", dpi=110)
 
 
+def runs_from_logs(runs_dir: Path) -> list[dict]:
+    """The training rows rebuilt from the run directories' collapse.jsonl (for a partial or interrupted run)."""
+    modes = {"shapes": 16, "digits": 10}
+    rows = []
+    for log in sorted(runs_dir.glob("*/collapse.jsonl")):
+        kind, dataset, final, seed = log.parent.name.split("-")
+        evals = [json.loads(line) for line in log.read_text().splitlines()]
+        if not (log.parent / "stage-%04d" % int(final)).exists() and not any(
+            e["resolution"] == int(final) for e in evals
+        ):
+            continue  # unfinished
+        rows.append(
+            {
+                "kind": kind,
+                "dataset": dataset,
+                "final_resolution": int(final),
+                "seed": int(seed.removeprefix("seed")),
+                "evaluations": evals,
+                "seconds": float("nan"),
+                "modes": modes[dataset],
+            }
+        )
+    return rows
+
+
 def report(results: Path) -> None:
     """Print every table and write the plots."""
     controlled = json.loads((results / "controlled.json").read_text()) if (results / "controlled.json").exists() else []
     runs = json.loads((results / "training.json").read_text()) if (results / "training.json").exists() else []
+    if not runs:
+        runs = runs_from_logs(results / "runs")
     if controlled:
         print("## Controlled positives (one evaluation each)\n")
         print(controlled_tables(controlled))
