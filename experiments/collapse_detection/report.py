@@ -60,61 +60,51 @@ def controlled_tables(rows: list[dict]) -> str:
 
 
 def onset(evals: list[dict], num_modes: int) -> int | None:
-    """Index of the collapse onset: the first evaluation from which G_ema's samples cover at most a quarter of
-    the modes at every later evaluation too (persistent, so that an undertrained G's early low coverage,
-    which recovers, does not count)."""
-    low = [e["modes_covered"] <= num_modes // 4 for e in evals]
-    for i in range(len(low)):
-        if all(low[i:]):
-            return i
-    return None
+    """Index of the collapse onset: the first evaluation whose samples' effective number of modes,
+    num_modes * exp(-KL to uniform), is at most a quarter of the modes (KL >= ln 4)."""
+    return next((i for i, e in enumerate(evals) if e["mode_kl"] >= math.log(4)), None)
 
 
 def training_tables(runs: list[dict]) -> str:
-    """Per-run outcomes, false-positive rate on healthy runs, detection rate and delay on collapsing ones."""
+    """Per-run outcomes; false positives of healthy runs; detection and delay of collapsing ones."""
     out = [
-        "| run | dataset | final px | seed | evaluations | first collapsed (kimg) | onset (kimg) | delay (evals) "
-        "| modes covered at end | seconds |",
+        "| kind | dataset | final px | seed | evals | first `collapsed` (kimg) | onset (kimg) | delay (evals) "
+        "| modes covered, mode KL at the end | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    healthy_fp, healthy_warn, healthy_n = 0, 0, 0
-    detected, delays, delays_kimg, collapsing_n, with_onset = 0, [], [], 0, 0
+    summary: dict[str, dict] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         evals = [e for e in run["evaluations"] if "event" not in e]
         first = next((i for i, e in enumerate(evals) if e["state"] == "collapsed"), None)
         start = onset(evals, run["modes"])
         delay = first - start if first is not None and start is not None else None
-        if run["kind"] == "healthy":
-            healthy_n += 1
-            healthy_fp += first is not None
-            healthy_warn += any(e["state"] != "ok" for e in evals)
-        else:
-            collapsing_n += 1
-            detected += first is not None
-            with_onset += start is not None
-            if delay is not None:
-                delays.append(delay)
-                delays_kimg.append(evals[first]["kimg"] - evals[start]["kimg"])
+        s = summary[run["kind"]]
+        s["collapsed"].append(first is not None)
+        s["left_ok"].append(any(e["state"] != "ok" for e in evals))
+        s["final_kl"].append(evals[-1]["mode_kl"])
+        s["final_modes"].append(evals[-1]["modes_covered"] / run["modes"])
+        if delay is not None:
+            s["delay"].append(delay)
+            s["delay_kimg"].append(evals[first]["kimg"] - evals[start]["kimg"])
         out.append(
             f"| {run['kind']} | {run['dataset']} | {run['final_resolution']} | {run['seed']} | {len(evals)} | "
             f"{evals[first]['kimg'] if first is not None else '-'} | "
             f"{evals[start]['kimg'] if start is not None else '-'} | {delay if delay is not None else '-'} | "
-            f"{evals[-1]['modes_covered']}/{run['modes']} | {run['seconds']:.0f} |"
+            f"{evals[-1]['modes_covered']}/{run['modes']}, {evals[-1]['mode_kl']:.2f} | {run['seconds']:.0f} |"
         )
     out.append("")
-    if healthy_n:
-        out.append(f"- healthy runs that ever reached `collapsed` (false positives): {rate(healthy_fp, healthy_n)}")
-        out.append(f"- healthy runs that ever left `ok` (warning or collapsed): {rate(healthy_warn, healthy_n)}")
-    if collapsing_n:
-        out.append(
-            f"- collapsing runs flagged `collapsed`: {rate(detected, collapsing_n)}; with a mode-coverage "
-            f"onset: {with_onset}"
+    for kind, s in summary.items():
+        n = len(s["collapsed"])
+        line = (
+            f"- {kind} runs: reached `collapsed` in {rate(sum(s['collapsed']), n)}, left `ok` in "
+            f"{rate(sum(s['left_ok']), n)}; mode KL at the end median {statistics.median(s['final_kl']):.2f} nats"
         )
-        if delays:
-            out.append(
-                f"- delay from onset to `collapsed`: median {statistics.median(delays)} evaluations "
-                f"({statistics.median(delays_kimg):.3f} kimg), range {min(delays)}..{max(delays)} evaluations"
+        if s["delay"] and kind == "collapsing":
+            line += (
+                f"; delay from onset to `collapsed`: median {statistics.median(s['delay'])} evaluations "
+                f"({statistics.median(s['delay_kimg']):.3f} kimg), range {min(s['delay'])}..{max(s['delay'])}"
             )
+        out.append(line)
     return "\n".join(out)
 
 
@@ -147,14 +137,18 @@ def plots(results: Path, controlled: list[dict], runs: list[dict]) -> None:
     fig.savefig(results / "detection.png", dpi=110)
     if not runs:
         return
-    picks = [r for r in runs if r["kind"] == "collapsing"][:2] + [r for r in runs if r["kind"] == "healthy"][:2]
+    picks = [
+        next(r for r in runs if r["kind"] == k)
+        for k in ("healthy", "undertrained", "collapsing")
+        if any(r["kind"] == k for r in runs)
+    ]
     fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.4), squeeze=False)
     for ax, run in zip(axes[0], picks):
         evals = [e for e in run["evaluations"] if "event" not in e]
         kimg = [e["kimg"] for e in evals]
         ax.plot(kimg, [e["excess_pair"] for e in evals], label="excess_pair")
         ax.plot(kimg, [e["vendi_ratio"] for e in evals], label="vendi_ratio")
-        ax.plot(kimg, [e["modes_covered"] / run["modes"] for e in evals], label="modes covered (fraction)")
+        ax.plot(kimg, [e["mode_kl"] / math.log(run["modes"]) for e in evals], label="mode KL / ln(modes)")
         ax.step(
             kimg,
             [{"ok": 0, "warning": 0.5, "collapsed": 1}[e["state"]] for e in evals],
@@ -178,7 +172,7 @@ def runs_from_logs(runs_dir: Path) -> list[dict]:
     for log in sorted(runs_dir.glob("*/collapse.jsonl")):
         kind, dataset, final, seed = log.parent.name.split("-")
         evals = [json.loads(line) for line in log.read_text().splitlines()]
-        if not (log.parent / "stage-%04d" % int(final)).exists() and not any(
+        if not (log.parent / f"stage-{int(final):04d}").exists() and not any(
             e["resolution"] == int(final) for e in evals
         ):
             continue  # unfinished
@@ -208,7 +202,84 @@ def report(results: Path) -> None:
     if runs:
         print("\n## Training runs\n")
         print(training_tables(runs))
+    if controlled and runs:
+        print("\n## The detector replayed on the logged metrics with other settings\n")
+        print(tune(controlled, runs))
     plots(results, controlled, runs)
+
+
+# --- replaying the detector with other settings ---------------------------------------------------------
+def replay(evals: list[dict], t, patience: int, grace_fade_fraction: float, first_resolution: int = 8) -> list[str]:
+    """The states the detector would have gone through on a run's logged metrics with other settings.
+
+    Grace is recomputed from alpha (the runs evaluate every 0.256 kimg, so grace_kimg=0.256 never applies
+    after the first stage, whose first evaluation is at 0.256 kimg).
+    """
+    from pgan.metrics.collapse import DetectorState, update
+
+    state, states = DetectorState(), []
+    for e in evals:
+        grace = e["resolution"] != first_resolution and e["alpha"] < grace_fade_fraction
+        state = update(state, e, t, patience=patience, recover_patience=2, in_grace=grace)
+        states.append(state.state)
+    return states
+
+
+def tune(controlled: list[dict], runs: list[dict]) -> str:
+    """Error rates of a grid of detector settings, on the controlled sets and the logged training runs."""
+    from pgan.metrics.collapse import Thresholds, severity
+
+    out = [
+        "| vendi warn/coll | excess warn/coll | patience | grace fade | controlled k<=8 warning+ | k<=4 collapsed "
+        "| healthy sets flagged | healthy runs collapsed | of which with > 1/4 of the modes | collapsing runs "
+        "collapsed | median delay (evals) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    k8 = [r for r in controlled if r["family"] == "k_prototypes" and r["param"] <= 8]
+    k4 = [r for r in k8 if r["param"] <= 4]
+    healthy_sets = [r for r in controlled if r["family"] == "healthy"]
+    healthy = [r for r in runs if r["kind"] == "healthy"]
+    collapsing = [r for r in runs if r["kind"] == "collapsing"]
+    evals = {id(r): [e for e in r["evaluations"] if "event" not in e] for r in runs}
+    for vw, vc in ((0.6, 0.4), (0.5, 0.3), (0.7, 0.5)):
+        for ew, ec in ((0.1, 0.25), (0.05, 0.15)):
+            for patience in (2, 3):
+                for grace in (0.5, 0.75, 1.0):
+                    t = Thresholds(
+                        excess_pair_warning=ew,
+                        excess_pair_collapsed=ec,
+                        vendi_ratio_warning=vw,
+                        vendi_ratio_collapsed=vc,
+                    )
+                    states = {id(r): replay(evals[id(r)], t, patience, grace) for r in runs}
+                    fp = [r for r in healthy if "collapsed" in states[id(r)]]
+                    # A flag is clearly false when G_ema's samples still spread over more than a quarter of the
+                    # modes (mode KL < ln 4) at every evaluation the state was `collapsed`.
+                    clearly_false = [
+                        r
+                        for r in fp
+                        if all(
+                            e["mode_kl"] < math.log(4)
+                            for e, st in zip(evals[id(r)], states[id(r)])
+                            if st == "collapsed"
+                        )
+                    ]
+                    delays = []
+                    for r in collapsing:
+                        first = next((i for i, st in enumerate(states[id(r)]) if st == "collapsed"), None)
+                        start = onset(evals[id(r)], r["modes"])
+                        if first is not None and start is not None:
+                            delays.append(first - start)
+                    out.append(
+                        f"| {vw}/{vc} | {ew}/{ec} | {patience} | {grace} "
+                        f"| {sum(severity(r, t) >= 1 for r in k8) / len(k8):.2f} "
+                        f"| {sum(severity(r, t) == 2 for r in k4) / len(k4):.2f} "
+                        f"| {sum(severity(r, t) >= 1 for r in healthy_sets)}/{len(healthy_sets)} "
+                        f"| {len(fp)}/{len(healthy)} | {len(clearly_false)}/{len(healthy)} "
+                        f"| {sum('collapsed' in states[id(r)] for r in collapsing)}/{len(collapsing)} "
+                        f"| {statistics.median(delays) if delays else '-'} |"
+                    )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

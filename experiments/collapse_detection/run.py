@@ -136,14 +136,21 @@ TRAIN_COMMON = [
     "model=small",
     "schedule.batch_size=16",
     "schedule.lr=0.001",
-    "schedule.fade_kimg=0.768",
-    "schedule.stable_kimg=0.768",
+    "schedule.fade_kimg=1.024",
+    "schedule.stable_kimg=1.024",
     "diversity.every_kimg=0.256",
     "diversity.mode_coverage=true",
     "checkpoint.every_kimg=1.024",
     "log.progress_bar=false",
     "log.image_every_kimg=1.024",
     "data.num_workers=0",
+]
+# The healthy runs train long enough to learn every mode (measured: all 10 digits, mode KL 0.2 nats at the end);
+# the short schedule above leaves G_ema undertrained, with genuinely low variety after each fade-in.
+HEALTHY = [
+    "schedule.fade_kimg={8: 2.048, 16: 2.048, 32: 1.024}",
+    "schedule.stable_kimg={8: 4.096, 16: 4.096, 32: 2.048}",
+    "diversity.every_kimg=0.512",
 ]
 # Settings that collapse: the non-saturating logistic loss with no gradient penalty, a 10x learning rate,
 # no minibatch-stddev, tiny batches.
@@ -157,7 +164,8 @@ COLLAPSING = [
 
 
 def training_runs(kind: str, finals: tuple[int, ...] = (16,), seeds: int = 5) -> list[dict]:
-    """Healthy or collapsing runs: `seeds` seeds x 2 datasets x the final resolutions `finals` (8 -> final px)."""
+    """`seeds` seeds x 2 datasets x the final resolutions `finals` (8 -> final px) of one kind of run:
+    healthy (the default recipe, trained long), undertrained (the same recipe, short) or collapsing."""
     rows = []
     for name in ("shapes", "digits"):
         for final in finals:
@@ -167,8 +175,7 @@ def training_runs(kind: str, finals: tuple[int, ...] = (16,), seeds: int = 5) ->
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 overrides = [*TRAIN_COMMON, f"data={name}", f"seed={seed}", f"schedule.resolutions={resolutions}"]
-                if kind == "collapsing":
-                    overrides += COLLAPSING
+                overrides += {"collapsing": COLLAPSING, "healthy": HEALTHY, "undertrained": []}[kind]
                 start = time.perf_counter()
                 train(config(*overrides), run_dir)
                 evals = [json.loads(line) for line in (run_dir / "collapse.jsonl").read_text().splitlines()]
@@ -201,8 +208,11 @@ def main() -> None:
     if args.part in ("all", "controlled"):
         (RESULTS / "controlled.json").write_text(json.dumps(controlled()))
     if args.part in ("all", "training"):
-        # What fitted in one session on 2 CPU cores; `training_runs("healthy", finals=(16, 32))` adds 32 px.
-        rows = training_runs("healthy") + training_runs("collapsing", seeds=3)
+        rows = (
+            training_runs("healthy", finals=(16, 32))
+            + training_runs("collapsing")
+            + training_runs("undertrained", finals=(16, 32))
+        )
         (RESULTS / "training.json").write_text(json.dumps(rows))
     from report import report  # noqa: E402 (the report lives beside this script)
 

@@ -80,20 +80,25 @@ def _check_size_seed(name: str, size: int, seed: int) -> None:
         raise ValueError(f"{name} needs seed >= 0, got {seed}")  # numpy seeds must be non-negative
 
 
+def _load(dataset: Dataset, resolution: int, channels: int, size: int, seed: int) -> None:
+    """The settings and the bundled digits every digits dataset holds (after checking size and seed)."""
+    _check_size_seed(type(dataset).__name__, size, seed)
+    dataset.resolution = resolution
+    dataset.channels = channels
+    dataset.size = size
+    dataset.seed = seed
+    dataset.digits, dataset.labels = load_digit_images()
+    dataset.up = upsample_matrix(resolution).float()
+
+
 class DigitsDataset(Dataset):
     """The bundled handwritten digits as [channels, resolution, resolution] tensors in [-1, 1], 10 modes."""
 
     num_modes = 10
 
     def __init__(self, resolution: int, channels: int = 3, size: int = NUM_DIGITS, seed: int = 0) -> None:
-        _check_size_seed("DigitsDataset", size, seed)
         pil_mode(channels)  # the same one-line UserError as the other sources for channels other than 1 or 3
-        self.resolution = resolution
-        self.channels = channels
-        self.size = size
-        self.seed = seed
-        self.digits, self.labels = load_digit_images()
-        self.up = upsample_matrix(resolution).float()
+        _load(self, resolution, channels, size, seed)
         # Item i is digit order[i mod 1797]: a size below 1797 is a seeded random subset, a larger one repeats
         # the digits (no jitter: a repeat is exactly the same image, which keeps the data honestly real).
         self.order = torch.from_numpy(np.random.default_rng(seed).permutation(NUM_DIGITS))
@@ -124,13 +129,7 @@ class StackedDigitsDataset(Dataset):
     def __init__(self, resolution: int, size: int = 50000, seed: int = 0, channels: int = STACKED_CHANNELS) -> None:
         if channels != STACKED_CHANNELS:
             raise UserError(f"data.channels must be 3 for stacked_digits (one digit per RGB channel), got {channels}")
-        _check_size_seed("StackedDigitsDataset", size, seed)
-        self.resolution = resolution
-        self.channels = channels
-        self.size = size
-        self.seed = seed
-        self.digits, self.labels = load_digit_images()
-        self.up = upsample_matrix(resolution).float()
+        _load(self, resolution, channels, size, seed)
 
     def __len__(self) -> int:
         return self.size
