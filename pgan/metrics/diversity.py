@@ -22,6 +22,7 @@ Why each one:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,12 @@ def pairwise_ms_ssim(images: torch.Tensor, seed: int = 0, max_elements: int = 2*
     return torch.cat(values).cpu()
 
 
-def bootstrap_se(statistic, samples: list[torch.Tensor], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> float:
+def bootstrap_se(
+    statistic: Callable[..., torch.Tensor],
+    samples: list[torch.Tensor],
+    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> float:
     """Bootstrap standard error of `statistic(*means)`, each sample resampled with replacement on its own."""
     gen = torch.Generator().manual_seed(seed)
     means = [s.double()[torch.randint(len(s), (resamples, len(s)), generator=gen)].mean(dim=1) for s in samples]

@@ -16,6 +16,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -160,7 +161,7 @@ class CollapseWatch:
             },
         )
 
-    def stop_message(self, stage: Stage, step: int, ok_checkpoint) -> str:
+    def stop_message(self, stage: Stage, step: int, ok_checkpoint: Path) -> str:
         """Why the run stopped, for the one line the CLI prints."""
         why = "diversity.on_collapse=stop"
         if self.cfg.on_collapse == "rollback":
