@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pgan.errors import UserError
-from pgan.networks import Generator
+from pgan.networks import Generator, model_kwargs_from
 from pgan.schedule import Stage, alpha_at
 
 FORMAT = "pgan-checkpoint"
@@ -121,16 +121,7 @@ def generator_from_checkpoint(state: dict[str, Any], which: str = "G_ema") -> tu
     """The generator `which` (G_ema or G) of a loaded checkpoint, in eval mode on the CPU, and the alpha it was
     at (1.0 unless the checkpoint was written during a fade-in)."""
     m = state["config"]["model"]
-    channels = {int(k): int(v) for k, v in m["channels"].items()} if m.get("channels") else None
-    G = Generator(
-        int(state["resolution"]),
-        latent_dim=int(m["latent_dim"]),
-        image_channels=int(m["image_channels"]),
-        fmap_base=int(m["fmap_base"]),
-        fmap_max=int(m["fmap_max"]),
-        fmap_min=int(m["fmap_min"]),
-        channels=channels,
-    )
+    G = Generator(int(state["resolution"]), latent_dim=int(m["latent_dim"]), **model_kwargs_from(m))
     G.load_state_dict(state[which])
     info = state.get("stage_info")
     alpha = alpha_at(Stage(**info), int(state["nimg"])) if info else 1.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,6 +99,18 @@ class GeneratorBlock(nn.Module):
         """[N, C_in, R/2, R/2] -> [N, C_out, R, R]."""
         x = pixel_norm(lrelu(self.conv1(upsample_2x(x))))
         return pixel_norm(lrelu(self.conv2(x)))
+
+
+def model_kwargs_from(model: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments shared by G and D from a model config section (a DictConfig or a checkpoint's dict)."""
+    channels = model.get("channels")
+    return dict(
+        image_channels=int(model["image_channels"]),
+        fmap_base=int(model["fmap_base"]),
+        fmap_max=int(model["fmap_max"]),
+        fmap_min=int(model["fmap_min"]),
+        channels={int(k): int(v) for k, v in channels.items()} if channels else None,
+    )
 
 
 class Generator(nn.Module):

@@ -71,6 +71,7 @@ def evaluate(cfg: DictConfig) -> dict:
         G = G.to(device)
         channels = G.image_channels
         resolution = int(cfg.resolution or G.resolution)
+        _check_resolution(resolution)
         z = torch.randn(int(cfg.num_fake), G.latent_dim, generator=torch.Generator().manual_seed(int(cfg.seed)))
         with torch.no_grad():
             fakes = torch.cat([G(chunk.to(device), alpha) for chunk in z.split(64)]).float().clamp(-1, 1)
@@ -81,7 +82,6 @@ def evaluate(cfg: DictConfig) -> dict:
         resolution = int(cfg.resolution or _first_image_side(folder))
         _check_resolution(resolution)
         fakes = sample_dataset(FolderDataset(folder, resolution, channels), int(cfg.num_fake), int(cfg.seed))
-    _check_resolution(resolution)
     if cfg.real is not None:
         real_data = FolderDataset(_folder(cfg.real, "real"), resolution, channels)
     else:

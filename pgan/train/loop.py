@@ -38,7 +38,7 @@ from pgan.data import InfiniteSampler, make_dataset
 from pgan.errors import UserError
 from pgan.losses import Loss, make_loss
 from pgan.monitor import Monitor, progress_bar, resource_stats
-from pgan.networks import Discriminator, Generator, check_resolution, grow_from
+from pgan.networks import Discriminator, Generator, check_resolution, grow_from, model_kwargs_from
 from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
 from pgan.train.step import d_step, ema_update, fade_reals, g_step
 from pgan.train.watch import CollapseWatch, check_diversity_config
@@ -125,15 +125,7 @@ def stages_from_config(cfg: DictConfig) -> list[Stage]:
 
 def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """Constructor arguments shared by G and D, from the model config."""
-    m = cfg.model
-    channels = OmegaConf.to_container(m.channels) if m.channels is not None else None
-    return dict(
-        image_channels=int(m.image_channels),
-        fmap_base=int(m.fmap_base),
-        fmap_max=int(m.fmap_max),
-        fmap_min=int(m.fmap_min),
-        channels={int(k): int(v) for k, v in channels.items()} if channels else None,
-    )
+    return model_kwargs_from(cfg.model)
 
 
 def build_models(cfg: DictConfig, resolution: int, device: torch.device) -> tuple[Generator, Discriminator]:
@@ -450,12 +442,12 @@ def train_stage(
         if watch is not None and (_crossed(prev, nimg, diversity_nimg) or finished):
             if watch.evaluate(G_ema, G, stage, nimg).entered_collapse and cfg.diversity.on_collapse != "warn":
                 ok = stage_dir / OK
-                if cfg.diversity.on_collapse == "rollback" and watch.rollbacks < cfg.diversity.max_rollbacks:
-                    if ok.is_file():
-                        roll_back(load_checkpoint(ok), from_step=step)
-                        loader = make_loader(nimg)
-                        tick_start_time, tick_start_nimg = time.perf_counter(), nimg
-                        continue
+                rollback_left = watch.rollbacks < cfg.diversity.max_rollbacks and ok.is_file()
+                if cfg.diversity.on_collapse == "rollback" and rollback_left:
+                    roll_back(load_checkpoint(ok), from_step=step)
+                    loader = make_loader(nimg)
+                    tick_start_time, tick_start_nimg = time.perf_counter(), nimg
+                    continue
                 save(LATEST, done=False)
                 monitor.flush()
                 raise CollapseStop(watch.stop_message(stage, step, ok))

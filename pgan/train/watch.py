@@ -68,9 +68,7 @@ def thresholds_from_config(cfg: DictConfig) -> Thresholds:
     values = OmegaConf.to_container(cfg.diversity.thresholds, resolve=True)
     try:
         return Thresholds(**values)
-    except TypeError as exc:
-        raise UserError(f"diversity.thresholds: {exc}") from exc
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # an unknown key, or inconsistent values
         raise UserError(f"diversity.thresholds: {exc}") from exc
 
 
