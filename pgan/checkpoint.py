@@ -1,4 +1,10 @@
-"""Checkpoints: atomic save, safe load (`weights_only=True`), finding where a run left off, RNG state.
+"""Checkpoints: atomic save, safe and validated load (`weights_only=True`), rotation, where a run left off, RNG.
+
+Each stage directory holds `ckpt-<nimg>.pt` snapshots (nimg: images shown in the stage, zero-padded so names
+sort by age; the newest `checkpoint.keep` are kept), `latest.pt` (a hard link to the newest snapshot),
+`final.pt` when the stage finished and `ok.pt` (see below). A resume tries final.pt, then the snapshots newest
+first; a damaged one (truncated, corrupt, wrong shapes, non-finite values) is reported, renamed to
+`<name>.damaged` (kept for inspection, out of the way of rotation) and the next older one used.
 
 A checkpoint is a dict of tensors and plain Python values only:
   format, version, stage (index), resolution (px), nimg (images shown in this stage), total_nimg (images
@@ -10,14 +16,17 @@ A checkpoint is a dict of tensors and plain Python values only:
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pgan.errors import UserError
-from pgan.networks import Generator, model_kwargs_from
+from pgan.networks import Discriminator, Generator, model_kwargs_from
 from pgan.schedule import Stage, alpha_at
 
 FORMAT = "pgan-checkpoint"
@@ -40,6 +49,43 @@ REQUIRED_KEYS = (
 LATEST = "latest.pt"
 FINAL = "final.pt"
 OK = "ok.pt"  # the stage's last checkpoint written while the collapse detector said ok (for rollbacks)
+DAMAGED_SUFFIX = ".damaged"
+_SNAPSHOT = re.compile(r"ckpt-(\d{10})\.pt")
+
+
+def snapshot_name(nimg: int) -> str:
+    """The file name of the snapshot taken after `nimg` images of a stage (sorts by age)."""
+    return f"ckpt-{nimg:010d}.pt"
+
+
+def snapshots(stage_dir: Path) -> list[Path]:
+    """The stage's snapshot files, newest first."""
+    found = [(int(m.group(1)), p) for p in Path(stage_dir).glob("ckpt-*.pt") if (m := _SNAPSHOT.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune_snapshots(stage_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` snapshots (latest.pt and ok.pt are hard links: they keep their data)."""
+    for old in snapshots(stage_dir)[max(1, keep) :]:
+        old.unlink(missing_ok=True)
+
+
+def resume_candidates(stage_dir: Path) -> list[Path]:
+    """The checkpoints a stage can continue from, best first: final.pt, the snapshots newest first, and
+    latest.pt when it is not one of them (runs written before snapshots existed)."""
+    stage_dir = Path(stage_dir)
+    found = [p for p in (stage_dir / FINAL, *snapshots(stage_dir)) if p.is_file()]
+    latest = stage_dir / LATEST
+    if latest.is_file() and not any(os.path.samefile(latest, p) for p in found):
+        found.append(latest)
+    return found
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `<name>.damaged` so that it is kept but never tried or rotated again."""
+    aside = path.with_name(path.name + DAMAGED_SUFFIX)
+    os.replace(path, aside)
+    return aside
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -50,10 +96,15 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        # A full disk (or a signal) mid-write: drop the partial file, the previous checkpoint is untouched.
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     # fsync the directory so the rename itself survives a power loss.
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -76,28 +127,96 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a pgan checkpoint with `torch.load(weights_only=True)`; a user-facing error if it is not one."""
+def load_checkpoint(
+    path: Path | str, map_location: str | torch.device = "cpu", validate: bool = True
+) -> dict[str, Any]:
+    """Load a pgan checkpoint with `torch.load(weights_only=True)`; a user-facing error if it is not one, or
+    (with `validate`) if its networks do not have the shapes its own config implies or hold non-finite values."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated file, not a torch file, or unsafe pickled objects
-        raise UserError(f"cannot load checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    except pickle.UnpicklingError as exc:
+        # weights_only=True refuses anything but tensors and plain values: a checkpoint that would run code.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "Weights only load failed" in first or "Unsupported global" in str(exc):
+            culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            what = f" ({culprit.group(1)})" if culprit else ""
+            raise UserError(
+                f"refusing to load {path}: it holds pickled Python objects{what}, which could run code; pgan "
+                "checkpoints hold tensors and plain values only"
+            ) from exc
+        raise UserError(f"cannot load checkpoint {path}: damaged file ({first or type(exc).__name__})") from exc
+    except Exception as exc:  # truncated file, not a torch file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load checkpoint {path}: damaged file ({type(exc).__name__}: {first})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"not a pgan checkpoint: {path}")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}")
+    if validate:
+        problem = checkpoint_problem(state)
+        if problem:
+            raise UserError(f"checkpoint {path} is damaged: {problem}")
     return state
 
 
-def stage_checkpoint(stage_dir: Path) -> Path | None:
-    """The checkpoint to continue a stage from: final.pt if the stage finished, else latest.pt, else None."""
-    for name in (FINAL, LATEST):
-        if (Path(stage_dir) / name).is_file():
-            return Path(stage_dir) / name
+def checkpoint_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a loaded checkpoint's networks, or None: G, G_ema and D must have exactly the
+    parameters and shapes of the networks its config builds at its resolution, and every floating-point
+    tensor of the networks and optimizers must be finite."""
+    try:
+        m = state["config"]["model"]
+        kwargs = model_kwargs_from(m)
+        with torch.device("meta"):  # shapes only, no memory, no RNG
+            nets = {
+                "G": Generator(int(state["resolution"]), latent_dim=int(m["latent_dim"]), **kwargs),
+                "D": Discriminator(int(state["resolution"]), mbstd_group_size=int(m["mbstd_group_size"]), **kwargs),
+            }
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"its config does not describe a model ({type(exc).__name__}: {exc})"
+    for key, net in (("G", nets["G"]), ("G_ema", nets["G"]), ("D", nets["D"])):
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        got = state[key]
+        if not isinstance(got, dict):
+            return f"{key} is not a state dict"
+        if set(got) != set(expected):
+            odd = sorted(set(got) ^ set(expected))
+            return f"{key} has different parameters than its config implies ({', '.join(odd[:3])})"
+        wrong = [k for k, shape in expected.items() if tuple(got[k].shape) != shape]
+        if wrong:
+            return f"{key}.{wrong[0]} has shape {tuple(got[wrong[0]].shape)}, expected {expected[wrong[0]]}"
+    for key in ("G", "G_ema", "D", "opt_G", "opt_D"):
+        bad = next((name for name, t in _tensors(state[key]) if t.is_floating_point() and not t.isfinite().all()), None)
+        if bad is not None:
+            return f"{key}.{bad} holds non-finite values"
+    return None
+
+
+def _tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested dict/list, with its dotted path."""
+    if isinstance(tree, torch.Tensor):
+        return [(prefix.rstrip("."), tree)]
+    if isinstance(tree, dict):
+        return [t for k, v in tree.items() for t in _tensors(v, f"{prefix}{k}.")]
+    if isinstance(tree, (list, tuple)):
+        return [t for i, v in enumerate(tree) for t in _tensors(v, f"{prefix}{i}.")]
+    return []
+
+
+def load_newest_usable(candidates: list[Path]) -> tuple[dict[str, Any], Path] | None:
+    """The first of `candidates` that loads and validates; each damaged one before it is reported on stderr
+    and set aside (renamed to `<name>.damaged`). None when none is usable."""
+    for path in candidates:
+        try:
+            return load_checkpoint(path), path
+        except UserError as exc:
+            if not path.exists():  # removed by someone else meanwhile: nothing to set aside
+                continue
+            aside = set_aside(path)
+            print(f"warning: {exc}; moved it to {aside.name} and trying the previous checkpoint", file=sys.stderr)
     return None
 
 

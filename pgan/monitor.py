@@ -106,3 +106,8 @@ def progress_bar(total_img: int, done_img: int, description: str, enabled: bool 
         file=sys.stderr,
         disable=not enabled,
     )
+
+
+def warn(message: str) -> None:
+    """A `WARNING: ...` line on stderr that does not break the progress bar."""
+    tqdm.write(f"WARNING: {message}", file=sys.stderr)

@@ -120,10 +120,14 @@ def test_rollback_restores_the_ok_checkpoint_lowers_lr_and_is_bounded(tmp_path: 
     assert steps == sorted(set(steps))
 
 
-def test_rollback_without_an_ok_checkpoint_stops(tmp_path: Path) -> None:
+def test_rollback_before_any_periodic_checkpoint_goes_back_to_the_stage_start(tmp_path: Path) -> None:
+    """A collapse before the first periodic checkpoint rolls back to the snapshot every stage starts with,
+    and the run stops once the rollbacks are used up."""
     overrides = [*ONE_STAGE, *ALWAYS_COLLAPSED, "diversity.grace_kimg=0", "diversity.patience=1"]
-    with pytest.raises(CollapseStop, match="no checkpoint of stage 8 px was written while the detector said ok"):
+    with pytest.raises(CollapseStop, match=r"2 rollback\(s\), diversity.max_rollbacks=2"):
         train(compose_config(*overrides, "diversity.on_collapse=rollback"), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "collapse.jsonl").read_text().splitlines()]
+    assert [r["kimg"] for r in rows if r.get("event") == "rollback"] == [0.0, 0.0]
 
 
 def test_cli_stop_exits_3_with_one_error_line(tmp_path: Path) -> None:

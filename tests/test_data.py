@@ -258,11 +258,19 @@ def test_folder_without_images_is_a_user_error(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
-def test_folder_unreadable_image_is_a_user_error(tmp_path: Path) -> None:
+def test_folder_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"this is not a png")
     dataset = FolderDataset(tmp_path, 8)
-    with pytest.raises(UserError, match="broken.png"):
-        dataset[0]
+    assert [path.name for path in dataset.files] == ["good.png"]
+    assert dataset.report.skipped["corrupt"].examples == ["broken.png"]
+
+
+def test_folder_of_only_corrupt_images_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    with pytest.raises(UserError, match="1 corrupt") as error:
+        FolderDataset(tmp_path, 8)
+    assert str(tmp_path) in str(error.value)
 
 
 # ---------------------------------------------------------------- torchvision

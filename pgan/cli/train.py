@@ -20,7 +20,8 @@ from pgan.errors import UserError
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXIT_USER_ERROR = 2
 EXIT_COLLAPSE = 3  # the collapse detector stopped the run (diversity.on_collapse=stop, or rollbacks ran out)
-EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+EXIT_NONFINITE = 4  # non-finite losses/gradients persisted after guard.max_rollbacks rollbacks
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM exits with 143: 128 + the signal number, the shell's convention
 
 
 def _override_key(override: str) -> str:
@@ -54,7 +55,10 @@ def _one_line(exc: UserError) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pgan.train.loop import CollapseStop, train  # imported here so that `--help` stays fast
+    # Imported here so that `--help` stays fast.
+    from pgan.train.guard import GuardGaveUp
+    from pgan.train.interrupt import Interrupted
+    from pgan.train.loop import CollapseStop, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -69,6 +73,17 @@ def _hydra_main(cfg: DictConfig) -> None:
             flush=True,
         )
         sys.exit(EXIT_COLLAPSE)
+    except GuardGaveUp as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_NONFINITE)
+    except Interrupted as exc:
+        where = f"checkpoint written: {exc.checkpoint}" if exc.checkpoint else "no new checkpoint (see the warning)"
+        print(
+            f"{exc} after the current step; {where}; resume with: pgan-train hydra.run.dir={run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted; the last checkpoint is kept, resume with: pgan-train hydra.run.dir={run_dir}",

@@ -1,6 +1,7 @@
 """Datasets (procedural shapes, bundled digits, an image folder, torchvision) and the resumable sampler."""
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf.errors import MissingMandatoryValue
@@ -38,10 +39,11 @@ def _required(cfg: Mapping, key: str) -> Any:
     return value
 
 
-def make_dataset(cfg: Mapping, resolution: int) -> Dataset:
+def make_dataset(cfg: Mapping, resolution: int, scan_cache: str | Path | None = None, min_images: int = 1) -> Dataset:
     """Build the dataset named by cfg["source"] at `resolution` px.
 
-    Each item is a float32 tensor [channels, resolution, resolution] in [-1, 1].
+    Each item is a float32 tensor [channels, resolution, resolution] in [-1, 1]. `scan_cache` (a JSON file) and
+    `min_images` (fewer usable images is a UserError) apply to the folder source; the other sources ignore them.
     """
     source = _required(cfg, "source")
     channels = int(cfg.get("channels", 3))
@@ -58,7 +60,14 @@ def make_dataset(cfg: Mapping, resolution: int) -> Dataset:
             resolution, size=int(cfg.get("size", 50000)), seed=int(cfg.get("seed", 0)), channels=channels
         )
     if source == "folder":
-        return FolderDataset(str(_required(cfg, "path")), resolution, channels=channels)
+        return FolderDataset(
+            str(_required(cfg, "path")),
+            resolution,
+            channels=channels,
+            small_images=str(cfg.get("small_images", "skip")),
+            min_images=min_images,
+            scan_cache=scan_cache,
+        )
     if source == "torchvision":
         return TorchvisionDataset(
             str(_required(cfg, "name")),

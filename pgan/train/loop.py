@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,16 +31,22 @@ from pgan.checkpoint import (
     get_rng_state,
     link_checkpoint,
     load_checkpoint,
+    load_newest_usable,
+    prune_snapshots,
+    resume_candidates,
     save_checkpoint,
     set_rng_state,
-    stage_checkpoint,
+    snapshot_name,
+    snapshots,
 )
 from pgan.data import InfiniteSampler, make_dataset
 from pgan.errors import UserError
 from pgan.losses import Loss, make_loss
-from pgan.monitor import Monitor, progress_bar, resource_stats
+from pgan.monitor import Monitor, progress_bar, resource_stats, warn
 from pgan.networks import Discriminator, Generator, check_resolution, grow_from, model_kwargs_from
 from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
+from pgan.train.guard import Guard, check_guard_config
+from pgan.train.interrupt import Interrupted, StopFlag, ignore_stop_signals
 from pgan.train.step import d_step, ema_update, fade_reals, g_step
 from pgan.train.watch import CollapseWatch, check_diversity_config
 
@@ -159,6 +166,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         raise UserError(f"loss: {exc}") from exc
     if cfg.diversity.enabled:
         check_diversity_config(cfg)
+    check_guard_config(cfg)
+    if int(cfg.checkpoint.keep) < 1:
+        raise UserError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     if cfg.stage is not None:
         selected = [st for st in stages if st.resolution == cfg.stage]
         if not selected:
@@ -173,13 +183,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
     torch.manual_seed(cfg.seed)
 
-    # Where does this run stand? The newest checkpoint of the newest stage is the resume point.
-    checkpoints = [ckpt for st in selected if (ckpt := stage_checkpoint(run_dir / st.name)) is not None]
-    resume_state = load_checkpoint(checkpoints[-1]) if checkpoints else None
+    # Where does this run stand? The newest usable checkpoint of the newest stage is the resume point.
+    resume_state = find_resume_point(cfg, run_dir, selected)
     plan = selected
     if resume_state is not None:
-        check_same_architecture(cfg, resume_state["config"], f"the run in {run_dir}")
-        print(f"resuming from {checkpoints[-1]} ({resume_state['total_nimg'] / 1000:.3f} kimg)", flush=True)
         done = resume_state["done"]
         plan = [
             st
@@ -194,10 +201,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     init = (
         None if resuming_first else initial_state(cfg, run_dir, stages, plan[0], use_init_from=plan[0] is selected[0])
     )
-    dataset = make_dataset(cfg.data, plan[0].resolution)
-    largest_batch = max(st.batch_size for st in plan)
-    if len(dataset) < largest_batch:
-        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch ({largest_batch})")
+    dataset = stage_dataset(cfg, plan[0], run_dir)
+    if cfg.data.source == "folder":  # a later stage may skip more images (too small for it): check it now
+        for st in plan[1:]:
+            stage_dataset(cfg, st, run_dir)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -210,17 +217,91 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     watch = CollapseWatch(cfg, device, autocast, monitor) if cfg.diversity.enabled else None
+    guard = Guard(cfg.guard, device)
     try:
-        for st in plan:
-            if st is not plan[0]:
-                init = initial_state(cfg, run_dir, stages, st, use_init_from=False)
-                dataset = make_dataset(cfg.data, st.resolution)
-            resume = resume_state if resuming_first and st is plan[0] else None
-            final = train_stage(cfg, st, run_dir, dataset, device, autocast, loss, monitor, watch, resume, init)
+        with StopFlag() as stop:
+            for st in plan:
+                if st is not plan[0]:
+                    init = initial_state(cfg, run_dir, stages, st, use_init_from=False)
+                    dataset = stage_dataset(cfg, st, run_dir)
+                write_data_report(run_dir, st, dataset)
+                resume = resume_state if resuming_first and st is plan[0] else None
+                for restart in range(int(cfg.loader.max_restarts) + 1):
+                    try:
+                        final = train_stage(
+                            cfg, st, run_dir, dataset, device, autocast, loss, monitor, watch, guard, stop, resume, init
+                        )
+                        break
+                    except RuntimeError as exc:
+                        if not _loader_failure(exc) or restart == int(cfg.loader.max_restarts):
+                            raise
+                        # A worker crashed or hung. torch raises this from its SIGCHLD handler wherever the
+                        # main process was, mid-step included, so continue like a resume from the newest
+                        # snapshot: the same result as if nothing had happened.
+                        resume, path = load_newest_usable(resume_candidates(run_dir / st.name)) or (None, None)
+                        if resume is None:
+                            raise
+                        warn(
+                            f"{_first_line(exc)}; resuming from {path} ({restart + 1} of at most "
+                            f"loader.max_restarts={cfg.loader.max_restarts} in this stage)"
+                        )
+                        monitor.restart(purge_step=resume["total_nimg"] + 1)
+                if stop.requested and st is not plan[-1]:
+                    raise Interrupted(stop.signum, final)
     finally:
         monitor.close()
     print(f"done. watch it with: tensorboard --logdir {run_dir}", flush=True)
     return final
+
+
+def find_resume_point(cfg: DictConfig, run_dir: Path, selected: list[Stage]) -> dict | None:
+    """The newest usable checkpoint among the selected stages' directories (final.pt, then the snapshots
+    newest first, stage by stage from the last); damaged ones are reported and set aside. None for a new
+    run; an error, never a silent fresh start, when checkpoints exist but none is usable."""
+    tried = []
+    for st in reversed(selected):
+        candidates = resume_candidates(run_dir / st.name)
+        tried += candidates
+        found = load_newest_usable(candidates)
+        if found is not None:
+            state, path = found
+            check_same_architecture(cfg, state["config"], f"the run in {run_dir}")
+            print(f"resuming from {path} ({state['total_nimg'] / 1000:.3f} kimg)", flush=True)
+            return state
+    if tried:
+        raise UserError(
+            f"no usable checkpoint in {run_dir}: all {len(tried)} are damaged (set aside as *.damaged); "
+            "start a new run in another directory"
+        )
+    return None
+
+
+def stage_dataset(cfg: DictConfig, stage: Stage, run_dir: Path) -> Dataset:
+    """The dataset at the stage's resolution, with at least one batch of images."""
+    # A folder's scan (which files decode, their sizes) is cached in the run directory: a resumed run over
+    # many files does not decode them all again.
+    dataset = make_dataset(
+        cfg.data, stage.resolution, scan_cache=run_dir / "data-scan.json", min_images=stage.batch_size
+    )
+    if len(dataset) < stage.batch_size:
+        raise UserError(
+            f"the dataset has {len(dataset)} images at {stage.resolution} px, fewer than one batch "
+            f"({stage.batch_size})" + (f": {cfg.data.path}" if cfg.data.get("path") else "")
+        )
+    return dataset
+
+
+def write_data_report(run_dir: Path, stage: Stage, dataset: Dataset) -> None:
+    """Print what a folder dataset skipped or converted and keep it in `data-report.json` (one entry per stage)."""
+    report = getattr(dataset, "report", None)
+    if report is None:
+        return
+    for line in report.lines():
+        print(line, flush=True)
+    path = run_dir / "data-report.json"
+    reports = json.loads(path.read_text()) if path.is_file() else {}
+    reports[stage.name] = report.to_dict()
+    path.write_text(json.dumps(reports, indent=2) + "\n")
 
 
 def initial_state(
@@ -255,14 +336,18 @@ def train_stage(
     loss: Loss,
     monitor: Monitor,
     watch: CollapseWatch | None,
+    guard: Guard,
+    stop: StopFlag,
     resume: dict | None,
     init: dict | None,
 ) -> Path:
     """Train one stage from `resume` (its own checkpoint) or `init` (the state it grows from); returns final.pt.
 
     With a collapse watch, `diversity.on_collapse` decides what a collapse does: `warn` logs it, `stop` writes
-    latest.pt and raises CollapseStop, `rollback` restores the stage's ok.pt (the last checkpoint written while
-    the detector said ok) with scaled learning rates and goes on.
+    a checkpoint and raises CollapseStop, `rollback` restores the stage's ok.pt (the last checkpoint written
+    while the detector said ok) with scaled learning rates and goes on. The guard skips non-finite steps and,
+    after `guard.max_bad_steps` in a row, rolls back to the newest good snapshot. A stop signal ends the stage
+    after the current step with a checkpoint and `Interrupted`.
     """
     if resume is None and init is not None:
         # Continue the random stream where the previous stage ended (before the new layers draw their
@@ -271,7 +356,9 @@ def train_stage(
         set_rng_state(init["rng"])
     G, D = build_models(cfg, stage.resolution, device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
-    opt_kwargs = dict(lr=stage.lr, betas=(0.0, 0.99), eps=1e-8)  # the paper's Adam; fresh for every stage
+    # The paper's Adam, fresh for every stage. Fused: one kernel per step, and it can skip a step on a
+    # device-side flag (the non-finite guard) without a host sync.
+    opt_kwargs = dict(lr=stage.lr, betas=(0.0, 0.99), eps=1e-8, fused=True)
     opt_G = torch.optim.Adam(G.parameters(), **opt_kwargs)
     opt_D = torch.optim.Adam(D.parameters(), **opt_kwargs)
     nimg = 0
@@ -295,6 +382,7 @@ def train_stage(
         restore(resume)
         if watch is not None:
             watch.load_state_dict(resume.get("collapse"))
+        guard.load_state_dict(resume.get("guard"))
     elif init is not None:
         try:
             grow_from(G, init["G"])
@@ -306,6 +394,8 @@ def train_stage(
             raise UserError(f"cannot grow stage {stage.resolution} from the previous checkpoint: {exc}") from exc
         if watch is not None:
             watch.load_state_dict(init.get("collapse"), new_stage=True)
+    if resume is None:
+        guard.load_state_dict(init.get("guard") if init is not None else None, new_stage=True)
     if watch is not None:
         watch.begin_stage(stage, dataset)
 
@@ -329,25 +419,62 @@ def train_stage(
                 persistent_workers=False,
                 prefetch_factor=4 if workers > 0 else None,
                 generator=_private_generator(cfg.seed),
+                worker_init_fn=ignore_stop_signals if workers > 0 else None,
+                # A hung worker (a stuck network file system) becomes an error, and a restart, instead of a silent hang.
+                timeout=float(cfg.loader.timeout_s) if workers > 0 else 0,
             )
         )
 
     loader = make_loader(nimg)
 
-    def roll_back(ok_state: dict, from_step: int) -> None:
-        """Back to a checkpoint taken while the detector said ok, with scaled learning rates."""
-        restore(ok_state)
-        watch.roll_back(ok_state.get("collapse"), float(cfg.diversity.rollback_lr_scale))
+    def lr_scale() -> float:
+        """The product of what rollbacks did to the learning rates (collapse and guard)."""
+        return guard.lr_scale * (watch.lr_scale if watch is not None else 1.0)
+
+    def roll_back(state: dict, announce) -> None:
+        """Continue from one of the stage's checkpoints with the learning rates scaled by the rollbacks so
+        far and a new random stream (so that the rolled-back run does not replay the same failure)."""
+        nonlocal loader, tick_start_time, tick_start_nimg
+        restore(state)
+        announce()  # the watch/guard bookkeeping, before the learning rates use it
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
-                group["lr"] = stage.lr * watch.lr_scale
-        # A new latent stream, so that the rolled-back run does not replay the same collapse.
-        torch.manual_seed(cfg.seed + 1_000_003 * watch.rollbacks + stage.index)
+                group["lr"] = stage.lr * lr_scale()
+        rollbacks = guard.rollbacks + (watch.rollbacks if watch is not None else 0)
+        torch.manual_seed(cfg.seed + 1_000_003 * rollbacks + stage.index)
         # Curves restart at the restored point, as after a resume; the rollback itself is logged there.
         monitor.restart(purge_step=stage.start_nimg + nimg + 1)
-        watch.announce_rollback(from_step, stage, nimg)
         bar.reset(stage.num_images)
         bar.update(nimg)
+        loader = make_loader(nimg)
+        tick_start_time, tick_start_nimg = time.perf_counter(), nimg
+
+    def collapse_rollback(ok_state: dict, from_step: int) -> None:
+        """Back to a checkpoint taken while the detector said ok."""
+
+        def announce() -> None:
+            watch.roll_back(ok_state.get("collapse"), float(cfg.diversity.rollback_lr_scale))
+
+        roll_back(ok_state, announce)
+        watch.announce_rollback(from_step, stage, nimg)
+
+    def guard_rollback(from_step: int, bad_steps: int) -> None:
+        """Back to the newest snapshot that loads and is finite, after a run of non-finite steps."""
+        guard.roll_back()  # GuardGaveUp when the rollbacks are used up
+        found = load_newest_usable(snapshots(stage_dir))
+        if found is None:
+            raise UserError(f"non-finite steps in stage {stage.resolution} px and no usable snapshot in {stage_dir}")
+        state, path = found
+        roll_back(state, lambda: None)
+        step = stage.start_nimg + nimg
+        message = (
+            f"{bad_steps} non-finite steps (loss or gradients inf/NaN) up to {from_step / 1000:.3f} kimg: rolled "
+            f"back to {path.name} ({step / 1000:.3f} kimg), rollback {guard.rollbacks} of at most "
+            f"{guard.max_rollbacks}, learning rates x{lr_scale():g}"
+        )
+        warn(message)
+        monitor.text("Guard/events", "WARNING: " + message, step)
+        monitor.scalars({"Guard/rollbacks": guard.rollbacks, "Guard/lr_scale": guard.lr_scale}, step, None)
 
     # Fixed latents for the sample grids, the same for the whole run, drawn without touching the training RNG.
     grid_z = torch.randn(int(cfg.log.grid_size), latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
@@ -376,11 +503,38 @@ def train_stage(
                 # The partial log tick, so that a resumed run logs the same averages as an uninterrupted one.
                 "tick": {"sums": sums, "steps": steps_since_tick},
                 "collapse": watch.state_dict() if watch is not None else None,
+                "guard": guard.state_dict(),
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "stage_info": asdict(stage),
             },
         )
         return path
+
+    def save_snapshot() -> Path | None:
+        """A snapshot; latest.pt (and ok.pt while the detector says ok) made to point at it; snapshots beyond
+        checkpoint.keep deleted. A write error (a full disk) is a warning: the previous snapshot is intact
+        and the next checkpoint tries again."""
+        try:
+            path = save(snapshot_name(nimg), done=False)
+            link_checkpoint(path, stage_dir / LATEST)
+            if watch is not None and watch.state == "ok":
+                link_checkpoint(path, stage_dir / OK)
+        except OSError as exc:
+            warn(f"cannot write a checkpoint in {stage_dir}: {exc}; training goes on and the next checkpoint retries")
+            return None
+        prune_snapshots(stage_dir, int(cfg.checkpoint.keep))
+        monitor.flush()
+        return path
+
+    # guard.inject_nonfinite (fault injection, for tests and experiments): NaN real images for `steps` steps
+    # from `at_kimg`, while the guard has rolled back fewer than `times` times.
+    inject = cfg.guard.get("inject_nonfinite")
+    inject_from = round(float(inject.at_kimg) * 1000) if inject is not None else 0
+
+    def poisoned(total_nimg: int) -> bool:
+        if inject is None or guard.rollbacks >= int(inject.times):
+            return False
+        return inject_from <= total_nimg < inject_from + int(inject.steps) * stage.batch_size
 
     tick_nimg = max(1, round(cfg.log.tick_kimg * 1000))
     image_nimg = max(1, round(cfg.log.image_every_kimg * 1000))
@@ -394,12 +548,16 @@ def train_stage(
         f"batch {stage.batch_size}, lr {stage.lr}" + (f", resuming at {nimg / 1000:.3f} kimg" if nimg else ""),
         flush=True,
     )
+    if resume is None:
+        save_snapshot()  # every stage has a snapshot to resume or roll back to from its first step on
     G.train()
     D.train()
     while nimg < stage.num_images:
         alpha = alpha_at(stage, nimg)
         reals = next(loader).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         reals = fade_reals(reals, alpha)
+        if poisoned(stage.start_nimg + nimg):
+            reals = reals * float("nan")
         z = torch.randn(stage.batch_size, latent_dim, device=device)
         stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast)
         z = torch.randn(stage.batch_size, latent_dim, device=device)
@@ -408,15 +566,15 @@ def train_stage(
 
         prev, nimg = nimg, nimg + stage.batch_size
         bar.update(stage.batch_size)
-        for k, v in stats.items():
-            sums[k] = sums[k] + v if k in sums else v
+        accumulate(sums, stats, guard)
         steps_since_tick += 1
         step = stage.start_nimg + nimg
         finished = nimg >= stage.num_images
 
         if _crossed(prev, nimg, tick_nimg) or finished:
             now = time.perf_counter()
-            values = {k: (v / steps_since_tick).item() for k, v in sums.items()}  # the one host sync per tick
+            values = tick_means(sums, steps_since_tick, guard)  # the one host sync per tick
+            longest_bad_run = guard.read()
             values |= {
                 "Progress/kimg": step / 1000,
                 "Progress/resolution": stage.resolution,
@@ -427,10 +585,15 @@ def train_stage(
             }
             monitor.scalars(values, step)
             bar.set_postfix(
-                D=f"{values['Loss/D']:.3f}", G=f"{values['Loss/G']:.3f}", alpha=f"{values['Progress/alpha']:.2f}"
+                D=f"{values.get('Loss/D', float('nan')):.3f}",
+                G=f"{values.get('Loss/G', float('nan')):.3f}",
+                alpha=f"{values['Progress/alpha']:.2f}",
             )
             sums, steps_since_tick = {}, 0
             tick_start_time, tick_start_nimg = now, nimg
+            if longest_bad_run >= guard.max_bad_steps:
+                guard_rollback(from_step=step, bad_steps=longest_bad_run)
+                continue
         if _crossed(prev, nimg, image_nimg) or finished:
             with torch.no_grad(), autocast:
                 samples = G_ema(grid_z, alpha_at(stage, nimg)).float()
@@ -444,20 +607,23 @@ def train_stage(
                 ok = stage_dir / OK
                 rollback_left = watch.rollbacks < cfg.diversity.max_rollbacks and ok.is_file()
                 if cfg.diversity.on_collapse == "rollback" and rollback_left:
-                    roll_back(load_checkpoint(ok), from_step=step)
-                    loader = make_loader(nimg)
-                    tick_start_time, tick_start_nimg = time.perf_counter(), nimg
+                    collapse_rollback(load_checkpoint(ok), from_step=step)
                     continue
-                save(LATEST, done=False)
-                monitor.flush()
+                save_snapshot()
                 raise CollapseStop(watch.stop_message(stage, step, ok))
         if _crossed(prev, nimg, ckpt_nimg) and not finished:
-            save(LATEST, done=False)
-            if watch is not None and watch.state == "ok":
-                link_checkpoint(stage_dir / LATEST, stage_dir / OK)
-            monitor.flush()
+            save_snapshot()
+        if stop.requested and not finished:
+            bar.close()
+            raise Interrupted(stop.signum, save_snapshot())
     bar.close()
-    final = save(FINAL, done=True)
+    try:
+        final = save(FINAL, done=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write {stage_dir / FINAL}: {exc}; free the space and resume: the stage continues from "
+            "its newest snapshot"
+        ) from exc
     monitor.hparams(
         f"hparams/{stage.name}",
         {**asdict(stage), "loss": loss.name, "model": cfg.model.name, "seed": cfg.seed},
@@ -465,6 +631,39 @@ def train_stage(
     )
     monitor.flush()
     return final
+
+
+def accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], guard: Guard) -> None:
+    """Add one step's scalars to the tick's sums on the device; a skipped (non-finite) step counts for the
+    guard and adds nothing to the averages."""
+    bad = torch.maximum(stats.pop("Guard/skipped_D"), stats.pop("Guard/skipped_G"))
+    guard.record(bad)
+    stats = {k: torch.where(bad > 0, 0.0, v) for k, v in stats.items()} | {"Guard/good_steps": 1.0 - bad}
+    for k, v in stats.items():
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def tick_means(sums: dict[str, torch.Tensor], steps: int, guard: Guard) -> dict[str, float]:
+    """The tick's averages over its good steps, and the guard's counts (the tick's one host sync)."""
+    sums = dict(sums)
+    good_sum = sums.pop("Guard/good_steps", None)
+    names = list(sums)
+    flat = torch.stack([*sums.values(), *([good_sum] if good_sum is not None else [])]).tolist() if sums else []
+    totals = flat[: len(names)]
+    good = round(flat[-1]) if good_sum is not None else steps
+    skipped = steps - good
+    guard.total_bad_steps += skipped
+    values = {k: v / good for k, v in zip(names, totals)} if good else {}
+    return values | {"Guard/skipped_steps": skipped, "Guard/skipped_total": guard.total_bad_steps}
+
+
+def _loader_failure(exc: RuntimeError) -> bool:
+    """Whether torch raised `exc` for a DataLoader worker that died, was killed or timed out."""
+    return "DataLoader worker" in str(exc) or "DataLoader timed out" in str(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _private_generator(seed: int) -> torch.Generator:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from pgan.layers import at_least_fp32, downsample_2x, upsample_2x
 from pgan.losses import Loss, gradient_penalty, r1_penalty
+from pgan.train.guard import guarded_step, nonfinite
 
 
 def fade_reals(reals: Tensor, alpha: float) -> Tensor:
@@ -28,7 +29,10 @@ def d_step(
     alpha: float,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, Tensor]:
-    """Update D once on `reals` and G(z); returns detached scalars (no host sync) for logging."""
+    """Update D once on `reals` and G(z); returns detached scalars (no host sync) for logging.
+
+    The update is skipped on the device when the loss or a gradient is not finite (`Guard/skipped_D` is 1).
+    """
     autocast = autocast or contextlib.nullcontext()
     with torch.no_grad(), autocast:
         fakes = G(z, alpha)
@@ -49,10 +53,13 @@ def d_step(
         penalty = r1_penalty(real_scores, reals, loss.penalty_weight)
     else:
         penalty = torch.zeros((), device=reals.device)
+    total = d_loss + penalty
     opt_D.zero_grad(set_to_none=True)
-    (d_loss + penalty).backward()
-    opt_D.step()
+    total.backward()
+    skipped = nonfinite(total, list(D.parameters()))
+    guarded_step(opt_D, skipped)
     return {
+        "Guard/skipped_D": skipped,
         "Loss/D": d_loss.detach(),
         "Loss/gp": penalty.detach(),
         "Scores/real": real_scores.detach().mean(),
@@ -69,7 +76,7 @@ def g_step(
     alpha: float,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, Tensor]:
-    """Update G once through a frozen D; returns the detached G loss."""
+    """Update G once through a frozen D (skipped on a non-finite loss or gradient); returns the detached G loss."""
     autocast = autocast or contextlib.nullcontext()
     D.requires_grad_(False)  # D's gradients are not needed here: skip computing them
     try:
@@ -78,10 +85,11 @@ def g_step(
         g_loss = loss.g_loss(fake_scores)
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
-        opt_G.step()
+        skipped = nonfinite(g_loss, list(G.parameters()))
+        guarded_step(opt_G, skipped)
     finally:
         D.requires_grad_(True)
-    return {"Loss/G": g_loss.detach()}
+    return {"Guard/skipped_G": skipped, "Loss/G": g_loss.detach()}
 
 
 @torch.no_grad()
