@@ -101,9 +101,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             torch.save({"format": FORMAT, "version": VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as exc:
         # A full disk (or a signal) mid-write: drop the partial file, the previous checkpoint is untouched.
         tmp.unlink(missing_ok=True)
+        os_error = _os_error_in(exc)
+        if os_error is not None and os_error is not exc:
+            # torch's zip writer reports a failed write as a RuntimeError raised while handling the OSError.
+            raise os_error from exc
         raise
     os.replace(tmp, path)
     # fsync the directory so the rename itself survives a power loss.
@@ -112,6 +116,17 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError that `exc` is, or was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def link_checkpoint(src: Path, dst: Path) -> None:
@@ -140,8 +155,9 @@ def load_checkpoint(
     except pickle.UnpicklingError as exc:
         # weights_only=True refuses anything but tensors and plain values: a checkpoint that would run code.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "Weights only load failed" in first or "Unsupported global" in str(exc):
-            culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if "Weights only load failed" in first or "GLOBAL" in str(exc):
+            # torch names the refused global ("Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y").
+            culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
             what = f" ({culprit.group(1)})" if culprit else ""
             raise UserError(
                 f"refusing to load {path}: it holds pickled Python objects{what}, which could run code; pgan "

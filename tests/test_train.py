@@ -356,7 +356,7 @@ def test_cli_killed_and_resumed_matches_uninterrupted(tmp_path: Path) -> None:
 
 
 def test_cli_ctrl_c_exits_130_with_the_resume_command(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT) mid-run exits with 130 and says how to resume; the checkpoints written so far stay."""
+    """Ctrl-C (SIGINT) mid-run writes a checkpoint, exits with 130 and says how to resume."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [PGAN_TRAIN, *TINY, "schedule.stable_kimg=0.4", f"hydra.run.dir={run_dir}"],
@@ -373,5 +373,6 @@ def test_cli_ctrl_c_exits_130_with_the_resume_command(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
+    assert "stopped by SIGINT after the current step; checkpoint written:" in stderr
     assert f"resume with: pgan-train hydra.run.dir={run_dir}" in stderr
     assert load_checkpoint(run_dir / "stage-0008" / "final.pt")["done"]

@@ -1,0 +1,270 @@
+"""Crash safety: checkpoint rotation, validation and fallback, stop signals, the non-finite guard, crashed
+DataLoader workers, refusing pickled code, and atomic writes on a full disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+from test_train import PGAN_TRAIN, _stats, assert_same_state
+
+from pgan.checkpoint import FORMAT, load_checkpoint, save_checkpoint, snapshots
+from pgan.errors import UserError
+from pgan.losses import make_loss
+from pgan.networks import Discriminator, Generator
+from pgan.train.guard import GuardGaveUp
+from pgan.train.loop import train
+from pgan.train.step import d_step
+
+STAGE = "stage-0016"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted tiny run (snapshots of stage 16 at 0, 56 and 112 images)."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train(compose_config(*TINY), run_dir)
+    return run_dir
+
+
+def _final(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / STAGE / "final.pt")
+
+
+def _interrupted_copy(reference: Path, tmp_path: Path) -> Path:
+    """The reference run as if killed late in stage 16: final.pt gone, its snapshots still there."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / STAGE / "final.pt").unlink()
+    return run_dir
+
+
+def test_snapshots_rotate_and_latest_points_at_the_newest(tmp_path: Path) -> None:
+    """checkpoint.keep=2 leaves the two newest snapshots; latest.pt is the newest one (a hard link)."""
+    train(compose_config(*TINY, "checkpoint.keep=2"), tmp_path)
+    names = [p.name for p in snapshots(tmp_path / STAGE)]
+    assert names == ["ckpt-0000000112.pt", "ckpt-0000000056.pt"]
+    assert os.path.samefile(tmp_path / STAGE / "latest.pt", tmp_path / STAGE / names[0])
+    assert load_checkpoint(tmp_path / STAGE / names[0])["nimg"] == 112
+
+
+def _damage_truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.unlink()  # a new inode: latest.pt keeps the old data, as after a torn copy of one file
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _damage_nan(path: Path) -> None:
+    state = load_checkpoint(path, validate=False)
+    state["G"]["blocks.16.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path.unlink()
+    save_checkpoint(path, state)
+
+
+def _damage_shape(path: Path) -> None:
+    state = load_checkpoint(path, validate=False)
+    state["D"]["from_rgb.16.weight"] = state["D"]["from_rgb.16.weight"][:1]
+    path.unlink()
+    save_checkpoint(path, state)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(_damage_truncate, "damaged file"), (_damage_nan, "non-finite"), (_damage_shape, "has shape")],
+    ids=["truncated", "nan", "wrong-shape"],
+)
+def test_damaged_newest_snapshot_falls_back_to_the_previous_one(
+    damage, reason: str, reference: Path, tmp_path: Path, capfd
+) -> None:
+    """A truncated, non-finite or mis-shaped newest snapshot is reported, set aside, and the previous one
+    used; the resumed run ends bit-identical to the uninterrupted one."""
+    run_dir = _interrupted_copy(reference, tmp_path)
+    newest = run_dir / STAGE / "ckpt-0000000112.pt"
+    damage(newest)
+    (run_dir / STAGE / "latest.pt").unlink()
+    train(compose_config(*TINY), run_dir)
+    err = capfd.readouterr().err
+    assert f"checkpoint {newest}" in err and reason in err and "trying the previous checkpoint" in err
+    assert (run_dir / STAGE / "ckpt-0000000112.pt.damaged").is_file()
+    assert_same_state(_final(run_dir), _final(reference))
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(reference: Path, tmp_path: Path) -> None:
+    """When every checkpoint of a run is damaged the trainer refuses to start over silently."""
+    run_dir = _interrupted_copy(reference, tmp_path)
+    for path in run_dir.rglob("*.pt"):
+        path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"no usable checkpoint in .*: all \d+ are damaged"):
+        train(compose_config(*TINY), run_dir)
+    assert not (run_dir / STAGE / "final.pt").exists()
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
+    """weights_only=True refuses a checkpoint that would run code, with a clear message, and runs nothing."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "G": _RunsCode(marker)}, evil)
+    with pytest.raises(UserError, match=r"refusing to load .*evil.pt: it holds pickled Python objects \(\w+\.system\)"):
+        load_checkpoint(evil)
+    with pytest.raises(UserError, match="refusing to load"):
+        train(compose_config(*TINY, "stage=16", f"init_from={evil}"), tmp_path / "run")
+    assert not marker.exists()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    """A write that fails part-way (a file-size limit standing in for a full disk) leaves the old file
+    intact and no temporary file behind."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"G": torch.ones(10)})
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from pathlib import Path\n"
+        "from pgan.checkpoint import save_checkpoint\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "try:\n"
+        "    save_checkpoint(Path(sys.argv[1]), {'G': torch.zeros(1_000_000)})\n"
+        "except OSError as exc:\n"
+        "    print('OSError', exc.errno)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("OSError"), result.stderr
+    assert torch.equal(torch.load(path, weights_only=True)["G"], torch.ones(10))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+# --- stop signals ---------------------------------------------------------------------------------------
+LONG = [*TINY, "schedule.stable_kimg=1.0", "checkpoint.every_kimg=10", "diversity.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of LONG (a stage 16 long enough to be signalled mid-stage)."""
+    run_dir = tmp_path_factory.mktemp("long")
+    train(compose_config(*LONG), run_dir)
+    return run_dir
+
+
+def _start_and_wait_for_stage_16(run_dir: Path, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [PGAN_TRAIN, *LONG, *extra, f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / STAGE / "latest.pt").exists():  # the snapshot every stage starts with
+        assert proc.poll() is None and time.monotonic() < deadline, "no stage-16 snapshot"
+        time.sleep(0.005)
+    time.sleep(0.2)
+    return proc
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(long_reference: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-stage: exit 143 after writing a snapshot at the current step (not a periodic one: those
+    are 10 kimg apart here); the resumed run is bit-identical to an uninterrupted one."""
+    run_dir = tmp_path / "run"
+    proc = _start_and_wait_for_stage_16(run_dir)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "received SIGTERM: finishing the current step" in stderr
+    assert f"checkpoint written: {run_dir / STAGE}/ckpt-" in stderr
+    assert f"resume with: pgan-train hydra.run.dir={run_dir}" in stderr and "Traceback" not in stderr
+    written = load_checkpoint(run_dir / STAGE / "latest.pt")
+    assert 0 < written["nimg"] < 1128 and not written["done"]
+    resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_state(_final(run_dir), _final(long_reference))
+
+
+def test_crashed_loader_worker_is_reported_and_the_run_goes_on(long_reference: Path, tmp_path: Path) -> None:
+    """SIGKILL a DataLoader worker: the trainer reports it, continues from the newest snapshot and ends
+    bit-identical to an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    proc = _start_and_wait_for_stage_16(run_dir, "data.num_workers=1")
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert children, "no DataLoader worker process found"
+    os.kill(int(children[0]), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "DataLoader worker" in stderr and f"resuming from {run_dir / STAGE}" in stderr
+    assert_same_state(_final(run_dir), _final(long_reference))
+
+
+# --- the non-finite guard -------------------------------------------------------------------------------
+def test_d_step_with_non_finite_loss_is_skipped_on_the_device() -> None:
+    """NaN reals: the D step reports skipped=1 and leaves D's weights and Adam's state untouched."""
+    torch.manual_seed(0)
+    G = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4)
+    D = Discriminator(8, fmap_base=64, fmap_max=16, fmap_min=4)
+    opt = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99), fused=True)
+    loss = make_loss("wgan_gp")
+    reals, z = torch.randn(4, 3, 8, 8), torch.randn(4, 16)
+    before = {k: v.clone() for k, v in D.state_dict().items()}
+    stats = d_step(G, D, opt, loss, reals * float("nan"), z, 1.0)
+    assert stats["Guard/skipped_D"].item() == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in D.state_dict().items())
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+    stats = d_step(G, D, opt, loss, reals, z, 1.0)
+    assert stats["Guard/skipped_D"].item() == 0.0
+    assert not torch.equal(D.state_dict()["from_rgb.8.weight"], before["from_rgb.8.weight"])
+
+
+def _inject(steps: int, times: int) -> str:
+    """guard.inject_nonfinite: NaN reals for `steps` steps from 0.064 kimg, while fewer than `times` rollbacks."""
+    return f"guard.inject_nonfinite={{at_kimg: 0.064, steps: {steps}, times: {times}}}"
+
+
+def test_a_few_non_finite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
+    """3 poisoned steps (fewer than guard.max_bad_steps in a row): skipped, counted, no rollback."""
+    train(compose_config(*TINY, _inject(3, 1)), tmp_path)
+    rows = _stats(tmp_path)
+    assert rows[-1]["Guard/skipped_total"] == 3 and sum(r["Guard/skipped_steps"] for r in rows) == 3
+    assert all(torch.isfinite(torch.tensor(r["Loss/D"])) for r in rows if "Loss/D" in r)
+    final = _final(tmp_path)
+    assert final["guard"]["rollbacks"] == 0 and final["guard"]["total_bad_steps"] == 3
+
+
+def test_a_run_of_non_finite_steps_rolls_back_with_lower_learning_rates(tmp_path: Path, capfd) -> None:
+    """10 poisoned steps with guard.max_bad_steps=4: one rollback to the newest good snapshot, learning
+    rates halved, logged, and the stage finishes with finite weights."""
+    train(compose_config(*TINY, _inject(10, 1), "guard.max_bad_steps=4"), tmp_path)
+    err = capfd.readouterr().err
+    assert "non-finite steps (loss or gradients inf/NaN)" in err and "rolled back to ckpt-0000000056.pt" in err
+    final = _final(tmp_path)
+    assert final["guard"]["rollbacks"] == 1 and final["guard"]["lr_scale"] == 0.5
+    assert all(g["lr"] == 0.0005 for g in final["opt_G"]["param_groups"] + final["opt_D"]["param_groups"])
+    assert all(v.isfinite().all() for v in final["G"].values())
+
+
+def test_persistent_non_finite_steps_give_up_with_exit_code_4(tmp_path: Path) -> None:
+    """When every retry is poisoned again the trainer gives up after guard.max_rollbacks: exit 4, one line."""
+    overrides = [_inject(10, 99), "guard.max_bad_steps=4", "guard.max_rollbacks=1"]
+    with pytest.raises(GuardGaveUp, match=r"after 1 rollback\(s\)"):
+        train(compose_config(*TINY, *overrides), tmp_path / "in-process")
+    run_dir = tmp_path / "cli"
+    result = subprocess.run(
+        [PGAN_TRAIN, *TINY, *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 4 non-finite steps in a row again")
+    assert "Traceback" not in result.stderr
