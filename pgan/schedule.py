@@ -50,6 +50,21 @@ def _per_resolution(value: Any, resolution: int, key: str) -> Any:
     return value
 
 
+def _setting(value: Any, res: int, key: str, kind: type, minimum: float, strict: bool) -> Any:
+    """One stage's value of schedule.<key>, converted to `kind` and range-checked (a ValueError naming it)."""
+    raw = _per_resolution(value, res, key)
+    try:
+        number = kind(raw)
+        if kind is int and number != float(raw):
+            raise ValueError
+    except (TypeError, ValueError):
+        kind_name = "an integer" if kind is int else "a number"
+        raise ValueError(f"schedule.{key} at {res} px must be {kind_name}, got {raw!r}") from None
+    if number < minimum or (strict and number == minimum):
+        raise ValueError(f"schedule.{key} at {res} px must be {'>' if strict else '>='} {minimum}, got {raw!r}")
+    return number
+
+
 def build_stages(
     resolutions: Sequence[int],
     fade_kimg: float | Mapping,
@@ -66,13 +81,14 @@ def build_stages(
     stages: list[Stage] = []
     start_nimg = 0
     for index, res in enumerate(resolutions):
+        fades = not (index == 0 and not fade_first)
         stage = Stage(
             index=index,
             resolution=int(res),
-            fade_kimg=0.0 if index == 0 and not fade_first else float(_per_resolution(fade_kimg, res, "fade_kimg")),
-            stable_kimg=float(_per_resolution(stable_kimg, res, "stable_kimg")),
-            batch_size=int(_per_resolution(batch_size, res, "batch_size")),
-            lr=float(_per_resolution(lr, res, "lr")),
+            fade_kimg=_setting(fade_kimg, res, "fade_kimg", float, 0, strict=False) if fades else 0.0,
+            stable_kimg=_setting(stable_kimg, res, "stable_kimg", float, 0, strict=False),
+            batch_size=_setting(batch_size, res, "batch_size", int, 0, strict=True),
+            lr=_setting(lr, res, "lr", float, 0, strict=True),
             start_nimg=start_nimg,
         )
         stages.append(stage)

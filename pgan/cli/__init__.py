@@ -1,0 +1,66 @@
+"""Thin Hydra entry points (pgan-train, pgan-eval) and what they share: a one-line report of a bad override."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+EXIT_USER_ERROR = 2
+
+# Lines of Hydra's error messages that are advice about Hydra itself, not about the user's mistake.
+_NOISE = ("See https://", "Set the environment", "Config search path", "provider=", "full_key", "object_type")
+
+
+def hydra_error_line(exc: Exception) -> str:
+    """One line for a Hydra composition error: the culprit key or option and what to do."""
+    from hydra.errors import MissingConfigException
+
+    text = str(exc)
+    missing = re.search(r"Could not find '([\w./-]+)/([^'/]+)'", text)
+    if isinstance(exc, MissingConfigException) and missing and getattr(exc, "options", None):
+        group, option = missing.groups()
+        return f"{group}={option}: no such option in conf/{group}/; choose one of {', '.join(exc.options)}"
+    unknown = re.search(r"Could not override '([^']+)'\.\s*To append to your config use (\S+)", text)
+    if unknown:
+        return f"{unknown.group(1)}: no such key in the config (a typo? to add a new key use {unknown.group(2)})"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(_NOISE)]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def exit_on_bad_overrides(config_name: str, args: list[str]) -> None:
+    """Compose `config_name` with `args` once and, if Hydra refuses them, print one line and exit 2 (Hydra's
+    own report is several lines and exits 1). Flags (--help, -m, --cfg ...) are left to Hydra."""
+    if any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            compose(config_name=config_name, overrides=list(args))
+    except OverrideParseException as exc:
+        # Name the override that does not parse (Hydra's message only quotes the bad fragment).
+        parser = OverridesParser.create()
+        culprit = next((a for a in args if not _parses(parser, a)), None)
+        line = hydra_error_line(exc)
+        print(
+            f"error: {culprit}: cannot parse this override ({line})" if culprit else f"error: {line}", file=sys.stderr
+        )
+        sys.exit(EXIT_USER_ERROR)
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"error: {hydra_error_line(exc)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _parses(parser, override: str) -> bool:
+    from hydra.errors import HydraException
+
+    try:
+        parser.parse_override(override)
+    except HydraException:
+        return False
+    return True

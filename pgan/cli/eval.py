@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pgan.cli.train import CONFIG_DIR, EXIT_USER_ERROR, _one_line
+from pgan.cli import CONFIG_DIR, EXIT_USER_ERROR, exit_on_bad_overrides
+from pgan.cli.train import _one_line
 from pgan.errors import UserError
 
 METRICS = ("diversity",)
@@ -109,6 +110,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point of `pgan-eval`."""
+    exit_on_bad_overrides("eval", sys.argv[1:])
     _hydra_main()
 
 

@@ -15,10 +15,9 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from pgan.cli import CONFIG_DIR, EXIT_USER_ERROR, exit_on_bad_overrides
 from pgan.errors import UserError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-EXIT_USER_ERROR = 2
 EXIT_COLLAPSE = 3  # the collapse detector stopped the run (diversity.on_collapse=stop, or rollbacks ran out)
 EXIT_NONFINITE = 4  # non-finite losses/gradients persisted after guard.max_rollbacks rollbacks
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM exits with 143: 128 + the signal number, the shell's convention
@@ -96,6 +95,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point of `pgan-train`."""
     sys.argv = [sys.argv[0], *with_saved_overrides(sys.argv[1:])]
+    exit_on_bad_overrides("train", sys.argv[1:])
     _hydra_main()
 
 

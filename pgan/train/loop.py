@@ -130,6 +130,20 @@ def stages_from_config(cfg: DictConfig) -> list[Stage]:
     return stages
 
 
+def check_model_config(cfg: DictConfig, stages: list[Stage]) -> None:
+    """Build G and D for the largest stage on the meta device (shapes only): a model preset that cannot make
+    the schedule's resolutions (an explicit channel table without one, a width below 1) is a user error."""
+    m = cfg.model
+    for key in ("latent_dim", "image_channels"):
+        if not isinstance(m[key], int) or m[key] < 1:
+            raise UserError(f"model.{key} must be a positive integer, got {m[key]!r}")
+    try:
+        with torch.device("meta"):
+            build_models(cfg, stages[-1].resolution, torch.device("meta"))
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise UserError(f"model={m.get('name')} cannot build the {stages[-1].resolution} px networks: {exc}") from exc
+
+
 def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """Constructor arguments shared by G and D, from the model config."""
     return model_kwargs_from(cfg.model)
@@ -160,6 +174,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     device = resolve_device(cfg.device)
     use_bf16 = resolve_precision(cfg.precision, device)
     stages = stages_from_config(cfg)
+    check_model_config(cfg, stages)
     try:
         loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
     except (TypeError, ValueError) as exc:

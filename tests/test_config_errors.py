@@ -1,0 +1,88 @@
+"""Bad configuration is refused before any work, in one line naming the key: in `train()` and on the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+from test_train import PGAN_TRAIN
+
+from pgan.errors import UserError
+from pgan.train.loop import train
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["schedule.batch_size=0"], "schedule.batch_size at 8 px must be > 0"),
+        (["schedule.batch_size=abc"], "schedule.batch_size at 8 px must be an integer, got 'abc'"),
+        (["schedule.batch_size=7.5"], "schedule.batch_size at 8 px must be an integer"),
+        (["schedule.lr=-0.1"], "schedule.lr at 8 px must be > 0"),
+        (["schedule.fade_kimg=-1"], "schedule.fade_kimg at 16 px must be >= 0"),
+        (["schedule.batch_size={8: 8}"], "schedule.batch_size has no entry for resolution 16"),
+        (["model.channels={8: 16}"], "cannot build the 16 px networks: model.channels has no entry for resolution 4"),
+        (["model.latent_dim=0"], "model.latent_dim must be a positive integer"),
+        (["data.source=imagenet"], "unknown data.source='imagenet'"),
+        (["checkpoint.keep=0"], "checkpoint.keep must be >= 1"),
+        (["guard.max_bad_steps=0"], "guard.max_bad_steps must be >= 1"),
+        (["guard.rollback_lr_scale=2"], r"guard.rollback_lr_scale must be in \(0, 1\]"),
+    ],
+)
+def test_bad_settings_name_the_key_before_anything_is_written(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    """Each mistake is a UserError naming the key, and the run directory is never created."""
+    with pytest.raises(UserError, match=message):
+        train(compose_config(*TINY, *overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="device=cuda but CUDA is not available"):
+        train(compose_config(*TINY, "device=cuda"), tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def run_8px(tmp_path_factory) -> Path:
+    """A finished one-stage 8 px run of the tiny model."""
+    run_dir = tmp_path_factory.mktemp("run8")
+    train(compose_config(*TINY, "schedule.resolutions=[8]"), run_dir)
+    return run_dir
+
+
+def test_init_from_another_architecture_names_the_differing_keys(run_8px: Path, tmp_path: Path) -> None:
+    ckpt = run_8px / "stage-0008" / "final.pt"
+    with pytest.raises(UserError, match=r"different architecture \(model.latent_dim: 16 there vs 32 here\)"):
+        train(compose_config(*TINY, "stage=16", f"init_from={ckpt}", "model.latent_dim=32"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_the_wrong_resolution_is_refused(run_8px: Path, tmp_path: Path) -> None:
+    ckpt = run_8px / "stage-0008" / "final.pt"
+    with pytest.raises(UserError, match="is a 8 px checkpoint; stage 32 grows from a 16 px one"):
+        train(compose_config(*TINY, "schedule.resolutions=[16,32]", "stage=32", f"init_from={ckpt}"), tmp_path / "r")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("schedule.batchsize=8", "error: schedule.batchsize: no such key in the config (a typo? to add a new key"),
+        ("loss=foo", "error: loss=foo: no such option in conf/loss/; choose one of hinge, logistic, wgan_gp"),
+        ("seed=[1", "error: seed=[1: cannot parse this override"),
+        ("schedule.batch_size=abc", "error: schedule.batch_size at 32 px must be an integer, got 'abc'"),
+    ],
+)
+def test_cli_config_mistakes_are_one_line_exit_2(override: str, expected: str, tmp_path: Path) -> None:
+    """Typos in keys, unknown options and unparsable overrides: one line naming the culprit, exit 2."""
+    result = subprocess.run(
+        [PGAN_TRAIN, override, f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == expected or (
+        result.stderr.startswith(expected) and len(result.stderr.strip().splitlines()) == 1
+    ), result.stderr
+    assert not (tmp_path / "run" / "stage-0032").exists()
