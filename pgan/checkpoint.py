@@ -10,7 +10,8 @@ A checkpoint is a dict of tensors and plain Python values only:
   format, version, stage (index), resolution (px), nimg (images shown in this stage), total_nimg (images
   shown over the whole run), done (True for a stage's final.pt), G, D, G_ema (state dicts), opt_G, opt_D
   (optimizer state dicts), rng (torch CPU + CUDA generator states), tick (the partial log tick's sums and
-  step count), config (the resolved run config), stage_info (the stage's schedule entry).
+  step count), collapse (the collapse detector's state), guard (skipped steps, rollbacks, lr scale), config
+  (the resolved run config), stage_info (the stage's schedule entry).
 """
 
 from __future__ import annotations

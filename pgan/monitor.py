@@ -7,6 +7,7 @@ continuous axis across stages and resumes (TensorBoard steps must be integers, s
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from collections.abc import Mapping
@@ -18,10 +19,23 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 
+def current_rss_mb() -> float | None:
+    """The process's resident memory now, in MB (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def resource_stats(device: torch.device) -> dict[str, float]:
-    """Memory in MB: peak process RSS, and CUDA's peak allocated/reserved when on CUDA."""
+    """Memory in MB: process RSS now and at its peak, and CUDA's peak allocated/reserved when on CUDA."""
     # ru_maxrss is in KiB on Linux.
     stats = {"Resources/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    rss = current_rss_mb()
+    if rss is not None:
+        stats["Resources/rss_mb"] = rss
     if device.type == "cuda":
         stats["Resources/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         stats["Resources/cuda_max_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20

@@ -19,7 +19,7 @@ README = (ROOT / "README.md").read_text()
 def _commands(program: str) -> list[list[str]]:
     """Every `program ...` line in the README's bash blocks, continuation lines joined, split like a shell."""
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    lines = [line.strip() for line in "\n".join(blocks).replace("\\\n", " ").splitlines()]  # also in lists
     return [shlex.split(line.split("#")[0]) for line in lines if line.startswith(program + " ")]
 
 

@@ -15,7 +15,9 @@ import contextlib
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -241,32 +243,41 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                     dataset = stage_dataset(cfg, st, run_dir)
                 write_data_report(run_dir, st, dataset)
                 resume = resume_state if resuming_first and st is plan[0] else None
-                for restart in range(int(cfg.loader.max_restarts) + 1):
-                    try:
-                        final = train_stage(
-                            cfg, st, run_dir, dataset, device, autocast, loss, monitor, watch, guard, stop, resume, init
-                        )
-                        break
-                    except RuntimeError as exc:
-                        if not _loader_failure(exc) or restart == int(cfg.loader.max_restarts):
-                            raise
-                        # A worker crashed or hung. torch raises this from its SIGCHLD handler wherever the
-                        # main process was, mid-step included, so continue like a resume from the newest
-                        # snapshot: the same result as if nothing had happened.
-                        resume, path = load_newest_usable(resume_candidates(run_dir / st.name)) or (None, None)
-                        if resume is None:
-                            raise
-                        warn(
-                            f"{_first_line(exc)}; resuming from {path} ({restart + 1} of at most "
-                            f"loader.max_restarts={cfg.loader.max_restarts} in this stage)"
-                        )
-                        monitor.restart(purge_step=resume["total_nimg"] + 1)
+                # Everything but where it resumes from, for surviving_loader_failures to call.
+                args = (cfg, st, run_dir, dataset, device, autocast, loss, monitor, watch, guard, stop)
+                run_stage = partial(train_stage, *args, init=init)
+                final = surviving_loader_failures(run_stage, resume, cfg, run_dir / st.name, monitor)
                 if stop.requested and st is not plan[-1]:
                     raise Interrupted(stop.signum, final)
     finally:
         monitor.close()
     print(f"done. watch it with: tensorboard --logdir {run_dir}", flush=True)
     return final
+
+
+def surviving_loader_failures(
+    run_stage: Callable[[dict | None], Path], resume: dict | None, cfg: DictConfig, stage_dir: Path, monitor: Monitor
+) -> Path:
+    """`run_stage(resume)`, and after a DataLoader worker crashed or hung, `run_stage(newest snapshot)` again,
+    at most `loader.max_restarts` times. torch raises the worker's failure from its SIGCHLD handler wherever
+    the main process is, mid-step included, so the stage continues like a resume: the same result as if
+    nothing had happened."""
+    for restart in range(int(cfg.loader.max_restarts) + 1):
+        try:
+            return run_stage(resume)
+        except RuntimeError as exc:
+            if not _loader_failure(exc) or restart == int(cfg.loader.max_restarts):
+                raise
+            found = load_newest_usable(resume_candidates(stage_dir))
+            if found is None:
+                raise
+            resume, path = found
+            warn(
+                f"{_first_line(exc)}; resuming from {path} ({restart + 1} of at most "
+                f"loader.max_restarts={cfg.loader.max_restarts} in this stage)"
+            )
+            monitor.restart(purge_step=resume["total_nimg"] + 1)
+    raise AssertionError("unreachable")
 
 
 def find_resume_point(cfg: DictConfig, run_dir: Path, selected: list[Stage]) -> dict | None:
