@@ -59,6 +59,15 @@ def snapshot_name(nimg: int) -> str:
     return f"ckpt-{nimg:010d}.pt"
 
 
+class CheckpointDamaged(UserError):
+    """A checkpoint file that exists but is not usable: truncated, corrupt, pickled code, wrong shapes, NaN."""
+
+
+def snapshot_nimg(path: Path) -> int:
+    """The image count in a snapshot's file name."""
+    return int(_SNAPSHOT.fullmatch(Path(path).name).group(1))
+
+
 def snapshots(stage_dir: Path) -> list[Path]:
     """The stage's snapshot files, newest first."""
     found = [(int(m.group(1)), p) for p in Path(stage_dir).glob("ckpt-*.pt") if (m := _SNAPSHOT.fullmatch(p.name))]
@@ -83,10 +92,34 @@ def resume_candidates(stage_dir: Path) -> list[Path]:
 
 
 def set_aside(path: Path) -> Path:
-    """Rename a damaged checkpoint to `<name>.damaged` so that it is kept but never tried or rotated again."""
+    """Rename a damaged checkpoint to `<name>.damaged` so that it is kept but never tried or rotated again;
+    latest.pt and ok.pt, when they are hard links to it, go too (they would hand out the same damage)."""
+    path = Path(path)
+    for link in (path.with_name(LATEST), path.with_name(OK)):
+        if link != path and link.is_file() and os.path.samefile(link, path):
+            link.unlink()
     aside = path.with_name(path.name + DAMAGED_SUFFIX)
     os.replace(path, aside)
     return aside
+
+
+def damaged_files(stage_dir: Path) -> list[Path]:
+    """The checkpoints of a stage that were set aside as damaged."""
+    return sorted(Path(stage_dir).glob(f"*{DAMAGED_SUFFIX}"))
+
+
+def rewind_snapshots(stage_dir: Path, restored: Path, nimg: int) -> None:
+    """After a rollback to the checkpoint `restored` (taken after `nimg` images): delete the snapshots of the
+    abandoned branch (newer than `nimg`), make sure a snapshot of the restored point exists, and point
+    latest.pt at it, so that a resume, a rotation or a later rollback never picks the abandoned branch."""
+    stage_dir = Path(stage_dir)
+    for path in snapshots(stage_dir):
+        if snapshot_nimg(path) > nimg:
+            path.unlink()
+    own = stage_dir / snapshot_name(nimg)
+    if not own.is_file():
+        link_checkpoint(restored, own)
+    link_checkpoint(own, stage_dir / LATEST)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -153,6 +186,10 @@ def load_checkpoint(
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except MemoryError:
+        raise
+    except OSError as exc:  # the file system (permissions, I/O), not the file: never a reason to set it aside
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
     except pickle.UnpicklingError as exc:
         # weights_only=True refuses anything but tensors and plain values: a checkpoint that would run code.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -160,23 +197,26 @@ def load_checkpoint(
             # torch names the refused global ("Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y").
             culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
             what = f" ({culprit.group(1)})" if culprit else ""
-            raise UserError(
+            raise CheckpointDamaged(
                 f"refusing to load {path}: it holds pickled Python objects{what}, which could run code; pgan "
                 "checkpoints hold tensors and plain values only"
             ) from exc
-        raise UserError(f"cannot load checkpoint {path}: damaged file ({first or type(exc).__name__})") from exc
-    except Exception as exc:  # truncated file, not a torch file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load checkpoint {path}: damaged file ({type(exc).__name__}: {first})") from exc
+        raise CheckpointDamaged(f"cannot load checkpoint {path}: damaged file ({first or type(exc).__name__})") from exc
+    except Exception as exc:  # a truncated or corrupt file: torch's zip reader raises RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "DataLoader" in first:
+            raise  # torch's SIGCHLD handler fired during the load: a worker's failure, not the file's
+        why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise CheckpointDamaged(f"cannot load checkpoint {path}: damaged file ({why})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"not a pgan checkpoint: {path}")
+        raise CheckpointDamaged(f"not a pgan checkpoint: {path}")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}")
+        raise CheckpointDamaged(f"checkpoint {path} lacks {', '.join(missing)}")
     if validate:
         problem = checkpoint_problem(state)
         if problem:
-            raise UserError(f"checkpoint {path} is damaged: {problem}")
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: {problem}")
     return state
 
 
@@ -229,7 +269,7 @@ def load_newest_usable(candidates: list[Path]) -> tuple[dict[str, Any], Path] | 
     for path in candidates:
         try:
             return load_checkpoint(path), path
-        except UserError as exc:
+        except CheckpointDamaged as exc:
             if not path.exists():  # removed by someone else meanwhile: nothing to set aside
                 continue
             aside = set_aside(path)

@@ -60,6 +60,8 @@ def _setting(value: Any, res: int, key: str, kind: type, minimum: float, strict:
     except (TypeError, ValueError):
         kind_name = "an integer" if kind is int else "a number"
         raise ValueError(f"schedule.{key} at {res} px must be {kind_name}, got {raw!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"schedule.{key} at {res} px must be finite, got {raw!r}")
     if number < minimum or (strict and number == minimum):
         raise ValueError(f"schedule.{key} at {res} px must be {'>' if strict else '>='} {minimum}, got {raw!r}")
     return number

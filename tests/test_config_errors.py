@@ -21,6 +21,8 @@ from pgan.train.loop import train
         (["schedule.batch_size=abc"], "schedule.batch_size at 8 px must be an integer, got 'abc'"),
         (["schedule.batch_size=7.5"], "schedule.batch_size at 8 px must be an integer"),
         (["schedule.lr=-0.1"], "schedule.lr at 8 px must be > 0"),
+        (["schedule.lr=nan"], "schedule.lr at 8 px must be finite"),
+        (["schedule.stable_kimg=inf"], "schedule.stable_kimg at 8 px must be finite"),
         (["schedule.fade_kimg=-1"], "schedule.fade_kimg at 16 px must be >= 0"),
         (["schedule.batch_size={8: 8}"], "schedule.batch_size has no entry for resolution 16"),
         (["model.channels={8: 16}"], "cannot build the 16 px networks: model.channels has no entry for resolution 4"),

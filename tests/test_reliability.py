@@ -16,7 +16,16 @@ import torch
 from conftest import TINY, compose_config
 from test_train import PGAN_TRAIN, _stats, assert_same_state
 
-from pgan.checkpoint import FORMAT, load_checkpoint, save_checkpoint, snapshots
+from pgan.checkpoint import (
+    FORMAT,
+    link_checkpoint,
+    load_checkpoint,
+    rewind_snapshots,
+    save_checkpoint,
+    set_aside,
+    snapshot_name,
+    snapshots,
+)
 from pgan.errors import UserError
 from pgan.losses import make_loss
 from pgan.networks import Discriminator, Generator
@@ -102,9 +111,38 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(reference: Path, tmp
     run_dir = _interrupted_copy(reference, tmp_path)
     for path in run_dir.rglob("*.pt"):
         path.write_bytes(b"")
-    with pytest.raises(UserError, match=r"no usable checkpoint in .*: all \d+ are damaged"):
-        train(compose_config(*TINY), run_dir)
-    assert not (run_dir / STAGE / "final.pt").exists()
+    for _attempt in range(3):  # repeating the command does not wear the refusal down to a fresh start
+        with pytest.raises(UserError, match=r"no usable checkpoint in .*: all \d+ are damaged"):
+            train(compose_config(*TINY), run_dir)
+    assert not list(run_dir.rglob("ckpt-*.pt")) and not (run_dir / STAGE / "final.pt").exists()
+
+
+def _tiny_checkpoint(path: Path, nimg: int) -> Path:
+    save_checkpoint(path, {"nimg": nimg, "G": torch.full((2,), float(nimg))})
+    return path
+
+
+def test_set_aside_takes_the_links_to_the_damaged_file_with_it(tmp_path: Path) -> None:
+    """latest.pt and ok.pt pointing at a damaged snapshot are removed with it; other links stay."""
+    newest = _tiny_checkpoint(tmp_path / "ckpt-0000000064.pt", 64)
+    older = _tiny_checkpoint(tmp_path / "ckpt-0000000032.pt", 32)
+    link_checkpoint(newest, tmp_path / "latest.pt")
+    link_checkpoint(older, tmp_path / "ok.pt")
+    aside = set_aside(newest)
+    assert aside.name == "ckpt-0000000064.pt.damaged" and aside.is_file()
+    assert not (tmp_path / "latest.pt").exists() and os.path.samefile(tmp_path / "ok.pt", older)
+
+
+def test_rewind_deletes_the_abandoned_branch_and_repoints_latest(tmp_path: Path) -> None:
+    """A rollback to a point whose own snapshot was rotated away: newer snapshots go, the restored file
+    becomes a snapshot again, latest.pt points at it."""
+    for nimg in (96, 128, 160):
+        _tiny_checkpoint(tmp_path / snapshot_name(nimg), nimg)
+    ok = _tiny_checkpoint(tmp_path / "ok.pt", 64)
+    link_checkpoint(tmp_path / snapshot_name(160), tmp_path / "latest.pt")
+    rewind_snapshots(tmp_path, ok, 64)
+    assert [p.name for p in snapshots(tmp_path)] == [snapshot_name(64)]
+    assert os.path.samefile(tmp_path / "latest.pt", ok)
 
 
 class _RunsCode:
@@ -245,11 +283,13 @@ def test_a_few_non_finite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_a_run_of_non_finite_steps_rolls_back_with_lower_learning_rates(tmp_path: Path, capfd) -> None:
-    """10 poisoned steps with guard.max_bad_steps=4: one rollback to the newest good snapshot, learning
-    rates halved, logged, and the stage finishes with finite weights."""
+    """10 poisoned steps with guard.max_bad_steps=4: one rollback to the newest snapshot from before the
+    run of bad steps, learning rates halved, logged, and the stage finishes with finite weights."""
     train(compose_config(*TINY, _inject(10, 1), "guard.max_bad_steps=4"), tmp_path)
     err = capfd.readouterr().err
-    assert "non-finite steps (loss or gradients inf/NaN)" in err and "rolled back to ckpt-0000000056.pt" in err
+    # The poisoned run starts at 48 images into the stage: the snapshot at 56 was written inside it (with the
+    # weights it already had), so the rollback goes to the one before, the stage's first.
+    assert "non-finite steps (loss or gradients inf/NaN)" in err and "rolled back to ckpt-0000000000.pt" in err
     final = _final(tmp_path)
     assert final["guard"]["rollbacks"] == 1 and final["guard"]["lr_scale"] == 0.5
     assert all(g["lr"] == 0.0005 for g in final["opt_G"]["param_groups"] + final["opt_D"]["param_groups"])

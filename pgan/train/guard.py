@@ -5,7 +5,8 @@ NaN) handed to the fused Adam kernel as `found_inf`, which then leaves the param
 step counter untouched - the mechanism torch's GradScaler uses, with no `.item()` per step. The guard sums
 the flags on the device and keeps the length of the current run of bad steps; the loop reads them at log
 ticks (where it syncs anyway) and, after `guard.max_bad_steps` bad steps in a row, rolls back to the stage's
-newest good snapshot with lower learning rates, at most `guard.max_rollbacks` times.
+newest snapshot from before the bad steps began, with lower learning rates, at most `guard.max_rollbacks`
+times.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class Guard:
             )
         self.rollbacks += 1
         self.lr_scale *= self.lr_factor
+
+    def rewind(self, state: dict | None) -> None:
+        """After a rollback to a checkpoint holding `state` (its `state_dict()`): no run of bad steps in
+        progress, and the run's skipped-step total as it was there (the abandoned branch's are not counted,
+        like its curves); rollbacks and the learning-rate scale are kept."""
+        self.total_bad_steps = int((state or {}).get("total_bad_steps", self.total_bad_steps))
         self._run = torch.zeros((), device=self.device)
         self._longest = torch.zeros((), device=self.device)
 

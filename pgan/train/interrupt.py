@@ -10,8 +10,8 @@ process group, and a worker dying of one mid-batch would crash the step the trai
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -63,12 +63,13 @@ class StopFlag:
             raise KeyboardInterrupt  # the second Ctrl-C: out now
         if self.signum is None:
             self.signum = signum
-            print(
+            # os.write, not print: the signal may have interrupted a write to stderr (a progress bar), and
+            # re-entering its buffered writer raises RuntimeError.
+            message = (
                 f"\nreceived {signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
-                "(Ctrl-C again to quit at once)",
-                file=sys.stderr,
-                flush=True,
+                "(Ctrl-C again to quit at once)\n"
             )
+            os.write(2, message.encode())
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

@@ -30,15 +30,18 @@ from pgan.checkpoint import (
     FINAL,
     LATEST,
     OK,
+    damaged_files,
     get_rng_state,
     link_checkpoint,
     load_checkpoint,
     load_newest_usable,
     prune_snapshots,
     resume_candidates,
+    rewind_snapshots,
     save_checkpoint,
     set_rng_state,
     snapshot_name,
+    snapshot_nimg,
     snapshots,
 )
 from pgan.data import InfiniteSampler, make_dataset
@@ -294,6 +297,8 @@ def find_resume_point(cfg: DictConfig, run_dir: Path, selected: list[Stage]) -> 
             check_same_architecture(cfg, state["config"], f"the run in {run_dir}")
             print(f"resuming from {path} ({state['total_nimg'] / 1000:.3f} kimg)", flush=True)
             return state
+    # Checkpoints set aside by an earlier attempt count too: repeating the command must not start afresh.
+    tried += [path for st in selected for path in damaged_files(run_dir / st.name)]
     if tried:
         raise UserError(
             f"no usable checkpoint in {run_dir}: all {len(tried)} are damaged (set aside as *.damaged); "
@@ -372,8 +377,8 @@ def train_stage(
     With a collapse watch, `diversity.on_collapse` decides what a collapse does: `warn` logs it, `stop` writes
     a checkpoint and raises CollapseStop, `rollback` restores the stage's ok.pt (the last checkpoint written
     while the detector said ok) with scaled learning rates and goes on. The guard skips non-finite steps and,
-    after `guard.max_bad_steps` in a row, rolls back to the newest good snapshot. A stop signal ends the stage
-    after the current step with a checkpoint and `Interrupted`.
+    after `guard.max_bad_steps` in a row, rolls back to the newest snapshot from before them. A stop signal
+    ends the stage after the current step with a checkpoint and `Interrupted`.
     """
     if resume is None and init is not None:
         # Continue the random stream where the previous stage ended (before the new layers draw their
@@ -457,11 +462,14 @@ def train_stage(
         """The product of what rollbacks did to the learning rates (collapse and guard)."""
         return guard.lr_scale * (watch.lr_scale if watch is not None else 1.0)
 
-    def roll_back(state: dict, announce) -> None:
-        """Continue from one of the stage's checkpoints with the learning rates scaled by the rollbacks so
-        far and a new random stream (so that the rolled-back run does not replay the same failure)."""
+    def roll_back(state: dict, path: Path, announce: Callable[[], None]) -> None:
+        """Continue from the stage's checkpoint `path` (loaded: `state`) with the learning rates scaled by the
+        rollbacks so far and a new random stream (so that the rolled-back run does not replay the same
+        failure). The abandoned branch's snapshots are deleted, so nothing resumes into it."""
         nonlocal loader, tick_start_time, tick_start_nimg
         restore(state)
+        rewind_snapshots(stage_dir, path, nimg)
+        guard.rewind(state.get("guard"))  # the abandoned branch's bad-step counts go with its curves
         announce()  # the watch/guard bookkeeping, before the learning rates use it
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
@@ -475,23 +483,25 @@ def train_stage(
         loader = make_loader(nimg)
         tick_start_time, tick_start_nimg = time.perf_counter(), nimg
 
-    def collapse_rollback(ok_state: dict, from_step: int) -> None:
+    def collapse_rollback(ok_state: dict, ok_path: Path, from_step: int) -> None:
         """Back to a checkpoint taken while the detector said ok."""
 
         def announce() -> None:
             watch.roll_back(ok_state.get("collapse"), float(cfg.diversity.rollback_lr_scale))
 
-        roll_back(ok_state, announce)
+        roll_back(ok_state, ok_path, announce)
         watch.announce_rollback(from_step, stage, nimg)
 
     def guard_rollback(from_step: int, bad_steps: int) -> None:
-        """Back to the newest snapshot that loads and is finite, after a run of non-finite steps."""
+        """Back to the newest usable snapshot taken before the run of non-finite steps began (skipped steps
+        leave the weights as they are, so a snapshot inside the run would not escape whatever caused it)."""
         guard.roll_back()  # GuardGaveUp when the rollbacks are used up
-        found = load_newest_usable(snapshots(stage_dir))
+        before = max(0, nimg - bad_steps * stage.batch_size)
+        found = load_newest_usable([p for p in snapshots(stage_dir) if snapshot_nimg(p) <= before])
         if found is None:
             raise UserError(f"non-finite steps in stage {stage.resolution} px and no usable snapshot in {stage_dir}")
         state, path = found
-        roll_back(state, lambda: None)
+        roll_back(state, path, lambda: None)
         step = stage.start_nimg + nimg
         message = (
             f"{bad_steps} non-finite steps (loss or gradients inf/NaN) up to {from_step / 1000:.3f} kimg: rolled "
@@ -632,8 +642,9 @@ def train_stage(
             if watch.evaluate(G_ema, G, stage, nimg).entered_collapse and cfg.diversity.on_collapse != "warn":
                 ok = stage_dir / OK
                 rollback_left = watch.rollbacks < cfg.diversity.max_rollbacks and ok.is_file()
-                if cfg.diversity.on_collapse == "rollback" and rollback_left:
-                    collapse_rollback(load_checkpoint(ok), from_step=step)
+                found = load_newest_usable([ok]) if cfg.diversity.on_collapse == "rollback" and rollback_left else None
+                if found is not None:
+                    collapse_rollback(*found, from_step=step)
                     continue
                 save_snapshot()
                 raise CollapseStop(watch.stop_message(stage, step, ok))
