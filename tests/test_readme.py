@@ -84,3 +84,17 @@ def test_readme_eval_command_composes(command: list[str]) -> None:
         if key in cfg and not OmegaConf.is_config(cfg[key]):  # group choices like data=shapes select a node
             assert str(cfg[key]) == value
     assert EVAL_COMMANDS, "the README shows pgan-eval"
+
+
+BENCH_COMMANDS = _commands("pgan-bench")
+
+
+@pytest.mark.parametrize("command", BENCH_COMMANDS, ids=[" ".join(c[1:])[:60] for c in BENCH_COMMANDS])
+def test_readme_bench_command_composes(command: list[str]) -> None:
+    """Each documented pgan-bench command composes into the bench config with its values."""
+    cfg = compose_config(*command[1:], config_name="bench")
+    for override in command[1:]:
+        key, value = override.split("=", 1)
+        if key in cfg and not OmegaConf.is_config(cfg[key]):  # group choices like loss=wgan_gp select a node
+            assert str(cfg[key]) == value
+    assert BENCH_COMMANDS, "the README shows pgan-bench"

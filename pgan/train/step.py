@@ -103,3 +103,27 @@ def ema_update(G_ema: nn.Module, G: nn.Module, beta: float) -> None:
     torch._foreach_lerp_(ema_params, list(G.parameters()), 1.0 - beta)
     for b_ema, b in zip(G_ema.buffers(), G.buffers()):
         b_ema.copy_(b)
+
+
+def train_step(
+    G: nn.Module,
+    D: nn.Module,
+    G_ema: nn.Module,
+    opt_G: torch.optim.Optimizer,
+    opt_D: torch.optim.Optimizer,
+    loss: Loss,
+    reals: Tensor,
+    alpha: float,
+    ema_beta: float,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, Tensor]:
+    """One training iteration, as the loop (and pgan-bench) runs it: reals faded by alpha, a D step with its
+    penalty on fresh latents, a G step on fresh latents, the EMA update. Returns the detached scalars."""
+    reals = fade_reals(reals, alpha)
+    latent_dim = G.latent_dim
+    z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
+    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast)
+    z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
+    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast)
+    ema_update(G_ema, G, ema_beta)
+    return stats

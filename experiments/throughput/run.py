@@ -1,0 +1,190 @@
+"""pgan's training iteration against the peer, `pro-gan-pth` (the PyPI ProGAN package), side by side.
+
+    pip install --no-deps pro-gan-pth==3.4   # into the same venv; --no-deps keeps our torch (it pins 1.10)
+    python experiments/throughput/run.py --device cpu --resolutions 32 64 128 --batch 16
+
+Both run in this one process, on the same machine, with the same channel widths (the peer's `nf` is
+replaced by our `small` preset's table: its fmap_base is a module constant), latent size 128, batch,
+WGAN-GP loss (drift 0.001, lambda 10), Adam(0, 0.99) and EMA, timed the same way: `warmup` iterations,
+then the median of `repeats` x `steps` iterations, with a device sync at each end. One peer iteration is
+what its `ProGAN.train` does per batch: `optimize_discriminator`, `update_average`, `optimize_generator`
+(one shared latent batch, `.item()` and a finiteness check of every gradient per step, as the package
+does). FLOPs of both are counted with pgan.bench.IterationFlops over one iteration.
+
+The shim the peer needs on current torch (ConvTranspose2d._output_padding gained arguments since 1.10)
+is applied here, not in pgan. Results: results/side_by_side_<device>.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch.nn import ConvTranspose2d
+
+from pgan.bench import IterationFlops, matmul_ceiling_gflops, synchronize
+from pgan.losses import make_loss
+from pgan.networks import channels_for
+from pgan.schedule import ema_beta
+from pgan.train.loop import build_models, build_optimizers
+from pgan.train.step import train_step
+
+HERE = Path(__file__).resolve().parent
+CONF_DIR = str(HERE.parents[1] / "conf")
+LATENT = 128
+SMALL = {"fmap_base": 512, "fmap_max": 64, "fmap_min": 8}  # conf/model/small.yaml
+
+
+def load_peer():
+    """Import pro_gan_pytorch with the compatibility shim and our channel table."""
+    import pro_gan_pytorch.custom_layers as layers
+    import pro_gan_pytorch.networks as networks
+    from pro_gan_pytorch.gan import ProGAN
+    from pro_gan_pytorch.losses import WganGP
+
+    original = ConvTranspose2d._output_padding
+
+    def output_padding(self, input, output_size, stride, padding, kernel_size, num_spatial_dims=2, dilation=None):
+        # torch >= 1.12 added num_spatial_dims (and dilation) to this private method; the peer calls it
+        # with the 1.10 signature.
+        return original(self, input, output_size, stride, padding, kernel_size, num_spatial_dims, dilation)
+
+    layers.EqualizedConvTranspose2d._output_padding = output_padding
+    # The peer's widths are nf(stage) with module-level defaults (fmap_base 16384, max 512); ours are the
+    # small preset's. Both index stages the same way (stage 1 = 4 px).
+    networks.nf = lambda stage, **_: channels_for(2 ** (stage + 1), **SMALL)
+    return networks, layers, ProGAN, WganGP
+
+
+def time_iterations(step, device: torch.device, warmup: int, repeats: int, steps: int) -> float:
+    """Median seconds per iteration."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
+def ours(resolution: int, batch: int, alpha: float, device: torch.device, args) -> dict:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=small", f"model.latent_dim={LATENT}"])
+    torch.manual_seed(0)
+    G, D = build_models(cfg, resolution, device)
+    G_ema = copy.deepcopy(G).requires_grad_(False)
+    opt_G, opt_D = build_optimizers(G, D, 0.001)
+    reals = (torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1).contiguous(
+        memory_format=torch.channels_last
+    )
+    loss = make_loss("wgan_gp")
+    beta = ema_beta(batch, 10.0)
+
+    def step() -> None:
+        train_step(G, D, G_ema, opt_G, opt_D, loss, reals, alpha, beta)
+
+    seconds = time_iterations(step, device, args.warmup, args.repeats, args.steps)
+    with IterationFlops() as flops:
+        step()
+    return {
+        "img_per_s": batch / seconds,
+        "gflop_per_img": flops.total / batch / 1e9,
+        "params_g": sum(p.numel() for p in G.parameters()),
+        "params_d": sum(p.numel() for p in D.parameters()),
+    }
+
+
+def peer(resolution: int, batch: int, alpha: float, device: torch.device, args) -> dict:
+    networks, layers, ProGAN, WganGP = load_peer()
+    depth = resolution.bit_length() - 1  # the peer's depth: 2 = 4 px, log2(resolution) in general
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints both networks
+        gan = ProGAN(networks.Generator(depth, 3, LATENT), networks.Discriminator(depth, 3, LATENT), device=device)
+    # What ProGAN.train builds, but betas as floats: its (0, 0.99) is refused by current torch ("betas must be
+    # either both floats or both Tensors") - the second part of the shim.
+    kwargs = dict(lr=0.001, betas=(0.0, 0.99), eps=1e-8)
+    gen_optim = torch.optim.Adam(gan.gen.parameters(), **kwargs)
+    dis_optim = torch.optim.Adam(gan.dis.parameters(), **kwargs)
+    loss = WganGP()
+    images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    beta = ema_beta(batch, 10.0)
+
+    def step() -> None:
+        noise = torch.randn(batch, LATENT, device=device)
+        gan.optimize_discriminator(loss, dis_optim, noise, images, depth, alpha)
+        layers.update_average(gan.gen_shadow, gan.gen, beta=beta)
+        gan.optimize_generator(loss, gen_optim, noise, images, depth, alpha)
+
+    seconds = time_iterations(step, device, args.warmup, args.repeats, args.steps)
+    with IterationFlops() as flops:
+        step()
+    return {
+        "img_per_s": batch / seconds,
+        "gflop_per_img": flops.total / batch / 1e9,
+        "params_g": sum(p.numel() for p in gan.gen.parameters()),
+        "params_d": sum(p.numel() for p in gan.dis.parameters()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    ceiling = matmul_ceiling_gflops(device, torch.float32, 8192 if device.type == "cuda" else 4096)
+    rows = []
+    for res in args.resolutions:
+        for alpha in args.alphas:
+            a, b = ours(res, args.batch, alpha, device, args), peer(res, args.batch, alpha, device, args)
+            row = {
+                "resolution": res,
+                "alpha": alpha,
+                "batch_size": args.batch,
+                "pgan": a,
+                "peer": b,
+                "speedup": a["img_per_s"] / b["img_per_s"],
+                "pgan_mfu": a["img_per_s"] * a["gflop_per_img"] / ceiling,
+                "peer_mfu": b["img_per_s"] * b["gflop_per_img"] / ceiling,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = {
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "ceiling_gflops": ceiling,
+        "rows": rows,
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"side_by_side_{device.type}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nceiling {ceiling:.0f} GFLOP/s (fp32 matmul, best of 10), torch {torch.__version__}\n")
+    print("| px | alpha | pgan img/s | peer img/s | speedup | pgan GFLOP/img | peer GFLOP/img | pgan MFU | peer MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['resolution']} | {r['alpha']:g} | {r['pgan']['img_per_s']:.1f} | {r['peer']['img_per_s']:.1f} "
+            f"| {r['speedup']:.2f}x | {r['pgan']['gflop_per_img']:.3f} | {r['peer']['gflop_per_img']:.3f} "
+            f"| {100 * r['pgan_mfu']:.0f}% | {100 * r['peer_mfu']:.0f}% |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Throughput of the training iteration, its FLOPs against the device's measured matmul ceiling, peak
+memory, and the data loader's speed: what `pgan-bench` measures and prints.
+
+The iteration timed is `pgan.train.step.train_step`, the one the training loop runs (reals faded by alpha,
+the D step with its penalty, the G step, the EMA update), on a fixed batch of synthetic reals already on the
+device: the compute alone. The loader is timed separately with the training loop's settings, so the two
+can be compared (the loader must be much faster than the iteration, or it starves it).
+
+FLOPs are counted, not estimated: one whole iteration runs under `IterationFlops`, which applies
+torch.utils.flop_counter's per-op formulas (convolutions, matrix products) to every aten op executed -
+the forward passes, their backward, and the gradient penalty's double backward alike. Element-wise ops
+(activations, pixel norm, Adam) count zero, as in that module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import flop_registry
+
+from pgan.data import InfiniteSampler, make_dataset
+from pgan.errors import UserError
+from pgan.losses import make_loss
+from pgan.networks import channels_for, check_resolution, model_kwargs_from
+from pgan.schedule import ema_beta
+from pgan.train.loop import build_models, build_optimizers, resolve_device, resolve_precision
+from pgan.train.step import train_step
+
+
+class IterationFlops(TorchDispatchMode):
+    """FLOPs of every aten op run under it, by torch.utils.flop_counter's formulas.
+
+    torch's own FlopCounterMode also tracks which module each op belongs to, with hooks that
+    `torch.autograd.grad` refuses ("A leaf node was passed to _will_engine_execute_node") - and the
+    gradient penalty is an autograd.grad. This counts the same ops without the module tracking.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += int(count(*args, **kwargs, out_val=out))
+        return out
+
+
+@dataclass
+class BenchResult:
+    """One JSON line of pgan-bench: one resolution at one alpha."""
+
+    resolution: int
+    alpha: float
+    batch_size: int
+    img_per_s: float  # full training iterations, median repeat
+    gflop_per_img: float  # counted over one whole iteration (forward, backward, penalty), per image
+    achieved_gflops: float  # gflop_per_img * img_per_s
+    ceiling_gflops: float  # the best large-matmul throughput of this device in this run
+    mfu: float  # achieved / ceiling
+    peak_mem_mb: float  # CUDA max allocated in this measurement, or the process's peak RSS on CPU
+    loader_img_per_s: float  # the training DataLoader at this resolution, to the device
+    loader_over_train: float  # loader_img_per_s / img_per_s (>= 10 keeps the device fed)
+    step_ms: float  # median time of one iteration
+    latent_dim: int
+    channels: dict[str, int]  # feature-map width at every resolution from 4 px up to this one
+    params_g: int
+    params_d: int
+    model: str
+    loss: str
+    precision: str
+    device: str
+    repeats: int
+    steps_per_repeat: int
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (CUDA work is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling_gflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
+    """The device's practical peak: GFLOP/s of a large square matrix product, the best of `repeats`.
+
+    The best, not the median: a ceiling is what the hardware can reach, and on shared CPUs the median
+    of a few products varied from 90 to 180 GFLOP/s between runs while the best of 10 stayed within 3 %.
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up (kernel selection, thread pool start)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated since the last reset, or the process's peak RSS (MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def loader_img_per_s(cfg: DictConfig, resolution: int, batch_size: int, device: torch.device, batches: int) -> float:
+    """Images/s of the training DataLoader (the data config's source and workers) delivered to the device."""
+    dataset = make_dataset(cfg.data, resolution)
+    workers = int(cfg.data.num_workers)
+    loader = iter(
+        DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=InfiniteSampler(len(dataset), seed=0),
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+    )
+    for _ in range(2):  # start-up: worker processes, first batches
+        next(loader).to(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(loader).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    synchronize(device)
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+def check_bench_config(cfg: DictConfig) -> list[int]:
+    """The resolutions to measure, with one-line errors for impossible settings."""
+    resolutions = list(cfg.resolutions)
+    if not resolutions:
+        raise UserError("resolutions must list at least one resolution, e.g. resolutions=[32,64]")
+    for res in resolutions:
+        try:
+            check_resolution(int(res))
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"resolutions: {exc}") from exc
+    batch, group = int(cfg.batch_size), int(cfg.model.mbstd_group_size)
+    if batch <= 0 or batch % min(group, batch):
+        raise UserError(f"batch_size must be > 0 and divisible by model.mbstd_group_size={group}, got {batch}")
+    for key in ("warmup_steps", "steps", "repeats", "loader_batches"):
+        if int(cfg[key]) < (0 if key == "warmup_steps" else 1):
+            raise UserError(f"{key} must be >= {0 if key == 'warmup_steps' else 1}, got {cfg[key]}")
+    if any(not 0 <= float(a) <= 1 for a in cfg.alphas):
+        raise UserError(f"alphas must be in [0, 1], got {list(cfg.alphas)}")
+    return [int(r) for r in resolutions]
+
+
+def run_bench(cfg: DictConfig) -> list[BenchResult]:
+    """Measure every resolution x alpha of the bench config (see conf/bench.yaml)."""
+    resolutions = check_bench_config(cfg)
+    device = resolve_device(cfg.device)
+    use_bf16 = resolve_precision(cfg.precision, device)
+    try:
+        loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"loss: {exc}") from exc
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = cfg.precision != "fp32"
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else None
+    size = int(cfg.matmul_size or (8192 if device.type == "cuda" else 4096))
+    ceiling = matmul_ceiling_gflops(device, torch.bfloat16 if use_bf16 else torch.float32, size)
+    batch = int(cfg.batch_size)
+    m = cfg.model
+    kwargs = model_kwargs_from(m)
+    table_kwargs = {k: kwargs[k] for k in ("fmap_base", "fmap_max", "fmap_min")}
+    results = []
+    for res in resolutions:
+        loader_speed = loader_img_per_s(cfg, res, batch, device, int(cfg.loader_batches))
+        channels = {str(r): channels_for(r, **table_kwargs, table=kwargs.get("channels")) for r in _up_to(res)}
+        for alpha in cfg.alphas:
+            torch.manual_seed(int(cfg.seed))
+            G, D = build_models(cfg, res, device)
+            G_ema = copy.deepcopy(G).requires_grad_(False)
+            opt_G, opt_D = build_optimizers(G, D, float(cfg.lr))
+            reals = (torch.rand(batch, int(m.image_channels), res, res, device=device) * 2 - 1).contiguous(
+                memory_format=torch.channels_last
+            )
+            beta = ema_beta(batch, 10.0)
+
+            step = partial(train_step, G, D, G_ema, opt_G, opt_D, loss, reals, float(alpha), beta, autocast)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(int(cfg.warmup_steps)):
+                step()
+            synchronize(device)
+            times = []
+            for _ in range(int(cfg.repeats)):
+                t0 = time.perf_counter()
+                for _ in range(int(cfg.steps)):
+                    step()
+                synchronize(device)
+                times.append((time.perf_counter() - t0) / int(cfg.steps))
+            step_s = statistics.median(times)
+            with IterationFlops() as flops:
+                step()
+            img_per_s = batch / step_s
+            gflop_per_img = flops.total / batch / 1e9
+            achieved = gflop_per_img * img_per_s
+            results.append(
+                BenchResult(
+                    resolution=res,
+                    alpha=float(alpha),
+                    batch_size=batch,
+                    img_per_s=round(img_per_s, 3),
+                    gflop_per_img=round(gflop_per_img, 4),
+                    achieved_gflops=round(achieved, 2),
+                    ceiling_gflops=round(ceiling, 1),
+                    mfu=round(achieved / ceiling, 4),
+                    peak_mem_mb=round(peak_memory_mb(device), 1),
+                    loader_img_per_s=round(loader_speed, 1),
+                    loader_over_train=round(loader_speed / img_per_s, 2),
+                    step_ms=round(step_s * 1000, 2),
+                    latent_dim=int(m.latent_dim),
+                    channels=channels,
+                    params_g=sum(p.numel() for p in G.parameters()),
+                    params_d=sum(p.numel() for p in D.parameters()),
+                    model=str(m.name),
+                    loss=loss.name,
+                    precision="bf16" if use_bf16 else "fp32",
+                    device=_device_name(device),
+                    repeats=int(cfg.repeats),
+                    steps_per_repeat=int(cfg.steps),
+                )
+            )
+            del G, D, G_ema, opt_G, opt_D
+    return results
+
+
+def _up_to(resolution: int) -> list[int]:
+    return [2**k for k in range(2, resolution.bit_length()) if 2**k <= resolution]
+
+
+def _device_name(device: torch.device) -> str:
+    """`cpu (N threads)` or `cuda:K (<GPU name>)`: what the numbers were measured on."""
+    if device.type == "cuda":
+        return f"cuda:{device.index} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def to_json_lines(results: list[BenchResult]) -> list[str]:
+    """One JSON object per result."""
+    return [json.dumps(asdict(r)) for r in results]
+
+
+def to_table(results: list[BenchResult]) -> str:
+    """The results as a fixed-width table for people."""
+    header = ("res", "alpha", "batch", "img/s", "ms/step", "GFLOP/img", "GFLOP/s", "ceiling", "MFU", "mem MB")
+    header += ("loader img/s",)
+    rows = [
+        (
+            r.resolution,
+            f"{r.alpha:g}",
+            r.batch_size,
+            f"{r.img_per_s:.1f}",
+            f"{r.step_ms:.1f}",
+            f"{r.gflop_per_img:.3f}",
+            f"{r.achieved_gflops:.1f}",
+            f"{r.ceiling_gflops:.0f}",
+            f"{100 * r.mfu:.1f}%",
+            f"{r.peak_mem_mb:.0f}",
+            f"{r.loader_img_per_s:.0f}",
+        )
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
+    first = results[0] if results else None
+    title = f"pgan-bench: model={first.model} loss={first.loss} {first.precision} on {first.device}" if first else ""
+    return "\n".join([title, *lines])

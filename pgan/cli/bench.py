@@ -1,0 +1,39 @@
+"""`pgan-bench`: throughput, FLOPs, MFU, memory and loader speed of the training iteration.
+
+One JSON object per resolution x alpha on stdout (the fields are a public interface: see
+`pgan.bench.BenchResult`), a table on stderr. Exit 2 with one line `error: ...` on bad settings.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pgan.cli import CONFIG_DIR, EXIT_USER_ERROR, exit_on_bad_overrides
+from pgan.errors import UserError
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
+def _hydra_main(cfg: DictConfig) -> None:
+    from pgan.bench import run_bench, to_json_lines, to_table
+
+    try:
+        results = run_bench(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    for line in to_json_lines(results):
+        print(line, flush=True)
+    print(to_table(results), file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    """Console entry point of `pgan-bench`."""
+    exit_on_bad_overrides("bench", sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

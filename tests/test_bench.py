@@ -1,0 +1,119 @@
+"""pgan-bench runs, prints one JSON line per resolution x alpha with the documented fields, and counts FLOPs
+the way torch's flop counter does, penalty included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from pgan.bench import IterationFlops
+from pgan.losses import make_loss
+from pgan.networks import Discriminator, Generator, channels_for
+from pgan.train.step import d_step
+
+PGAN_BENCH = str(Path(sys.executable).with_name("pgan-bench"))
+FIELDS = {
+    "resolution",
+    "batch_size",
+    "alpha",
+    "img_per_s",
+    "gflop_per_img",
+    "achieved_gflops",
+    "ceiling_gflops",
+    "mfu",
+    "peak_mem_mb",
+    "loader_img_per_s",
+    "latent_dim",
+    "channels",
+    "device",
+}
+TINY_MODEL = ["model.latent_dim=16", "model.fmap_base=64", "model.fmap_max=16", "model.fmap_min=4"]
+QUICK = ["batch_size=4", "warmup_steps=1", "steps=1", "repeats=2", "loader_batches=2", "matmul_size=256"]
+
+
+@pytest.fixture(scope="module")
+def bench_lines() -> tuple[list[dict], str]:
+    """pgan-bench on the tiny model at 8 and 16 px, both alphas, on the CPU."""
+    result = subprocess.run(
+        [PGAN_BENCH, *TINY_MODEL, *QUICK, "resolutions=[8,16]", "loss=wgan_gp", "device=cpu", "data.num_workers=0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def test_one_json_line_per_resolution_and_alpha_with_the_fields(bench_lines) -> None:
+    lines, table = bench_lines
+    assert [(r["resolution"], r["alpha"]) for r in lines] == [(8, 0.5), (8, 1.0), (16, 0.5), (16, 1.0)]
+    for r in lines:
+        assert FIELDS <= r.keys()
+        assert r["batch_size"] == 4 and r["latent_dim"] == 16 and r["device"].startswith("cpu")
+        assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["ceiling_gflops"] > 0
+        assert r["loader_img_per_s"] > 0 and r["peak_mem_mb"] > 0
+        # The derived fields are what their names say.
+        assert r["achieved_gflops"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"], rel=1e-2)
+        assert r["mfu"] == pytest.approx(r["achieved_gflops"] / r["ceiling_gflops"], rel=1e-2)
+    assert "img/s" in table and "MFU" in table
+
+
+def test_channels_map_every_resolution_from_4_up(bench_lines) -> None:
+    lines, _ = bench_lines
+    for r in lines:
+        expected = {str(res): channels_for(res, 64, 16, 4) for res in (4, 8, 16) if res <= r["resolution"]}
+        assert r["channels"] == expected
+
+
+def test_flops_grow_with_resolution(bench_lines) -> None:
+    """Four times the pixels: the 16 px iteration costs more FLOPs per image than the 8 px one."""
+    lines, _ = bench_lines
+    per_res = {r["resolution"]: r["gflop_per_img"] for r in lines if r["alpha"] == 1.0}
+    assert per_res[16] > 2 * per_res[8]
+
+
+def test_iteration_flops_match_torch_flop_counter_on_a_forward() -> None:
+    """On a forward pass (where torch's FlopCounterMode works) both counts agree exactly."""
+    G = Generator(16, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4)
+    z = torch.randn(4, 16)
+    with FlopCounterMode(display=False) as reference:
+        G(z, 0.5)
+    with IterationFlops() as ours:
+        G(z, 0.5)
+    assert ours.total == reference.get_total_flops() > 0
+
+
+def test_iteration_flops_count_the_gradient_penalty() -> None:
+    """The D step with WGAN-GP's double backward costs more than the same step without a penalty."""
+    torch.manual_seed(0)
+    G = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4)
+    D = Discriminator(8, fmap_base=64, fmap_max=16, fmap_min=4)
+    reals, z = torch.randn(4, 3, 8, 8), torch.randn(4, 16)
+    counts = {}
+    for name in ("wgan_gp", "hinge"):
+        opt = torch.optim.Adam(D.parameters(), fused=True)
+        with IterationFlops() as flops:
+            d_step(G, D, opt, make_loss(name), reals, z, 1.0)
+        counts[name] = flops.total
+    assert counts["wgan_gp"] > 1.5 * counts["hinge"]
+
+
+def test_bad_settings_are_one_line_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run([PGAN_BENCH, "resolutions=[24]"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: resolutions:")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_issue_command_line_composes() -> None:
+    """The documented interface: model, resolutions, batch_size, loss and device as overrides."""
+    cfg = compose_config(
+        "model=small", "resolutions=[32,64,128]", "batch_size=16", "loss=wgan_gp", "device=cpu", config_name="bench"
+    )
+    assert list(cfg.resolutions) == [32, 64, 128] and cfg.batch_size == 16 and cfg.loss.name == "wgan_gp"
