@@ -15,12 +15,15 @@ the forward passes, their backward, and the gradient penalty's double backward a
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -80,6 +83,7 @@ class BenchResult:
     params_d: int
     model: str
     loss: str
+    penalty_every: int  # lazy regularisation: the penalty on every k-th D step (1 = every step)
     precision: str
     device: str
     repeats: int
@@ -159,6 +163,9 @@ def check_bench_config(cfg: DictConfig) -> list[int]:
     for key in ("warmup_steps", "steps", "repeats", "loader_batches"):
         if int(cfg[key]) < (0 if key == "warmup_steps" else 1):
             raise UserError(f"{key} must be >= {0 if key == 'warmup_steps' else 1}, got {cfg[key]}")
+    every = int(cfg.loss.get("penalty_every", 1))
+    if int(cfg.steps) % every:
+        raise UserError(f"steps ({cfg.steps}) must be a multiple of loss.penalty_every ({every}): whole lazy cycles")
     if any(not 0 <= float(a) <= 1 for a in cfg.alphas):
         raise UserError(f"alphas must be in [0, 1], got {list(cfg.alphas)}")
     return [int(r) for r in resolutions]
@@ -198,7 +205,8 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
             )
             beta = ema_beta(batch, 10.0)
 
-            step = partial(train_step, G, D, G_ema, opt_G, opt_D, loss, reals, float(alpha), beta, autocast)
+            iteration = partial(train_step, G, D, G_ema, opt_G, opt_D, loss, reals, float(alpha), beta, autocast)
+            step = _counting(iteration)  # step_index 0, 1, 2, ...: lazy regularisation's schedule
 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -213,10 +221,12 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
                 synchronize(device)
                 times.append((time.perf_counter() - t0) / int(cfg.steps))
             step_s = statistics.median(times)
+            # FLOPs over one full lazy-regularisation cycle (one iteration without it), per iteration.
             with IterationFlops() as flops:
-                step()
+                for _ in range(loss.penalty_every):
+                    step()
             img_per_s = batch / step_s
-            gflop_per_img = flops.total / batch / 1e9
+            gflop_per_img = flops.total / loss.penalty_every / batch / 1e9
             achieved = gflop_per_img * img_per_s
             results.append(
                 BenchResult(
@@ -238,6 +248,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
                     params_d=sum(p.numel() for p in D.parameters()),
                     model=str(m.name),
                     loss=loss.name,
+                    penalty_every=loss.penalty_every,
                     precision="bf16" if use_bf16 else "fp32",
                     device=_device_name(device),
                     repeats=int(cfg.repeats),
@@ -246,6 +257,16 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
             )
             del G, D, G_ema, opt_G, opt_D
     return results
+
+
+def _counting(iteration: Callable[..., Any]) -> Callable[[], None]:
+    """`iteration(step_index=k)` for k = 0, 1, 2, ... on successive calls."""
+    count = itertools.count()
+
+    def step() -> None:
+        iteration(step_index=next(count))
+
+    return step
 
 
 def _up_to(resolution: int) -> list[int]:

@@ -74,20 +74,34 @@ class Loss:
     penalty: str  # "gp" (gradient penalty on interpolates), "r1" (on reals) or "none"
     penalty_weight: float  # lambda for "gp", gamma for "r1"
     gp_target: float = 1.0
+    # Lazy regularisation (StyleGAN2): the penalty only every `penalty_every` D steps, scaled by it.
+    penalty_every: int = 1
 
 
 LOSS_NAMES = ("wgan_gp", "logistic", "hinge")
 
 
 def make_loss(
-    name: str, drift: float = 0.001, gp_weight: float = 10.0, gp_target: float = 1.0, r1_gamma: float = 0.0
+    name: str,
+    drift: float = 0.001,
+    gp_weight: float = 10.0,
+    gp_target: float = 1.0,
+    r1_gamma: float = 0.0,
+    penalty_every: int = 1,
 ) -> Loss:
-    """Bundle the losses for `name` (wgan_gp | logistic | hinge); R1 is used when r1_gamma > 0."""
+    """Bundle the losses for `name` (wgan_gp | logistic | hinge); R1 is used when r1_gamma > 0; the penalty is
+    applied every `penalty_every` D steps, scaled by it (1 = every step)."""
+    try:
+        every = int(penalty_every)
+    except (TypeError, ValueError):
+        every = 0
+    if every < 1 or every != penalty_every:
+        raise ValueError(f"loss.penalty_every must be an integer >= 1, got {penalty_every!r}")
     if name == "wgan_gp":
-        return Loss(name, partial(wgan_d_loss, drift=drift), wgan_g_loss, "gp", gp_weight, gp_target)
+        return Loss(name, partial(wgan_d_loss, drift=drift), wgan_g_loss, "gp", gp_weight, gp_target, every)
     r1 = ("r1", r1_gamma) if r1_gamma > 0 else ("none", 0.0)
     if name == "logistic":
-        return Loss(name, logistic_d_loss, logistic_g_loss, *r1)
+        return Loss(name, logistic_d_loss, logistic_g_loss, *r1, penalty_every=every)
     if name == "hinge":
-        return Loss(name, hinge_d_loss, hinge_g_loss, *r1)
+        return Loss(name, hinge_d_loss, hinge_g_loss, *r1, penalty_every=every)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")

@@ -595,7 +595,9 @@ def train_stage(
         reals = next(loader).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         if poisoned(stage.start_nimg + nimg):
             reals = reals * float("nan")
-        stats = train_step(G, D, G_ema, opt_G, opt_D, loss, reals, alpha_at(stage, nimg), beta, autocast)
+        # The step index is a function of the image counter, so lazy regularisation resumes in phase.
+        step_index = nimg // stage.batch_size
+        stats = train_step(G, D, G_ema, opt_G, opt_D, loss, reals, alpha_at(stage, nimg), beta, autocast, step_index)
 
         prev, nimg = nimg, nimg + stage.batch_size
         bar.update(stage.batch_size)

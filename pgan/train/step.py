@@ -28,29 +28,34 @@ def d_step(
     z: Tensor,
     alpha: float,
     autocast: contextlib.AbstractContextManager | None = None,
+    with_penalty: bool = True,
 ) -> dict[str, Tensor]:
     """Update D once on `reals` and G(z); returns detached scalars (no host sync) for logging.
 
+    `with_penalty=False` leaves the penalty out (lazy regularisation: the steps in between); when it is in,
+    it is scaled by `loss.penalty_every` so that its average weight stays the configured one.
     The update is skipped on the device when the loss or a gradient is not finite (`Guard/skipped_D` is 1).
     """
     autocast = autocast or contextlib.nullcontext()
     with torch.no_grad(), autocast:
         fakes = G(z, alpha)
-    if loss.penalty == "r1":
+    penalty_kind = loss.penalty if with_penalty else "none"
+    if penalty_kind == "r1":
         reals = reals.detach().requires_grad_(True)
     with autocast:
         real_scores = at_least_fp32(D(reals, alpha))
         fake_scores = at_least_fp32(D(fakes, alpha))
     d_loss = loss.d_loss(real_scores, fake_scores)
-    if loss.penalty == "gp":
+    weight = loss.penalty_weight * loss.penalty_every
+    if penalty_kind == "gp":
         # One random interpolate per sample between its real and fake image (WGAN-GP).
         eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
         mixed = torch.lerp(reals, fakes.to(reals.dtype), eps).requires_grad_(True)
         with autocast:
             mixed_scores = at_least_fp32(D(mixed, alpha))
-        penalty = gradient_penalty(mixed_scores, mixed, loss.penalty_weight, loss.gp_target)
-    elif loss.penalty == "r1":
-        penalty = r1_penalty(real_scores, reals, loss.penalty_weight)
+        penalty = gradient_penalty(mixed_scores, mixed, weight, loss.gp_target)
+    elif penalty_kind == "r1":
+        penalty = r1_penalty(real_scores, reals, weight)
     else:
         penalty = torch.zeros((), device=reals.device)
     total = d_loss + penalty
@@ -116,13 +121,16 @@ def train_step(
     alpha: float,
     ema_beta: float,
     autocast: contextlib.AbstractContextManager | None = None,
+    step_index: int = 0,
 ) -> dict[str, Tensor]:
     """One training iteration, as the loop (and pgan-bench) runs it: reals faded by alpha, a D step with its
-    penalty on fresh latents, a G step on fresh latents, the EMA update. Returns the detached scalars."""
+    penalty (on the steps `step_index` makes due under lazy regularisation) on fresh latents, a G step on
+    fresh latents, the EMA update. Returns the detached scalars."""
     reals = fade_reals(reals, alpha)
     latent_dim = G.latent_dim
     z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
-    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast)
+    with_penalty = step_index % loss.penalty_every == 0
+    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast, with_penalty)
     z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
     stats |= g_step(G, D, opt_G, loss, z, alpha, autocast)
     ema_update(G_ema, G, ema_beta)
