@@ -10,6 +10,7 @@ import torch
 from conftest import TINY, compose_config
 from test_train import PGAN_TRAIN
 
+from pgan.cli import user_error_line
 from pgan.errors import UserError
 from pgan.train.loop import train
 
@@ -88,3 +89,14 @@ def test_cli_config_mistakes_are_one_line_exit_2(override: str, expected: str, t
         result.stderr.startswith(expected) and len(result.stderr.strip().splitlines()) == 1
     ), result.stderr
     assert not (tmp_path / "run" / "stage-0032").exists()
+
+
+def test_a_user_error_from_a_loader_worker_prints_as_its_own_line() -> None:
+    """torch re-raises a worker's UserError with the worker's traceback in its message: the CLI prints the
+    original message, one line."""
+    wrapped = UserError(
+        "Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\npgan.errors.UserError: cannot read image /data/a.png: truncated'
+    )
+    assert user_error_line(wrapped) == "cannot read image /data/a.png: truncated"
+    assert user_error_line(UserError("plain")) == "plain"

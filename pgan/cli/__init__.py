@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from pgan.errors import UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXIT_USER_ERROR = 2
@@ -64,3 +67,19 @@ def _parses(parser, override: str) -> bool:
     except HydraException:
         return False
     return True
+
+
+def user_error_line(exc: UserError) -> str:
+    """The user-facing line of a UserError, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception with the worker's traceback prepended to its message; the
+    original message is the last line, after the exception's qualified name.
+    """
+    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return last.removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
+
+
+def exit_with_user_error(exc: UserError) -> NoReturn:
+    """Print `error: <the one line>` on stderr and exit with EXIT_USER_ERROR (2)."""
+    print(f"error: {user_error_line(exc)}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)

@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pgan.cli import CONFIG_DIR, EXIT_USER_ERROR, exit_on_bad_overrides
+from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
 
 
@@ -22,8 +22,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         results = run_bench(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_user_error(exc)
     for line in to_json_lines(results):
         print(line, flush=True)
     print(to_table(results), file=sys.stderr, flush=True)

@@ -15,8 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pgan.cli import CONFIG_DIR, EXIT_USER_ERROR, exit_on_bad_overrides
-from pgan.cli.train import _one_line
+from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
 
 METRICS = ("diversity",)
@@ -103,8 +102,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         result = evaluate(cfg)
     except UserError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_user_error(exc)
     print(json.dumps(result), flush=True)
 
 

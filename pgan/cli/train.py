@@ -15,7 +15,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pgan.cli import CONFIG_DIR, EXIT_USER_ERROR, exit_on_bad_overrides
+from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
 
 EXIT_COLLAPSE = 3  # the collapse detector stopped the run (diversity.on_collapse=stop, or rollbacks ran out)
@@ -42,16 +42,6 @@ def with_saved_overrides(args: list[str]) -> list[str]:
     return kept + args
 
 
-def _one_line(exc: UserError) -> str:
-    """The user-facing line of a UserError, also when a DataLoader worker raised it.
-
-    torch re-raises a worker's exception with the worker's traceback prepended to its message; the
-    original message is the last line, after the exception's qualified name.
-    """
-    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    return last.removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     # Imported here so that `--help` stays fast.
@@ -63,8 +53,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg, run_dir)
     except UserError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_user_error(exc)
     except CollapseStop as exc:
         print(
             f"error: {exc} Continue anyway with: pgan-train hydra.run.dir={run_dir} diversity.on_collapse=warn",
