@@ -73,7 +73,7 @@ class BenchResult:
     achieved_gflops: float  # gflop_per_img * img_per_s
     ceiling_gflops: float  # the best large-matmul throughput of this device in this run
     mfu: float  # achieved / ceiling
-    peak_mem_mb: float  # CUDA max allocated in this measurement, or the process's peak RSS on CPU
+    peak_mem_mb: float  # CUDA max allocated in this measurement; on CPU the process's peak RSS so far (cumulative)
     loader_img_per_s: float  # the training DataLoader at this resolution, to the device
     loader_over_train: float  # loader_img_per_s / img_per_s (>= 10 keeps the device fed)
     step_ms: float  # median time of one iteration
@@ -137,7 +137,8 @@ def loader_img_per_s(cfg: DictConfig, resolution: int, batch_size: int, device: 
             prefetch_factor=4 if workers > 0 else None,
         )
     )
-    for _ in range(2):  # start-up: worker processes, first batches
+    # Start-up (worker processes, first batches) and the prefetched batches: timing starts with empty queues.
+    for _ in range(2 + 4 * workers):
         next(loader).to(device)
     synchronize(device)
     t0 = time.perf_counter()
@@ -163,7 +164,9 @@ def check_bench_config(cfg: DictConfig) -> list[int]:
     for key in ("warmup_steps", "steps", "repeats", "loader_batches"):
         if int(cfg[key]) < (0 if key == "warmup_steps" else 1):
             raise UserError(f"{key} must be >= {0 if key == 'warmup_steps' else 1}, got {cfg[key]}")
-    every = int(cfg.loss.get("penalty_every", 1))
+    every = cfg.loss.get("penalty_every", 1)
+    if not isinstance(every, int) or every < 1:
+        raise UserError(f"loss.penalty_every must be an integer >= 1, got {every!r}")
     if int(cfg.steps) % every:
         raise UserError(f"steps ({cfg.steps}) must be a multiple of loss.penalty_every ({every}): whole lazy cycles")
     if any(not 0 <= float(a) <= 1 for a in cfg.alphas):

@@ -105,9 +105,13 @@ def test_iteration_flops_count_the_gradient_penalty() -> None:
     assert counts["wgan_gp"] > 1.5 * counts["hinge"]
 
 
-def test_bad_settings_are_one_line_exit_2(tmp_path: Path) -> None:
-    result = subprocess.run([PGAN_BENCH, "resolutions=[24]"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith("error: resolutions:")
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("resolutions=[24]", "error: resolutions:"), ("loss.penalty_every=0", "error: loss.penalty_every must be")],
+)
+def test_bad_settings_are_one_line_exit_2(override: str, message: str) -> None:
+    result = subprocess.run([PGAN_BENCH, override], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
