@@ -28,15 +28,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import flop_registry
 
 from pgan.data import InfiniteSampler, make_dataset
 from pgan.errors import UserError
 from pgan.losses import make_loss
-from pgan.networks import channels_for, check_resolution, model_kwargs_from
+from pgan.networks import channels_for, check_resolution, model_kwargs_from, resolutions_up_to
 from pgan.schedule import ema_beta
-from pgan.train.loop import build_models, build_optimizers, resolve_device, resolve_precision
+from pgan.train.loop import (
+    autocast_for,
+    build_models,
+    build_optimizers,
+    configure_backends,
+    make_loader,
+    resolve_device,
+    resolve_precision,
+)
 from pgan.train.step import train_step
 
 
@@ -115,6 +122,22 @@ def matmul_ceiling_gflops(device: torch.device, dtype: torch.dtype, size: int, r
     return 2 * size**3 / best / 1e9
 
 
+def median_step_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int, steps: int) -> float:
+    """Seconds per call of `step`: `warmup` calls, then the median of `repeats` timings of `steps` calls each,
+    with a device sync at both ends of every timing."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated since the last reset, or the process's peak RSS (MB)."""
     if device.type == "cuda":
@@ -126,17 +149,7 @@ def loader_img_per_s(cfg: DictConfig, resolution: int, batch_size: int, device: 
     """Images/s of the training DataLoader (the data config's source and workers) delivered to the device."""
     dataset = make_dataset(cfg.data, resolution)
     workers = int(cfg.data.num_workers)
-    loader = iter(
-        DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=InfiniteSampler(len(dataset), seed=0),
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            prefetch_factor=4 if workers > 0 else None,
-        )
-    )
+    loader = make_loader(dataset, InfiniteSampler(len(dataset), seed=0), batch_size, workers, device, worker_seed=0)
     # Start-up (worker processes, first batches) and the prefetched batches: timing starts with empty queues.
     for _ in range(2 + 4 * workers):
         next(loader).to(device)
@@ -183,11 +196,8 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
         loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
     except (TypeError, ValueError) as exc:
         raise UserError(f"loss: {exc}") from exc
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = cfg.precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = cfg.precision != "fp32"
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else None
+    configure_backends(device, cfg.precision)
+    autocast = autocast_for(device, use_bf16)
     size = int(cfg.matmul_size or (8192 if device.type == "cuda" else 4096))
     ceiling = matmul_ceiling_gflops(device, torch.bfloat16 if use_bf16 else torch.float32, size)
     batch = int(cfg.batch_size)
@@ -197,7 +207,9 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
     results = []
     for res in resolutions:
         loader_speed = loader_img_per_s(cfg, res, batch, device, int(cfg.loader_batches))
-        channels = {str(r): channels_for(r, **table_kwargs, table=kwargs.get("channels")) for r in _up_to(res)}
+        channels = {
+            str(r): channels_for(r, **table_kwargs, table=kwargs.get("channels")) for r in resolutions_up_to(res)
+        }
         for alpha in cfg.alphas:
             torch.manual_seed(int(cfg.seed))
             G, D = build_models(cfg, res, device)
@@ -213,17 +225,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(int(cfg.warmup_steps)):
-                step()
-            synchronize(device)
-            times = []
-            for _ in range(int(cfg.repeats)):
-                t0 = time.perf_counter()
-                for _ in range(int(cfg.steps)):
-                    step()
-                synchronize(device)
-                times.append((time.perf_counter() - t0) / int(cfg.steps))
-            step_s = statistics.median(times)
+            step_s = median_step_seconds(step, device, int(cfg.warmup_steps), int(cfg.repeats), int(cfg.steps))
             # FLOPs over one full lazy-regularisation cycle (one iteration without it), per iteration.
             with IterationFlops() as flops:
                 for _ in range(loss.penalty_every):
@@ -270,10 +272,6 @@ def _counting(iteration: Callable[..., Any]) -> Callable[[], None]:
         iteration(step_index=next(count))
 
     return step
-
-
-def _up_to(resolution: int) -> list[int]:
-    return [2**k for k in range(2, resolution.bit_length()) if 2**k <= resolution]
 
 
 def _device_name(device: torch.device) -> str:

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from pgan.errors import UserError
-from pgan.networks import Discriminator, Generator, model_kwargs_from
+from pgan.errors import UserError, first_line
+from pgan.networks import Generator, model_kwargs_from, networks_from
 from pgan.schedule import Stage, alpha_at
 
 FORMAT = "pgan-checkpoint"
@@ -192,7 +192,7 @@ def load_checkpoint(
         raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
     except pickle.UnpicklingError as exc:
         # weights_only=True refuses anything but tensors and plain values: a checkpoint that would run code.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         if "Weights only load failed" in first or "GLOBAL" in str(exc):
             # torch names the refused global ("Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y").
             culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
@@ -203,7 +203,7 @@ def load_checkpoint(
             ) from exc
         raise CheckpointDamaged(f"cannot load checkpoint {path}: damaged file ({first or type(exc).__name__})") from exc
     except Exception as exc:  # a truncated or corrupt file: torch's zip reader raises RuntimeError, EOFError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         if "DataLoader" in first:
             raise  # torch's SIGCHLD handler fired during the load: a worker's failure, not the file's
         why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -225,16 +225,11 @@ def checkpoint_problem(state: dict[str, Any]) -> str | None:
     parameters and shapes of the networks its config builds at its resolution, and every floating-point
     tensor of the networks and optimizers must be finite."""
     try:
-        m = state["config"]["model"]
-        kwargs = model_kwargs_from(m)
         with torch.device("meta"):  # shapes only, no memory, no RNG
-            nets = {
-                "G": Generator(int(state["resolution"]), latent_dim=int(m["latent_dim"]), **kwargs),
-                "D": Discriminator(int(state["resolution"]), mbstd_group_size=int(m["mbstd_group_size"]), **kwargs),
-            }
+            G, D = networks_from(state["config"]["model"], int(state["resolution"]))
     except (KeyError, TypeError, ValueError) as exc:
         return f"its config does not describe a model ({type(exc).__name__}: {exc})"
-    for key, net in (("G", nets["G"]), ("G_ema", nets["G"]), ("D", nets["D"])):
+    for key, net in (("G", G), ("G_ema", G), ("D", D)):
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         got = state[key]
         if not isinstance(got, dict):

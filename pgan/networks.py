@@ -241,6 +241,14 @@ class Discriminator(nn.Module):
         return self.blocks["4"](x)
 
 
+def networks_from(model: Mapping[str, Any], resolution: int) -> tuple[Generator, Discriminator]:
+    """Fresh G and D at `resolution` from a model config section (a DictConfig or a checkpoint's dict)."""
+    kwargs = model_kwargs_from(model)
+    G = Generator(resolution, latent_dim=int(model["latent_dim"]), **kwargs)
+    D = Discriminator(resolution, mbstd_group_size=int(model["mbstd_group_size"]), **kwargs)
+    return G, D
+
+
 def grow_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Initialise `model` from the state of the same kind of model at half (or the same) resolution.
 

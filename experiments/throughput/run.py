@@ -23,15 +23,13 @@ import copy
 import io
 import itertools
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from torch.nn import ConvTranspose2d
 
-from pgan.bench import IterationFlops, matmul_ceiling_gflops, synchronize
+from pgan.bench import IterationFlops, matmul_ceiling_gflops, median_step_seconds
 from pgan.losses import make_loss
 from pgan.networks import channels_for
 from pgan.schedule import ema_beta
@@ -65,21 +63,6 @@ def load_peer():
     return networks, layers, ProGAN, WganGP
 
 
-def time_iterations(step, device: torch.device, warmup: int, repeats: int, steps: int) -> float:
-    """Median seconds per iteration."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
-
-
 def ours(resolution: int, batch: int, alpha: float, device: torch.device, args) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["model=small", f"model.latent_dim={LATENT}"])
@@ -97,7 +80,7 @@ def ours(resolution: int, batch: int, alpha: float, device: torch.device, args) 
     def step() -> None:
         train_step(G, D, G_ema, opt_G, opt_D, loss, reals, alpha, beta, step_index=next(count))
 
-    seconds = time_iterations(step, device, args.warmup, args.repeats, args.steps)
+    seconds = median_step_seconds(step, device, args.warmup, args.repeats, args.steps)
     with IterationFlops() as flops:
         for _ in range(args.penalty_every):
             step()
@@ -130,7 +113,7 @@ def peer(resolution: int, batch: int, alpha: float, device: torch.device, args) 
         layers.update_average(gan.gen_shadow, gan.gen, beta=beta)
         gan.optimize_generator(loss, gen_optim, noise, images, depth, alpha)
 
-    seconds = time_iterations(step, device, args.warmup, args.repeats, args.steps)
+    seconds = median_step_seconds(step, device, args.warmup, args.repeats, args.steps)
     with IterationFlops() as flops:
         step()
     return {

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -45,10 +45,10 @@ from pgan.checkpoint import (
     snapshots,
 )
 from pgan.data import InfiniteSampler, make_dataset
-from pgan.errors import UserError
+from pgan.errors import UserError, first_line
 from pgan.losses import Loss, make_loss
 from pgan.monitor import Monitor, progress_bar, resource_stats, warn
-from pgan.networks import Discriminator, Generator, check_resolution, grow_from, model_kwargs_from
+from pgan.networks import Discriminator, Generator, check_resolution, grow_from, model_kwargs_from, networks_from
 from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
 from pgan.train.guard import Guard, check_guard_config
 from pgan.train.interrupt import Interrupted, StopFlag, ignore_stop_signals
@@ -99,6 +99,47 @@ def resolve_precision(name: str, device: torch.device) -> bool:
     if name == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return name == "bf16"
+
+
+def configure_backends(device: torch.device, precision: str) -> None:
+    """On CUDA: cuDNN autotuning, and TF32 matmuls/convolutions unless the user asked for full fp32."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+def autocast_for(device: torch.device, use_bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device`, or a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: InfiniteSampler,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    worker_seed: int,
+    timeout_s: float = 0.0,
+) -> Iterator[torch.Tensor]:
+    """The training DataLoader's iterator (also what pgan-bench times)."""
+    return iter(
+        DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+            generator=_private_generator(worker_seed),
+            worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+            # A hung worker (a stuck network file system) becomes an error, and a restart, instead of a silent hang.
+            timeout=timeout_s if num_workers > 0 else 0,
+        )
+    )
 
 
 def stages_from_config(cfg: DictConfig) -> list[Stage]:
@@ -156,9 +197,7 @@ def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 def build_models(cfg: DictConfig, resolution: int, device: torch.device) -> tuple[Generator, Discriminator]:
     """Fresh G and D for one resolution (weights drawn from the global torch RNG), channels-last on `device`."""
-    kwargs = model_kwargs(cfg)
-    G = Generator(resolution, latent_dim=int(cfg.model.latent_dim), **kwargs)
-    D = Discriminator(resolution, mbstd_group_size=int(cfg.model.mbstd_group_size), **kwargs)
+    G, D = networks_from(cfg.model, resolution)
     # channels_last is faster for these convolutions on CUDA and, measured, 2x at 256 px on CPU (oneDNN).
     return G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
 
@@ -202,11 +241,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
             raise UserError(f"stage={cfg.stage} is not one of schedule.resolutions {list(cfg.schedule.resolutions)}")
     else:
         selected = stages
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        # TF32 unless the user asked for full fp32.
-        torch.backends.cuda.matmul.allow_tf32 = cfg.precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = cfg.precision != "fp32"
+    configure_backends(device, cfg.precision)
 
     torch.manual_seed(cfg.seed)
 
@@ -242,7 +277,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     if resume_state is None:
         monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    autocast = autocast_for(device, use_bf16)
     watch = CollapseWatch(cfg, device, autocast, monitor) if cfg.diversity.enabled else None
     guard = Guard(cfg.guard, device)
     try:
@@ -283,7 +318,7 @@ def surviving_loader_failures(
                 raise
             resume, path = found
             warn(
-                f"{_first_line(exc)}; resuming from {path} ({restart + 1} of at most "
+                f"{first_line(exc) or type(exc).__name__}; resuming from {path} ({restart + 1} of at most "
                 f"loader.max_restarts={cfg.loader.max_restarts} in this stage)"
             )
             monitor.restart(purge_step=resume["total_nimg"] + 1)
@@ -440,26 +475,13 @@ def train_stage(
     # The data order is a pure function of (seed, stage, images seen), so resuming restarts it exactly.
     workers = int(cfg.data.num_workers)
 
-    def make_loader(start: int):
+    def stage_loader(start: int) -> Iterator[torch.Tensor]:
         sampler = InfiniteSampler(len(dataset), seed=cfg.seed * 1000 + stage.index, start=start)
-        return iter(
-            DataLoader(
-                dataset,
-                batch_size=stage.batch_size,
-                sampler=sampler,
-                num_workers=workers,
-                pin_memory=device.type == "cuda",
-                drop_last=True,
-                persistent_workers=False,
-                prefetch_factor=4 if workers > 0 else None,
-                generator=_private_generator(cfg.seed),
-                worker_init_fn=ignore_stop_signals if workers > 0 else None,
-                # A hung worker (a stuck network file system) becomes an error, and a restart, instead of a silent hang.
-                timeout=float(cfg.loader.timeout_s) if workers > 0 else 0,
-            )
+        return make_loader(
+            dataset, sampler, stage.batch_size, workers, device, int(cfg.seed), float(cfg.loader.timeout_s)
         )
 
-    loader = make_loader(nimg)
+    loader = stage_loader(nimg)
 
     def lr_scale() -> float:
         """The product of what rollbacks did to the learning rates (collapse and guard)."""
@@ -483,7 +505,7 @@ def train_stage(
         monitor.restart(purge_step=stage.start_nimg + nimg + 1)
         bar.reset(stage.num_images)
         bar.update(nimg)
-        loader = make_loader(nimg)
+        loader = stage_loader(nimg)
         tick_start_time, tick_start_nimg = time.perf_counter(), nimg
 
     def collapse_rollback(ok_state: dict, ok_path: Path, from_step: int) -> None:
@@ -682,11 +704,10 @@ def accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], gu
 def tick_means(sums: dict[str, torch.Tensor], steps: int, guard: Guard) -> dict[str, float]:
     """The tick's averages over its good steps, and the guard's counts (the tick's one host sync)."""
     sums = dict(sums)
-    good_sum = sums.pop("Guard/good_steps", None)
+    good_sum = sums.pop("Guard/good_steps")  # accumulate adds it at every step; a tick follows at least one
+    *totals, good = torch.stack([*sums.values(), good_sum]).tolist()
     names = list(sums)
-    flat = torch.stack([*sums.values(), *([good_sum] if good_sum is not None else [])]).tolist() if sums else []
-    totals = flat[: len(names)]
-    good = round(flat[-1]) if good_sum is not None else steps
+    good = round(good)
     skipped = steps - good
     guard.total_bad_steps += skipped
     values = {k: v / good for k, v in zip(names, totals)} if good else {}
@@ -696,10 +717,6 @@ def tick_means(sums: dict[str, torch.Tensor], steps: int, guard: Guard) -> dict[
 def _loader_failure(exc: RuntimeError) -> bool:
     """Whether torch raised `exc` for a DataLoader worker that died, was killed or timed out."""
     return "DataLoader worker" in str(exc) or "DataLoader timed out" in str(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _private_generator(seed: int) -> torch.Generator:
