@@ -304,25 +304,37 @@ def surviving_loader_failures(
     run_stage: Callable[[dict | None], Path], resume: dict | None, cfg: DictConfig, stage_dir: Path, monitor: Monitor
 ) -> Path:
     """`run_stage(resume)`, and after a DataLoader worker crashed or hung, `run_stage(newest snapshot)` again,
-    at most `loader.max_restarts` times. torch raises the worker's failure from its SIGCHLD handler wherever
-    the main process is, mid-step included, so the stage continues like a resume: the same result as if
-    nothing had happened."""
-    for restart in range(int(cfg.loader.max_restarts) + 1):
+    at most `loader.max_restarts` times, so the stage continues like a resume: the same result as if nothing
+    had happened.
+
+    A worker's death reaches the main process in more than one way and at any moment: as the RuntimeError
+    torch's SIGCHLD handler raises wherever the main process is (mid-step included, or a little later, even
+    during the recovery below), or as a ConnectionResetError/EOFError when the worker dies while handing over
+    a batch. So the recovery itself runs inside the `try`: a late signal for the same death counts as one
+    more failure instead of escaping.
+    """
+    max_restarts = int(cfg.loader.max_restarts)
+    failures: list[str] = []
+    while True:
         try:
+            if failures:
+                found = load_newest_usable(resume_candidates(stage_dir))
+                if found is None:
+                    # (worded so that _loader_failure does not take it for another worker failure)
+                    raise RuntimeError(f"no usable checkpoint in {stage_dir} to continue the stage from")
+                resume, path = found
+                warn(
+                    f"{failures[-1]}; resuming from {path} ({len(failures)} of at most "
+                    f"loader.max_restarts={max_restarts} in this stage)"
+                )
+                monitor.restart(purge_step=resume["total_nimg"] + 1)
             return run_stage(resume)
-        except RuntimeError as exc:
-            if not _loader_failure(exc) or restart == int(cfg.loader.max_restarts):
+        except (RuntimeError, ConnectionError, EOFError) as exc:
+            if not _loader_failure(exc) or len(failures) == max_restarts:
                 raise
-            found = load_newest_usable(resume_candidates(stage_dir))
-            if found is None:
-                raise
-            resume, path = found
-            warn(
-                f"{first_line(exc) or type(exc).__name__}; resuming from {path} ({restart + 1} of at most "
-                f"loader.max_restarts={cfg.loader.max_restarts} in this stage)"
-            )
-            monitor.restart(purge_step=resume["total_nimg"] + 1)
-    raise AssertionError("unreachable")
+            first = first_line(exc) or type(exc).__name__
+            lost = f"DataLoader worker lost ({type(exc).__name__}: {first})"
+            failures.append(first if "DataLoader" in first else lost)
 
 
 def find_resume_point(cfg: DictConfig, run_dir: Path, selected: list[Stage]) -> dict | None:
@@ -714,8 +726,11 @@ def tick_means(sums: dict[str, torch.Tensor], steps: int, guard: Guard) -> dict[
     return values | {"Guard/skipped_steps": skipped, "Guard/skipped_total": guard.total_bad_steps}
 
 
-def _loader_failure(exc: RuntimeError) -> bool:
-    """Whether torch raised `exc` for a DataLoader worker that died, was killed or timed out."""
+def _loader_failure(exc: Exception) -> bool:
+    """Whether `exc` is a DataLoader worker that died, was killed or timed out: torch's RuntimeErrors, or the
+    inter-process connection to a worker broken mid-batch (the training loop has no other connections)."""
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return True
     return "DataLoader worker" in str(exc) or "DataLoader timed out" in str(exc)
 
 
