@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from pgan.data import InfiniteSampler, make_dataset
+from pgan.data import InfiniteSampler, make_dataset, wants_prepared
 from pgan.errors import UserError
 from pgan.losses import make_loss
 from pgan.networks import channels_for, check_resolution, model_kwargs_from, resolutions_up_to
@@ -43,6 +43,7 @@ from pgan.train.loop import (
     make_loader,
     resolve_device,
     resolve_precision,
+    to_device_images,
 )
 from pgan.train.step import train_step
 
@@ -83,6 +84,7 @@ class BenchResult:
     peak_mem_mb: float  # CUDA max allocated in this measurement; on CPU the process's peak RSS so far (cumulative)
     loader_img_per_s: float  # the training DataLoader at this resolution, to the device
     loader_over_train: float  # loader_img_per_s / img_per_s (>= 10 keeps the device fed)
+    loader_prepared: bool  # the loader read a prepared uint8 store (data.prepare; made first when missing)
     step_ms: float  # median time of one iteration
     latent_dim: int
     channels: dict[str, int]  # feature-map width at every resolution from 4 px up to this one
@@ -145,20 +147,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def loader_img_per_s(cfg: DictConfig, resolution: int, batch_size: int, device: torch.device, batches: int) -> float:
-    """Images/s of the training DataLoader (the data config's source and workers) delivered to the device."""
-    dataset = make_dataset(cfg.data, resolution)
+def loader_img_per_s(
+    cfg: DictConfig, resolution: int, batch_size: int, device: torch.device, batches: int
+) -> tuple[float, bool]:
+    """Images/s of the training data pipeline (the data config's source, prepared store and workers) delivered
+    to the device as training images, and whether it read a prepared store (made first if missing)."""
+    prepared = wants_prepared(cfg.data, device)
+    dataset = make_dataset(cfg.data, resolution, prepared=prepared)
     workers = int(cfg.data.num_workers)
     loader = make_loader(dataset, InfiniteSampler(len(dataset), seed=0), batch_size, workers, device, worker_seed=0)
     # Start-up (worker processes, first batches) and the prefetched batches: timing starts with empty queues.
     for _ in range(2 + 4 * workers):
-        next(loader).to(device)
+        to_device_images(next(loader), device)
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(batches):
-        next(loader).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        to_device_images(next(loader), device)
     synchronize(device)
-    return batches * batch_size / (time.perf_counter() - t0)
+    return batches * batch_size / (time.perf_counter() - t0), prepared
 
 
 def check_bench_config(cfg: DictConfig) -> list[int]:
@@ -206,7 +212,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
     table_kwargs = {k: kwargs[k] for k in ("fmap_base", "fmap_max", "fmap_min")}
     results = []
     for res in resolutions:
-        loader_speed = loader_img_per_s(cfg, res, batch, device, int(cfg.loader_batches))
+        loader_speed, prepared = loader_img_per_s(cfg, res, batch, device, int(cfg.loader_batches))
         channels = {
             str(r): channels_for(r, **table_kwargs, table=kwargs.get("channels")) for r in resolutions_up_to(res)
         }
@@ -246,6 +252,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
                     peak_mem_mb=round(peak_memory_mb(device), 1),
                     loader_img_per_s=round(loader_speed, 1),
                     loader_over_train=round(loader_speed / img_per_s, 2),
+                    loader_prepared=prepared,
                     step_ms=round(step_s * 1000, 2),
                     latent_dim=int(m.latent_dim),
                     channels=channels,

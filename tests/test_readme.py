@@ -72,8 +72,8 @@ def test_readme_python_snippet_rebuilds_the_generator(tmp_path: Path) -> None:
     assert namespace["images"].shape == (16, 3, 16, 16)
 
 
-# Each documented pgan-eval / pgan-bench command composes, and its values land in the config.
-OTHER_COMMANDS = [("eval", c) for c in _commands("pgan-eval")] + [("bench", c) for c in _commands("pgan-bench")]
+# Each documented pgan-eval / pgan-bench / pgan-prepare command composes, and its values land in the config.
+OTHER_COMMANDS = [(name, c) for name in ("eval", "bench", "prepare") for c in _commands(f"pgan-{name}")]
 
 
 @pytest.mark.parametrize(("config_name", "command"), OTHER_COMMANDS, ids=[" ".join(c)[:60] for _, c in OTHER_COMMANDS])
@@ -83,8 +83,8 @@ def test_readme_eval_and_bench_commands_compose(config_name: str, command: list[
     for override in command[1:]:
         key, value = override.split("=", 1)
         if key in cfg and not OmegaConf.is_config(cfg[key]):  # group choices like data=shapes select a node
-            assert str(cfg[key]) == value
+            assert str(cfg[key]).lower() == value.lower()  # force=true composes to True
 
 
 def test_readme_shows_eval_and_bench() -> None:
-    assert {name for name, _ in OTHER_COMMANDS} == {"eval", "bench"}
+    assert {name for name, _ in OTHER_COMMANDS} == {"eval", "bench", "prepare"}

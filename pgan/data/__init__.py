@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from pgan.data.digits import NUM_DIGITS, DigitsDataset, StackedDigitsDataset
 from pgan.data.folder import FolderDataset
+from pgan.data.prepared import PreparedImages, prepare, wants_prepared
 from pgan.data.sampler import InfiniteSampler
 from pgan.data.shapes import ShapesDataset
 from pgan.data.torchvision_source import TorchvisionDataset
@@ -18,10 +19,12 @@ __all__ = [
     "DigitsDataset",
     "FolderDataset",
     "InfiniteSampler",
+    "PreparedImages",
     "ShapesDataset",
     "StackedDigitsDataset",
     "TorchvisionDataset",
     "make_dataset",
+    "wants_prepared",
 ]
 
 SOURCES = ("shapes", "digits", "stacked_digits", "folder", "torchvision")
@@ -39,12 +42,25 @@ def _required(cfg: Mapping, key: str) -> Any:
     return value
 
 
-def make_dataset(cfg: Mapping, resolution: int, scan_cache: str | Path | None = None, min_images: int = 1) -> Dataset:
-    """Build the dataset named by cfg["source"] at `resolution` px.
+def make_dataset(
+    cfg: Mapping,
+    resolution: int,
+    scan_cache: str | Path | None = None,
+    min_images: int = 1,
+    prepared: bool = False,
+) -> Dataset:
+    """Build the dataset named by cfg["source"] at `resolution` px; with `prepared`, its prepared store
+    (PreparedImages, made on first use: see pgan.data.prepared).
 
     Each item is a float32 tensor [channels, resolution, resolution] in [-1, 1]. `scan_cache` (a JSON file) and
     `min_images` (fewer usable images is a UserError) apply to the folder source; the other sources ignore them.
     """
+    source = _make_source(cfg, resolution, scan_cache, min_images)
+    return prepare(cfg, resolution, source) if prepared else source
+
+
+def _make_source(cfg: Mapping, resolution: int, scan_cache: str | Path | None, min_images: int) -> Dataset:
+    """The dataset cfg["source"] names, decoding or rendering every item when it is read."""
     source = _required(cfg, "source")
     channels = int(cfg.get("channels", 3))
     if source == "shapes":

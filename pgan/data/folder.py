@@ -63,6 +63,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from pgan.data.prepared import CACHE_DIRNAME, uint8_to_signed
 from pgan.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -139,8 +140,7 @@ def square_resize(image: Image.Image, resolution: int) -> Image.Image:
 
 def to_signed_tensor(image: Image.Image) -> torch.Tensor:
     """Convert a PIL image to a float32 CHW tensor in [-1, 1]."""
-    unit = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
-    return unit * 2.0 - 1.0
+    return uint8_to_signed(F.pil_to_tensor(image))
 
 
 def find_images(root: Path) -> list[Path]:
@@ -274,6 +274,8 @@ def _walk(root: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, str]]
                 is_dir = entry.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False
+            if is_dir and entry.name == CACHE_DIRNAME:
+                continue  # pgan's own prepared stores, not images
             if is_dir:
                 try:
                     info = os.stat(entry.path)
@@ -511,6 +513,7 @@ class FolderDataset(Dataset):
 
         report = FolderReport(str(root), resolution, channels, small_images, decoded=scan.decoded, cached=scan.cached)
         usable: list[str] = []
+        stats: list[tuple[str, int, int]] = []
         ordered = sorted([*scan.entries.items(), *scan.walk_skips], key=lambda item: item[0])
         for rel, entry in ordered:
             if isinstance(entry, str):  # a walk-level skip reason
@@ -535,6 +538,7 @@ class FolderDataset(Dataset):
                 rules.append("upscaled")
             report.convert(rel, rules)
             usable.append(rel)
+            stats.append((rel, _size, _mtime))
         report.usable = len(usable)
 
         if not usable:
@@ -559,6 +563,12 @@ class FolderDataset(Dataset):
         self.channels = channels
         self.small_images = small_images
         self.report = report
+        self._stats = stats
+
+    def content_key(self) -> dict[str, Any]:
+        """What the images depend on besides the settings (the key of a prepared store): the folder's real path
+        and every usable file's relative path, size and mtime."""
+        return {"root": os.path.realpath(self.root), "files": self._stats}
 
     def __len__(self) -> int:
         return len(self.files)

@@ -90,6 +90,10 @@ class TorchvisionDataset(Dataset):
         self.resolution = resolution
         self.channels = channels
 
+    def content_key(self) -> dict[str, object]:
+        """What the images depend on besides the settings (the key of a prepared store)."""
+        return {"root": str(self.root.resolve()), "class": type(self.dataset).__name__, "count": len(self.dataset)}
+
     def __len__(self) -> int:
         return len(self.dataset)
 

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from pgan.data import digits
 from pgan.data.digits import DigitsDataset, StackedDigitsDataset
+from pgan.data.prepared import PreparedImages
 from pgan.data.shapes import NUM_MODES as SHAPES_NUM_MODES
 from pgan.data.shapes import ShapesDataset
 from pgan.errors import UserError
@@ -155,6 +156,8 @@ def _cached_classifier(source: str, channels: int) -> ModeClassifier:
 
 def mode_classifier_for(data: Dataset | Mapping) -> ModeClassifier:
     """The mode classifier for a dataset instance or a data config (cfg.data); fitted once per process."""
+    if isinstance(data, PreparedImages) and data.source is not None:
+        data = data.source  # a prepared store: the dataset it was made from
     if isinstance(data, Mapping):
         source, channels = str(data.get("source")), int(data.get("channels", 3))
     elif isinstance(data, ShapesDataset):

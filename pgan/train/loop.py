@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
 
 from pgan.checkpoint import (
@@ -44,7 +44,8 @@ from pgan.checkpoint import (
     snapshot_nimg,
     snapshots,
 )
-from pgan.data import InfiniteSampler, make_dataset
+from pgan.data import InfiniteSampler, PreparedImages, make_dataset, wants_prepared
+from pgan.data.prepared import PreparedBatches, uint8_to_signed
 from pgan.errors import UserError, first_line
 from pgan.losses import Loss, make_loss
 from pgan.monitor import Monitor, progress_bar, resource_stats, warn
@@ -123,15 +124,17 @@ def make_loader(
     worker_seed: int,
     timeout_s: float = 0.0,
 ) -> Iterator[torch.Tensor]:
-    """The training DataLoader's iterator (also what pgan-bench times)."""
+    """The training DataLoader's iterator (also what pgan-bench times). A prepared store is read a whole batch
+    at a time (one slice of the memory map, uint8); the other datasets item by item, stacked by the loader."""
+    batched = isinstance(dataset, PreparedImages)
     return iter(
         DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
+            PreparedBatches(dataset) if batched else dataset,
+            batch_size=None if batched else batch_size,
+            sampler=BatchSampler(sampler, batch_size, drop_last=True) if batched else sampler,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
-            drop_last=True,
+            drop_last=not batched,
             persistent_workers=False,
             prefetch_factor=4 if num_workers > 0 else None,
             generator=_private_generator(worker_seed),
@@ -140,6 +143,14 @@ def make_loader(
             timeout=timeout_s if num_workers > 0 else 0,
         )
     )
+
+
+def to_device_images(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loader batch on `device` as float32 NCHW (channels_last) in [-1, 1]. A prepared store's uint8 NHWC batch
+    is converted on the device (a quarter of the bytes to move; NHWC permuted is channels_last already)."""
+    if batch.dtype == torch.uint8:
+        return uint8_to_signed(batch.to(device, non_blocking=True).permute(0, 3, 1, 2))
+    return batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 def stages_from_config(cfg: DictConfig) -> list[Stage]:
@@ -263,10 +274,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     init = (
         None if resuming_first else initial_state(cfg, run_dir, stages, plan[0], use_init_from=plan[0] is selected[0])
     )
-    dataset = stage_dataset(cfg, plan[0], run_dir)
+    dataset = stage_dataset(cfg, plan[0], run_dir, device)
     if cfg.data.source == "folder":  # a later stage may skip more images (too small for it): check it now
         for st in plan[1:]:
-            stage_dataset(cfg, st, run_dir)
+            stage_dataset(cfg, st, run_dir, device)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -285,7 +296,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
             for st in plan:
                 if st is not plan[0]:
                     init = initial_state(cfg, run_dir, stages, st, use_init_from=False)
-                    dataset = stage_dataset(cfg, st, run_dir)
+                    dataset = stage_dataset(cfg, st, run_dir, device)
                 write_data_report(run_dir, st, dataset)
                 resume = resume_state if resuming_first and st is plan[0] else None
                 # Everything but where it resumes from, for surviving_loader_failures to call.
@@ -361,13 +372,22 @@ def find_resume_point(cfg: DictConfig, run_dir: Path, selected: list[Stage]) -> 
     return None
 
 
-def stage_dataset(cfg: DictConfig, stage: Stage, run_dir: Path) -> Dataset:
-    """The dataset at the stage's resolution, with at least one batch of images."""
+def stage_dataset(cfg: DictConfig, stage: Stage, run_dir: Path, device: torch.device) -> Dataset:
+    """The dataset at the stage's resolution (its prepared store when data.prepare asks for one), with at least
+    one batch of images."""
     # A folder's scan (which files decode, their sizes) is cached in the run directory: a resumed run over
     # many files does not decode them all again.
     dataset = make_dataset(
-        cfg.data, stage.resolution, scan_cache=run_dir / "data-scan.json", min_images=stage.batch_size
+        cfg.data,
+        stage.resolution,
+        scan_cache=run_dir / "data-scan.json",
+        min_images=stage.batch_size,
+        prepared=wants_prepared(cfg.data, device),
     )
+    if isinstance(dataset, PreparedImages):
+        info = dataset.info
+        done = f"prepared in {info['seconds']:.1f} s" if info["built"] else "already prepared"
+        print(f"data at {stage.resolution} px: {info['path']} ({info['count']} images, {info['mib']} MiB, {done})")
     if len(dataset) < stage.batch_size:
         raise UserError(
             f"the dataset has {len(dataset)} images at {stage.resolution} px, fewer than one batch "
@@ -626,7 +646,7 @@ def train_stage(
     G.train()
     D.train()
     while nimg < stage.num_images:
-        reals = next(loader).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        reals = to_device_images(next(loader), device)
         if poisoned(stage.start_nimg + nimg):
             reals = reals * float("nan")
         # The step index is a function of the image counter, so lazy regularisation resumes in phase.
