@@ -39,7 +39,9 @@ from pgan.train.loop import (
     autocast_for,
     build_models,
     build_optimizers,
+    check_speed_config,
     configure_backends,
+    fast_networks,
     make_loader,
     resolve_device,
     resolve_precision,
@@ -59,14 +61,39 @@ class IterationFlops(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
+        self.convolution = 0  # the part in convolutions (forward and backward), the rest is matrix products
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         count = flop_registry.get(func._overloadpacket)
         if count is not None:
-            self.total += int(count(*args, **kwargs, out_val=out))
+            flops = int(count(*args, **kwargs, out_val=out))
+            self.total += flops
+            if "convolution" in func._overloadpacket.__name__:
+                self.convolution += flops
         return out
+
+
+def convolution_seconds(step: Callable[[], None], device: torch.device, steps: int) -> float:
+    """Seconds per call of `step` spent inside convolution ops (forward and backward), by torch.profiler.
+
+    The self time of every op whose name contains "convolution" (on CUDA: the device time of the kernels
+    those ops launch), so nested ops are never counted twice; it includes their dispatch overhead.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    total_us = 0.0
+    for event in prof.key_averages():
+        if "convolution" in event.key.lower():
+            total_us += event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+    return total_us / 1e6 / steps
 
 
 @dataclass
@@ -81,11 +108,17 @@ class BenchResult:
     achieved_gflops: float  # gflop_per_img * img_per_s
     ceiling_gflops: float  # the best large-matmul throughput of this device in this run
     mfu: float  # achieved / ceiling
+    conv_share: float  # the fraction of the iteration's time spent in convolutions (torch.profiler)
+    conv_achieved_gflops: float  # convolution FLOPs / time in convolutions: how well the convolutions run
+    conv_mfu: float  # conv_achieved_gflops / ceiling
     peak_mem_mb: float  # CUDA max allocated in this measurement; on CPU the process's peak RSS so far (cumulative)
     loader_img_per_s: float  # the training DataLoader at this resolution, to the device
     loader_over_train: float  # loader_img_per_s / img_per_s (>= 10 keeps the device fed)
     loader_prepared: bool  # the loader read a prepared uint8 store (data.prepare; made first when missing)
     step_ms: float  # median time of one iteration
+    first_step_s: float  # the first iteration, before warm-up (with speed.compile: the compile time, roughly)
+    compile: bool  # speed.compile: G and D torch.compile'd (the penalty's double backward stays eager)
+    reuse_fakes: bool  # speed.reuse_fakes: the G step reuses the D step's G(z)
     latent_dim: int
     channels: dict[str, int]  # feature-map width at every resolution from 4 px up to this one
     params_g: int
@@ -196,6 +229,7 @@ def check_bench_config(cfg: DictConfig) -> list[int]:
 def run_bench(cfg: DictConfig) -> list[BenchResult]:
     """Measure every resolution x alpha of the bench config (see conf/bench.yaml)."""
     resolutions = check_bench_config(cfg)
+    check_speed_config(cfg)
     device = resolve_device(cfg.device)
     use_bf16 = resolve_precision(cfg.precision, device)
     try:
@@ -226,19 +260,30 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
             )
             beta = ema_beta(batch, 10.0)
 
-            iteration = partial(train_step, G, D, G_ema, opt_G, opt_D, loss, reals, float(alpha), beta, autocast)
-            step = _counting(iteration)  # step_index 0, 1, 2, ...: lazy regularisation's schedule
+            G_fast, D_fast = fast_networks(cfg, G, D)
+            options = {"eager_D": D, "reuse_fakes": bool(cfg.speed.reuse_fakes)}
+            fixed = (G_ema, opt_G, opt_D, loss, reals, float(alpha), beta, autocast)
+            step = _counting(partial(train_step, G_fast, D_fast, *fixed, **options))  # step_index 0, 1, 2, ...
 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()  # with speed.compile, this one compiles
+            synchronize(device)
+            first_step_s = time.perf_counter() - t0
             step_s = median_step_seconds(step, device, int(cfg.warmup_steps), int(cfg.repeats), int(cfg.steps))
-            # FLOPs over one full lazy-regularisation cycle (one iteration without it), per iteration.
+            # FLOPs over one full lazy-regularisation cycle (one iteration without it), per iteration; counted
+            # on the eager networks (the same operations: compiling fuses element-wise work, which counts zero).
             with IterationFlops() as flops:
+                eager_step = _counting(partial(train_step, G, D, *fixed, **options))
                 for _ in range(loss.penalty_every):
-                    step()
+                    eager_step()
+            conv_s = convolution_seconds(step, device, int(cfg.steps))
             img_per_s = batch / step_s
             gflop_per_img = flops.total / loss.penalty_every / batch / 1e9
             achieved = gflop_per_img * img_per_s
+            conv_gflops = flops.convolution / loss.penalty_every / 1e9 / conv_s
             results.append(
                 BenchResult(
                     resolution=res,
@@ -249,11 +294,17 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
                     achieved_gflops=round(achieved, 2),
                     ceiling_gflops=round(ceiling, 1),
                     mfu=round(achieved / ceiling, 4),
+                    conv_share=round(conv_s / step_s, 4),
+                    conv_achieved_gflops=round(conv_gflops, 2),
+                    conv_mfu=round(conv_gflops / ceiling, 4),
                     peak_mem_mb=round(peak_memory_mb(device), 1),
                     loader_img_per_s=round(loader_speed, 1),
                     loader_over_train=round(loader_speed / img_per_s, 2),
                     loader_prepared=prepared,
                     step_ms=round(step_s * 1000, 2),
+                    first_step_s=round(first_step_s, 2),
+                    compile=bool(cfg.speed.compile),
+                    reuse_fakes=bool(cfg.speed.reuse_fakes),
                     latent_dim=int(m.latent_dim),
                     channels=channels,
                     params_g=sum(p.numel() for p in G.parameters()),
@@ -295,8 +346,8 @@ def to_json_lines(results: list[BenchResult]) -> list[str]:
 
 def to_table(results: list[BenchResult]) -> str:
     """The results as a fixed-width table for people."""
-    header = ("res", "alpha", "batch", "img/s", "ms/step", "GFLOP/img", "GFLOP/s", "ceiling", "MFU", "mem MB")
-    header += ("loader img/s",)
+    header = ("res", "alpha", "batch", "img/s", "ms/step", "GFLOP/img", "GFLOP/s", "ceiling", "MFU", "conv MFU")
+    header += ("conv time", "mem MB", "loader img/s")
     rows = [
         (
             r.resolution,
@@ -308,6 +359,8 @@ def to_table(results: list[BenchResult]) -> str:
             f"{r.achieved_gflops:.1f}",
             f"{r.ceiling_gflops:.0f}",
             f"{100 * r.mfu:.1f}%",
+            f"{100 * r.conv_mfu:.1f}%",
+            f"{100 * r.conv_share:.0f}%",
             f"{r.peak_mem_mb:.0f}",
             f"{r.loader_img_per_s:.0f}",
         )

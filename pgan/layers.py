@@ -98,3 +98,12 @@ def downsample_2x(x: torch.Tensor) -> torch.Tensor:
 def lrelu(x: torch.Tensor) -> torch.Tensor:
     """LeakyReLU with ProGAN's slope 0.2."""
     return F.leaky_relu(x, LRELU_SLOPE)
+
+
+def fade(old: torch.Tensor, new: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The fade-in blend: `old` at alpha = 0 (exactly), `new` at alpha = 1.
+
+    Plain arithmetic rather than torch.lerp: under torch.compile a Python-number lerp weight is baked into the
+    graph, one compilation per alpha value, while this stays one graph for the whole fade.
+    """
+    return old + (new - old) * alpha

@@ -26,6 +26,7 @@ from pgan.layers import (
     EqualizedLinear,
     at_least_fp32,
     downsample_2x,
+    fade,
     lrelu,
     minibatch_stddev,
     pixel_norm,
@@ -159,7 +160,7 @@ class Generator(nn.Module):
         if alpha >= 1.0:  # stable phase: the old toRGB is not evaluated at all
             return new
         old = upsample_2x(self.to_rgb[str(top // 2)](x))
-        return torch.lerp(old, new, float(alpha))
+        return fade(old, new, alpha)
 
 
 class DiscriminatorBlock(nn.Module):
@@ -235,7 +236,7 @@ class Discriminator(nn.Module):
             x = self.blocks[str(top)](x)
             if alpha < 1.0:
                 old = lrelu(self.from_rgb[str(top // 2)](downsample_2x(images)))
-                x = torch.lerp(old, x, float(alpha))
+                x = fade(old, x, alpha)
             for res in reversed(self.resolutions[1:-1]):
                 x = self.blocks[str(res)](x)
         return self.blocks["4"](x)

@@ -62,7 +62,11 @@ def test_one_json_line_per_resolution_and_alpha_with_the_fields(bench_lines) -> 
         # The derived fields are what their names say.
         assert r["achieved_gflops"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"], rel=1e-2)
         assert r["mfu"] == pytest.approx(r["achieved_gflops"] / r["ceiling_gflops"], rel=1e-2)
-    assert "img/s" in table and "MFU" in table
+        # The convolutions are most of the FLOPs and part of the time; their own rate is above the average.
+        assert 0 < r["conv_share"] < 1 and r["conv_achieved_gflops"] > 0
+        assert r["conv_mfu"] == pytest.approx(r["conv_achieved_gflops"] / r["ceiling_gflops"], rel=1e-2)
+        assert not r["compile"] and not r["reuse_fakes"] and not r["loader_prepared"] and r["first_step_s"] > 0
+    assert "img/s" in table and "MFU" in table and "conv MFU" in table
 
 
 def test_channels_map_every_resolution_from_4_up(bench_lines) -> None:
@@ -88,6 +92,14 @@ def test_iteration_flops_match_torch_flop_counter_on_a_forward() -> None:
     with IterationFlops() as ours:
         G(z, 0.5)
     assert ours.total == reference.get_total_flops() > 0
+
+
+def test_iteration_flops_split_off_the_convolutions() -> None:
+    """A generator is convolutions and one dense layer: the convolution part is most, not all, of its FLOPs."""
+    G = Generator(16, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4)
+    with IterationFlops() as flops:
+        G(torch.randn(4, 16), 1.0).sum().backward()
+    assert 0.5 * flops.total < flops.convolution < flops.total
 
 
 def test_iteration_flops_count_the_gradient_penalty() -> None:

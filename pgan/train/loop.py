@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
 
@@ -213,6 +214,28 @@ def build_models(cfg: DictConfig, resolution: int, device: torch.device) -> tupl
     return G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def check_speed_config(cfg: DictConfig) -> None:
+    """One-line errors for speed.* settings that are not what they should be."""
+    for key in ("compile", "reuse_fakes"):
+        if not isinstance(cfg.speed[key], bool):
+            raise UserError(f"speed.{key} must be true or false, got {cfg.speed[key]!r}")
+    if cfg.speed.compile_mode not in COMPILE_MODES:
+        raise UserError(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.speed.compile_mode!r}")
+
+
+def fast_networks(cfg: DictConfig, G: Generator, D: Discriminator) -> tuple[nn.Module, nn.Module]:
+    """G and D as the training step calls them: torch.compile'd with speed.compile (same parameters), else as is."""
+    if not cfg.speed.compile:
+        return G, D
+    # alpha changes every step of a fade: a symbolic float, not one compilation per value.
+    torch._dynamo.config.specialize_float = False
+    mode = str(cfg.speed.compile_mode)
+    return torch.compile(G, mode=mode), torch.compile(D, mode=mode)
+
+
 def build_optimizers(G: Generator, D: Discriminator, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """The paper's Adam (beta1 0, beta2 0.99, eps 1e-8) for G and D, fresh for every stage. Fused: one kernel
     per step, and it can skip a step on a device-side flag (the non-finite guard) without a host sync."""
@@ -244,6 +267,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     if cfg.diversity.enabled:
         check_diversity_config(cfg)
     check_guard_config(cfg)
+    check_speed_config(cfg)
     if int(cfg.checkpoint.keep) < 1:
         raise UserError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     if cfg.stage is not None:
@@ -462,6 +486,9 @@ def train_stage(
     G, D = build_models(cfg, stage.resolution, device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_G, opt_D = build_optimizers(G, D, stage.lr)
+    G_fast, D_fast = fast_networks(cfg, G, D)
+    step_options = {"eager_D": D, "reuse_fakes": bool(cfg.speed.reuse_fakes)}
+    compile_pending = {False, True} if cfg.speed.compile else set()  # phases (alpha >= 1) not compiled yet
     nimg = 0
     sums: dict[str, torch.Tensor] = {}
     steps_since_tick = 0
@@ -651,7 +678,16 @@ def train_stage(
             reals = reals * float("nan")
         # The step index is a function of the image counter, so lazy regularisation resumes in phase.
         step_index = nimg // stage.batch_size
-        stats = train_step(G, D, G_ema, opt_G, opt_D, loss, reals, alpha_at(stage, nimg), beta, autocast, step_index)
+        alpha = alpha_at(stage, nimg)
+        step_start = time.perf_counter()
+        stats = train_step(
+            G_fast, D_fast, G_ema, opt_G, opt_D, loss, reals, alpha, beta, autocast, step_index, **step_options
+        )
+        if compile_pending and (alpha >= 1.0) in compile_pending:
+            # The first step of each phase (fading, stable) compiles its graphs: say what that cost.
+            compile_pending.discard(alpha >= 1.0)
+            seconds = time.perf_counter() - step_start
+            print(f"torch.compile: {'stable' if alpha >= 1.0 else 'fade-in'} step compiled in {seconds:.1f} s")
 
         prev, nimg = nimg, nimg + stage.batch_size
         bar.update(stage.batch_size)

@@ -29,21 +29,29 @@ def d_step(
     alpha: float,
     autocast: contextlib.AbstractContextManager | None = None,
     with_penalty: bool = True,
+    *,
+    fakes: Tensor | None = None,
+    eager_D: nn.Module | None = None,
 ) -> dict[str, Tensor]:
-    """Update D once on `reals` and G(z); returns detached scalars (no host sync) for logging.
+    """Update D once on `reals` and G(z) (or the given detached `fakes`); returns detached scalars (no host
+    sync) for logging.
 
     `with_penalty=False` leaves the penalty out (lazy regularisation: the steps in between); when it is in,
-    it is scaled by `loss.penalty_every` so that its average weight stays the configured one.
+    it is scaled by `loss.penalty_every` so that its average weight stays the configured one. `D` may be a
+    torch.compile'd module: the calls the penalty differentiates twice then go through `eager_D`, the same
+    network uncompiled (compiled graphs have no double backward).
     The update is skipped on the device when the loss or a gradient is not finite (`Guard/skipped_D` is 1).
     """
     autocast = autocast or contextlib.nullcontext()
-    with torch.no_grad(), autocast:
-        fakes = G(z, alpha)
+    eager_D = eager_D or D
+    if fakes is None:
+        with torch.no_grad(), autocast:
+            fakes = G(z, alpha)
     penalty_kind = loss.penalty if with_penalty else "none"
     if penalty_kind == "r1":
         reals = reals.detach().requires_grad_(True)
     with autocast:
-        real_scores = at_least_fp32(D(reals, alpha))
+        real_scores = at_least_fp32((eager_D if penalty_kind == "r1" else D)(reals, alpha))
         fake_scores = at_least_fp32(D(fakes, alpha))
     d_loss = loss.d_loss(real_scores, fake_scores)
     weight = loss.penalty_weight * loss.penalty_every
@@ -52,7 +60,7 @@ def d_step(
         eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
         mixed = torch.lerp(reals, fakes.to(reals.dtype), eps).requires_grad_(True)
         with autocast:
-            mixed_scores = at_least_fp32(D(mixed, alpha))
+            mixed_scores = at_least_fp32(eager_D(mixed, alpha))
         penalty = gradient_penalty(mixed_scores, mixed, weight, loss.gp_target)
     elif penalty_kind == "r1":
         penalty = r1_penalty(real_scores, reals, weight)
@@ -80,13 +88,16 @@ def g_step(
     z: Tensor,
     alpha: float,
     autocast: contextlib.AbstractContextManager | None = None,
+    *,
+    fakes: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Update G once through a frozen D (skipped on a non-finite loss or gradient); returns the detached G loss."""
+    """Update G once through a frozen D (skipped on a non-finite loss or gradient); returns the detached G loss.
+    `fakes`: G(z) computed earlier with its graph (reused from the D step), instead of a new forward pass."""
     autocast = autocast or contextlib.nullcontext()
     D.requires_grad_(False)  # D's gradients are not needed here: skip computing them
     try:
         with autocast:
-            fake_scores = at_least_fp32(D(G(z, alpha), alpha))
+            fake_scores = at_least_fp32(D(G(z, alpha) if fakes is None else fakes, alpha))
         g_loss = loss.g_loss(fake_scores)
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -122,16 +133,30 @@ def train_step(
     ema_beta: float,
     autocast: contextlib.AbstractContextManager | None = None,
     step_index: int = 0,
+    *,
+    eager_D: nn.Module | None = None,
+    reuse_fakes: bool = False,
 ) -> dict[str, Tensor]:
     """One training iteration, as the loop (and pgan-bench) runs it: reals faded by alpha, a D step with its
     penalty (on the steps `step_index` makes due under lazy regularisation) on fresh latents, a G step on
-    fresh latents, the EMA update. Returns the detached scalars."""
+    fresh latents, the EMA update. Returns the detached scalars.
+
+    `G` and `D` may be torch.compile'd (then `eager_D` is D uncompiled, for the penalty). With `reuse_fakes`
+    the G step uses the D step's latents and G(z) (one G forward pass fewer; G's parameters have not changed
+    in between, so its graph is still the right one; D is re-evaluated after its update, as it must be).
+    """
     reals = fade_reals(reals, alpha)
     latent_dim = G.latent_dim
     z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
     with_penalty = step_index % loss.penalty_every == 0
-    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast, with_penalty)
-    z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
-    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast)
+    fakes = None
+    if reuse_fakes:
+        with autocast or contextlib.nullcontext():
+            fakes = G(z, alpha)
+    detached = None if fakes is None else fakes.detach()
+    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast, with_penalty, fakes=detached, eager_D=eager_D)
+    if not reuse_fakes:
+        z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
+    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes)
     ema_update(G_ema, G, ema_beta)
     return stats
