@@ -108,6 +108,15 @@ class Monitor:
             f.close()
 
 
+class NullMonitor:
+    """What ranks other than 0 log under torchrun: nothing (rank 0's Monitor is the run's one writer)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
 def progress_bar(total_img: int, done_img: int, description: str, enabled: bool = True) -> tqdm:
     """A per-stage progress bar counted in images (tqdm shows img/s and the ETA)."""
     return tqdm(

@@ -23,7 +23,15 @@ def _commands(program: str) -> list[list[str]]:
     return [shlex.split(line.split("#")[0]) for line in lines if line.startswith(program + " ")]
 
 
-TRAIN_COMMANDS = [c for c in _commands("pgan-train") if "--help" not in c]
+# torchrun lines count as pgan-train commands: what follows `-m pgan.train` are pgan-train's arguments.
+TORCHRUN = [c[c.index("pgan.train") :] for c in _commands("torchrun")]
+TRAIN_COMMANDS = [c for c in _commands("pgan-train") if "--help" not in c] + TORCHRUN
+
+
+def test_readme_shows_single_and_multi_node_torchrun() -> None:
+    lines = [" ".join(c) for c in _commands("torchrun")]
+    assert any("--standalone" in c and "-m pgan.train" in c for c in lines)
+    assert any("--nnodes=2" in c and "--node_rank=" in c and "--rdzv_endpoint=" in c for c in lines)
 
 
 def test_readme_has_train_commands() -> None:

@@ -23,6 +23,7 @@ import copy
 import io
 import itertools
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from pgan.bench import IterationFlops, matmul_ceiling_gflops, median_step_second
 from pgan.losses import make_loss
 from pgan.networks import channels_for
 from pgan.schedule import ema_beta
-from pgan.train.loop import build_models, build_optimizers
+from pgan.train.loop import build_models, build_optimizers, fast_networks
 from pgan.train.step import train_step
 
 HERE = Path(__file__).resolve().parent
@@ -63,9 +64,19 @@ def load_peer():
     return networks, layers, ProGAN, WganGP
 
 
-def ours(resolution: int, batch: int, alpha: float, device: torch.device, args) -> dict:
+# pgan's variants: the speed.* overrides of each (conf/speed/default.yaml).
+VARIANTS = {
+    "default": [],
+    "reuse_fakes": ["speed.reuse_fakes=true"],
+    "compile": ["speed.compile=true"],
+}
+
+
+def our_iteration(resolution: int, batch: int, alpha: float, device: torch.device, args, variant: str):
+    """pgan's training iteration for `variant`, ready to call, and its networks."""
+    overrides = ["model=small", f"model.latent_dim={LATENT}", *VARIANTS[variant]]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=small", f"model.latent_dim={LATENT}"])
+        cfg = compose(config_name="train", overrides=overrides)
     torch.manual_seed(0)
     G, D = build_models(cfg, resolution, device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
@@ -76,20 +87,45 @@ def ours(resolution: int, batch: int, alpha: float, device: torch.device, args) 
     loss = make_loss("wgan_gp", penalty_every=args.penalty_every)
     beta = ema_beta(batch, 10.0)
     count = itertools.count()
+    G_fast, D_fast = fast_networks(cfg, G, D)
+    reuse = bool(cfg.speed.reuse_fakes)
 
-    def step() -> None:
-        train_step(G, D, G_ema, opt_G, opt_D, loss, reals, alpha, beta, step_index=next(count))
+    def step(fast: bool = True) -> None:
+        nets = (G_fast, D_fast) if fast else (G, D)
+        fixed = (G_ema, opt_G, opt_D, loss, reals, alpha, beta)
+        train_step(*nets, *fixed, step_index=next(count), eager_D=D, reuse_fakes=reuse)
 
+    return step, G, D
+
+
+def ours(resolution: int, batch: int, alpha: float, device: torch.device, args, variant: str = "default") -> dict:
+    step, G, D = our_iteration(resolution, batch, alpha, device, args, variant)
+    t0 = time.perf_counter()
+    step()  # the compile variant compiles here
+    first_step_s = time.perf_counter() - t0
     seconds = median_step_seconds(step, device, args.warmup, args.repeats, args.steps)
     with IterationFlops() as flops:
         for _ in range(args.penalty_every):
-            step()
+            step(fast=False)  # the same operations, uncompiled (FlopCounter cannot see inside compiled code)
     return {
         "img_per_s": batch / seconds,
         "gflop_per_img": flops.total / args.penalty_every / batch / 1e9,
+        "first_step_s": first_step_s,
         "params_g": sum(p.numel() for p in G.parameters()),
         "params_d": sum(p.numel() for p in D.parameters()),
     }
+
+
+def profile_table(resolution: int, batch: int, device: torch.device, args, rows: int = 20) -> str:
+    """torch.profiler's per-op table (self time) of pgan's default iteration at `resolution`, alpha 1."""
+    step, _, _ = our_iteration(resolution, batch, 1.0, device, args, "default")
+    for _ in range(args.warmup):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48)
 
 
 def peer(resolution: int, batch: int, alpha: float, device: torch.device, args) -> dict:
@@ -134,13 +170,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--penalty-every", type=int, default=1, help="pgan's lazy regularisation (the peer has none)")
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS), help="pgan's speed.*")
+    parser.add_argument("--profile", type=int, default=None, help="also write the per-op profile at this px")
     args = parser.parse_args()
     device = torch.device(args.device)
+    (HERE / "results").mkdir(exist_ok=True)
+    if args.profile:
+        table = profile_table(args.profile, args.batch, device, args)
+        (HERE / "results" / f"profile_{device.type}_{args.profile}px.txt").write_text(table + "\n")
+        print(table, flush=True)
     ceiling = matmul_ceiling_gflops(device, torch.float32, 8192 if device.type == "cuda" else 4096)
     rows = []
     for res in args.resolutions:
         for alpha in args.alphas:
-            a, b = ours(res, args.batch, alpha, device, args), peer(res, args.batch, alpha, device, args)
+            variants = {v: ours(res, args.batch, alpha, device, args, v) for v in args.variants}
+            a, b = variants[args.variants[0]], peer(res, args.batch, alpha, device, args)
             row = {
                 "resolution": res,
                 "alpha": alpha,
@@ -150,6 +194,7 @@ def main() -> None:
                 "speedup": a["img_per_s"] / b["img_per_s"],
                 "pgan_mfu": a["img_per_s"] * a["gflop_per_img"] / ceiling,
                 "peer_mfu": b["img_per_s"] * b["gflop_per_img"] / ceiling,
+                "variants": {v: {**r, "speedup": r["img_per_s"] / b["img_per_s"]} for v, r in variants.items()},
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -160,7 +205,6 @@ def main() -> None:
         "ceiling_gflops": ceiling,
         "rows": rows,
     }
-    (HERE / "results").mkdir(exist_ok=True)
     suffix = "" if args.penalty_every == 1 else f"_lazy{args.penalty_every}"
     out["pgan_penalty_every"] = args.penalty_every
     (HERE / "results" / f"side_by_side_{device.type}{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -173,6 +217,15 @@ def main() -> None:
             f"| {r['speedup']:.2f}x | {r['pgan']['gflop_per_img']:.3f} | {r['peer']['gflop_per_img']:.3f} "
             f"| {100 * r['pgan_mfu']:.0f}% | {100 * r['peer_mfu']:.0f}% |"
         )
+    if len(args.variants) > 1:
+        header = " | ".join(f"{v} img/s (× peer)" for v in args.variants)
+        print(f"\n| px | alpha | {header} | compile: first step s |")
+        print("|---|---|" + "---|" * (len(args.variants) + 1))
+        for r in rows:
+            cells = [f"{x['img_per_s']:.1f} ({x['speedup']:.2f}×)" for x in r["variants"].values()]
+            first = r["variants"].get("compile", {}).get("first_step_s")
+            compile_cell = f"{first:.1f}" if first is not None else "-"
+            print(f"| {r['resolution']} | {r['alpha']:g} | " + " | ".join(cells) + f" | {compile_cell} |")
 
 
 if __name__ == "__main__":

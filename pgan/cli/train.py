@@ -7,7 +7,9 @@ has the same config; the trainer then continues from the newest checkpoint and r
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -81,11 +83,40 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def join_ranks(args: list[str]) -> list[str]:
+    """Under torchrun: join the process group (gloo for device=cpu, else NCCL when CUDA is there) and agree on
+    one run directory, rank 0's (Hydra would resolve `${now:...}` in every process, a second apart). Returns
+    the arguments to compose with; the ranks other than 0 print nothing on stdout. A no-op for one process."""
+    from pgan import dist
+
+    ranks = dist.ranks_from_env()
+    if not ranks.distributed:
+        return args
+    import torch
+
+    device = next((a.split("=", 1)[1] for a in args if _override_key(a) == "device"), "auto")
+    dist.init_from_env(use_cuda=device != "cpu" and torch.cuda.is_available())
+    if not any(_override_key(a) == "hydra.run.dir" for a in args):
+        args = [*args, f"hydra.run.dir={dist.broadcast_object(time.strftime('runs/%Y-%m-%d_%H-%M-%S'))}"]
+    if not ranks.is_main:
+        args = [*args, "hydra.output_subdir=null"]  # rank 0 writes the run's .hydra/ alone
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return args
+
+
 def main() -> None:
-    """Console entry point of `pgan-train`."""
-    sys.argv = [sys.argv[0], *with_saved_overrides(sys.argv[1:])]
+    """Console entry point of `pgan-train` (also under `torchrun --nproc_per_node=N -m pgan.train`)."""
+    from pgan import dist
+
     exit_on_bad_overrides("train", sys.argv[1:])
-    _hydra_main()
+    try:
+        args = join_ranks(sys.argv[1:])
+        sys.argv = [sys.argv[0], *with_saved_overrides(args)]
+        _hydra_main()
+    except UserError as exc:
+        exit_with_user_error(exc)
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

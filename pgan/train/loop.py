@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
 
+from pgan import dist
 from pgan.checkpoint import (
     FINAL,
     LATEST,
@@ -49,7 +51,7 @@ from pgan.data import InfiniteSampler, PreparedImages, make_dataset, wants_prepa
 from pgan.data.prepared import PreparedBatches, uint8_to_signed
 from pgan.errors import UserError, first_line
 from pgan.losses import Loss, make_loss
-from pgan.monitor import Monitor, progress_bar, resource_stats, warn
+from pgan.monitor import Monitor, NullMonitor, progress_bar, resource_stats, warn
 from pgan.networks import Discriminator, Generator, check_resolution, grow_from, model_kwargs_from, networks_from
 from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
 from pgan.train.guard import Guard, check_guard_config
@@ -188,6 +190,19 @@ def stages_from_config(cfg: DictConfig) -> list[Stage]:
     return stages
 
 
+def check_rank_batches(cfg: DictConfig, stages: list[Stage], ranks: dist.Ranks) -> None:
+    """Under torchrun: every stage's global batch splits evenly into per-rank batches that minibatch-stddev
+    can group (one line naming the stage otherwise)."""
+    group = int(cfg.model.mbstd_group_size)
+    for st in stages:
+        per_rank, rest = divmod(st.batch_size, ranks.world_size)
+        if rest or per_rank == 0 or per_rank % min(group, per_rank):
+            raise UserError(
+                f"schedule.batch_size={st.batch_size} at {st.resolution} px does not split into {ranks.world_size} "
+                f"per-rank batches divisible by model.mbstd_group_size={group} (batch_size is the global batch)"
+            )
+
+
 def check_model_config(cfg: DictConfig, stages: list[Stage]) -> None:
     """Build G and D for the largest stage on the meta device (shapes only): a model preset that cannot make
     the schedule's resolutions (an explicit channel table without one, a width below 1) is a user error."""
@@ -232,6 +247,9 @@ def fast_networks(cfg: DictConfig, G: Generator, D: Discriminator) -> tuple[nn.M
         return G, D
     # alpha changes every step of a fade: a symbolic float, not one compilation per value.
     torch._dynamo.config.specialize_float = False
+    # Compiled graphs are cached per code object (Generator.forward), across instances: the previous stage's
+    # graphs would count towards the recompile limit (8), after which dynamo silently runs eager.
+    torch._dynamo.reset()
     mode = str(cfg.speed.compile_mode)
     return torch.compile(G, mode=mode), torch.compile(D, mode=mode)
 
@@ -256,10 +274,14 @@ def check_same_architecture(cfg: DictConfig, saved_config: dict, what: str) -> N
 def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Run (or resume) every selected stage of `cfg` in `run_dir`; returns the last stage's final.pt."""
     run_dir = Path(run_dir)
+    ranks = dist.current()
     device = resolve_device(cfg.device)
+    if ranks.distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ranks.local_rank)  # torchrun: one GPU per process
     use_bf16 = resolve_precision(cfg.precision, device)
     stages = stages_from_config(cfg)
     check_model_config(cfg, stages)
+    check_rank_batches(cfg, stages, ranks)
     try:
         loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
     except (TypeError, ValueError) as exc:
@@ -278,10 +300,14 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         selected = stages
     configure_backends(device, cfg.precision)
 
+    # The same random stream on every rank: each draws the global batch's latents (and penalty mixes) and
+    # keeps its own chunk (pgan.dist.draw_for_rank), so N ranks compute what one process with the same
+    # global batch computes.
     torch.manual_seed(cfg.seed)
 
     # Where does this run stand? The newest usable checkpoint of the newest stage is the resume point.
-    resume_state = find_resume_point(cfg, run_dir, selected)
+    # (Rank 0 first: it sets damaged checkpoints aside, the other ranks then find the same one.)
+    resume_state = dist.main_first(lambda: find_resume_point(cfg, run_dir, selected))
     plan = selected
     if resume_state is not None:
         done = resume_state["done"]
@@ -304,11 +330,13 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
             stage_dataset(cfg, st, run_dir, device)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if ranks.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # TensorBoard and stats.jsonl drop what an interrupted attempt logged after the point this run
     # continues from (the checkpoint, or the start of the first stage to run), so curves never double.
     continue_from = resume_state["total_nimg"] if resuming_first else plan[0].start_nimg
-    monitor = Monitor(run_dir, purge_step=continue_from + 1)
+    # One writer for the run: rank 0's; the other ranks log nothing.
+    monitor = Monitor(run_dir, purge_step=continue_from + 1) if ranks.is_main else NullMonitor()
     if resume_state is None:
         monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
     print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
@@ -321,14 +349,18 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                 if st is not plan[0]:
                     init = initial_state(cfg, run_dir, stages, st, use_init_from=False)
                     dataset = stage_dataset(cfg, st, run_dir, device)
-                write_data_report(run_dir, st, dataset)
+                if ranks.is_main:
+                    write_data_report(run_dir, st, dataset)
                 resume = resume_state if resuming_first and st is plan[0] else None
                 # Everything but where it resumes from, for surviving_loader_failures to call.
                 args = (cfg, st, run_dir, dataset, device, autocast, loss, monitor, watch, guard, stop)
                 run_stage = partial(train_stage, *args, init=init)
-                final = surviving_loader_failures(run_stage, resume, cfg, run_dir / st.name, monitor)
-                if stop.requested and st is not plan[-1]:
-                    raise Interrupted(stop.signum, final)
+                if ranks.distributed:  # a loader failure on one rank ends the job (torchrun stops the others)
+                    final = run_stage(resume)
+                else:
+                    final = surviving_loader_failures(run_stage, resume, cfg, run_dir / st.name, monitor)
+                if dist.any_rank(stop.requested, device) and st is not plan[-1]:
+                    raise Interrupted(stop.signum or signal.SIGTERM, final)
     finally:
         monitor.close()
     print(f"done. watch it with: tensorboard --logdir {run_dir}", flush=True)
@@ -401,12 +433,15 @@ def stage_dataset(cfg: DictConfig, stage: Stage, run_dir: Path, device: torch.de
     one batch of images."""
     # A folder's scan (which files decode, their sizes) is cached in the run directory: a resumed run over
     # many files does not decode them all again.
-    dataset = make_dataset(
-        cfg.data,
-        stage.resolution,
-        scan_cache=run_dir / "data-scan.json",
-        min_images=stage.batch_size,
-        prepared=wants_prepared(cfg.data, device),
+    # Rank 0 first: it writes the scan cache and the prepared store, which the other ranks then only read.
+    dataset = dist.main_first(
+        lambda: make_dataset(
+            cfg.data,
+            stage.resolution,
+            scan_cache=run_dir / "data-scan.json",
+            min_images=stage.batch_size,
+            prepared=wants_prepared(cfg.data, device),
+        )
     )
     if isinstance(dataset, PreparedImages):
         info = dataset.info
@@ -483,6 +518,7 @@ def train_stage(
         # weights), so that a stage started from final.pt - after a kill, or as a separate job - is
         # identical to the same stage in one uninterrupted run.
         set_rng_state(init["rng"])
+    ranks = dist.current()
     G, D = build_models(cfg, stage.resolution, device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_G, opt_D = build_optimizers(G, D, stage.lr)
@@ -524,6 +560,8 @@ def train_stage(
             watch.load_state_dict(init.get("collapse"), new_stage=True)
     if resume is None:
         guard.load_state_dict(init.get("guard") if init is not None else None, new_stage=True)
+        # The same starting weights on every rank (they are already: a safety net, once per stage).
+        dist.broadcast_modules(G, D, G_ema)
     if watch is not None:
         watch.begin_stage(stage, dataset)
 
@@ -534,11 +572,14 @@ def train_stage(
     # The data order is a pure function of (seed, stage, images seen), so resuming restarts it exactly.
     workers = int(cfg.data.num_workers)
 
+    # Under torchrun each rank takes its share of every global batch (InfiniteSampler's chunks).
+    rank_batch = stage.batch_size // ranks.world_size
+
     def stage_loader(start: int) -> Iterator[torch.Tensor]:
-        sampler = InfiniteSampler(len(dataset), seed=cfg.seed * 1000 + stage.index, start=start)
-        return make_loader(
-            dataset, sampler, stage.batch_size, workers, device, int(cfg.seed), float(cfg.loader.timeout_s)
+        sampler = InfiniteSampler(
+            len(dataset), cfg.seed * 1000 + stage.index, start, ranks.rank, ranks.world_size, rank_batch
         )
+        return make_loader(dataset, sampler, rank_batch, workers, device, int(cfg.seed), float(cfg.loader.timeout_s))
 
     loader = stage_loader(nimg)
 
@@ -552,7 +593,9 @@ def train_stage(
         failure). The abandoned branch's snapshots are deleted, so nothing resumes into it."""
         nonlocal loader, tick_start_time, tick_start_nimg
         restore(state)
-        rewind_snapshots(stage_dir, path, nimg)
+        if ranks.is_main:
+            rewind_snapshots(stage_dir, path, nimg)
+        dist.barrier()
         guard.rewind(state.get("guard"))  # the abandoned branch's bad-step counts go with its curves
         announce()  # the watch/guard bookkeeping, before the learning rates use it
         for opt in (opt_G, opt_D):
@@ -600,12 +643,25 @@ def train_stage(
     grid_z = torch.randn(int(cfg.log.grid_size), latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
     grid_z = grid_z.to(device)
 
-    if nimg == 0:
+    if nimg == 0 and ranks.is_main:
         reals = next(iter(DataLoader(dataset, batch_size=int(cfg.log.grid_size), generator=_private_generator(0))))
         monitor.image(f"Reals/{stage.name}", _to_grid(reals), stage.start_nimg)
 
     def save(name: str, done: bool) -> Path:
+        """Rank 0 writes the checkpoint; all ranks return once it is on disk (or the write failed). Under
+        torchrun the ranks' weights are compared first: what rank 0 saves is what every rank holds."""
         path = stage_dir / name
+        dist.check_in_sync(G, D, G_ema)
+        if not ranks.is_main:
+            dist.barrier()
+            return path
+        try:
+            _write(path, done)
+        finally:
+            dist.barrier()  # also after a failed write: rank 0 goes on (a warning), so must the others
+        return path
+
+    def _write(path: Path, done: bool) -> None:
         save_checkpoint(
             path,
             {
@@ -628,7 +684,6 @@ def train_stage(
                 "stage_info": asdict(stage),
             },
         )
-        return path
 
     def save_snapshot() -> Path | None:
         """A snapshot; latest.pt (and ok.pt while the detector says ok) made to point at it; snapshots beyond
@@ -636,13 +691,15 @@ def train_stage(
         and the next checkpoint tries again."""
         try:
             path = save(snapshot_name(nimg), done=False)
-            link_checkpoint(path, stage_dir / LATEST)
-            if watch is not None and watch.state == "ok":
-                link_checkpoint(path, stage_dir / OK)
+            if ranks.is_main:
+                link_checkpoint(path, stage_dir / LATEST)
+                if watch is not None and watch.state == "ok":
+                    link_checkpoint(path, stage_dir / OK)
         except OSError as exc:
             warn(f"cannot write a checkpoint in {stage_dir}: {exc}; training goes on and the next checkpoint retries")
             return None
-        prune_snapshots(stage_dir, int(cfg.checkpoint.keep))
+        if ranks.is_main:
+            prune_snapshots(stage_dir, int(cfg.checkpoint.keep))
         monitor.flush()
         return path
 
@@ -662,7 +719,7 @@ def train_stage(
     diversity_nimg = max(1, round(cfg.diversity.every_kimg * 1000))
     values: dict[str, float] = {}
     tick_start_time, tick_start_nimg = time.perf_counter(), nimg
-    bar = progress_bar(stage.num_images, nimg, f"{stage.resolution}px", enabled=cfg.log.progress_bar)
+    bar = progress_bar(stage.num_images, nimg, f"{stage.resolution}px", enabled=cfg.log.progress_bar and ranks.is_main)
     print(
         f"stage {stage.index}: {stage.resolution} px, fade {stage.fade_kimg} + stable {stage.stable_kimg} kimg, "
         f"batch {stage.batch_size}, lr {stage.lr}" + (f", resuming at {nimg / 1000:.3f} kimg" if nimg else ""),
@@ -696,7 +753,8 @@ def train_stage(
         step = stage.start_nimg + nimg
         finished = nimg >= stage.num_images
 
-        if _crossed(prev, nimg, tick_nimg) or finished:
+        at_tick = _crossed(prev, nimg, tick_nimg) or finished
+        if at_tick:
             now = time.perf_counter()
             values = tick_means(sums, steps_since_tick, guard)  # the one host sync per tick
             longest_bad_run = guard.read()
@@ -719,7 +777,7 @@ def train_stage(
             if longest_bad_run >= guard.max_bad_steps:
                 guard_rollback(from_step=step, bad_steps=longest_bad_run)
                 continue
-        if _crossed(prev, nimg, image_nimg) or finished:
+        if ranks.is_main and (_crossed(prev, nimg, image_nimg) or finished):
             with torch.no_grad(), autocast:
                 samples = G_ema(grid_z, alpha_at(stage, nimg)).float()
             grid = _to_grid(samples)
@@ -739,9 +797,11 @@ def train_stage(
                 raise CollapseStop(watch.stop_message(stage, step, ok))
         if _crossed(prev, nimg, ckpt_nimg) and not finished:
             save_snapshot()
-        if stop.requested and not finished:
+        # Under torchrun the ranks agree at ticks (a signal may reach one rank only, or them at different steps).
+        stop_now = dist.any_rank(stop.requested, device) if ranks.distributed and at_tick else stop.requested
+        if stop_now and not finished and (at_tick or not ranks.distributed):
             bar.close()
-            raise Interrupted(stop.signum, save_snapshot())
+            raise Interrupted(stop.signum or signal.SIGTERM, save_snapshot())
     bar.close()
     try:
         final = save(FINAL, done=True)
@@ -770,8 +830,9 @@ def accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], gu
 
 
 def tick_means(sums: dict[str, torch.Tensor], steps: int, guard: Guard) -> dict[str, float]:
-    """The tick's averages over its good steps, and the guard's counts (the tick's one host sync)."""
-    sums = dict(sums)
+    """The tick's averages over its good steps (and over the ranks), and the guard's counts (the tick's one host
+    sync)."""
+    sums = dist.mean_across_ranks(dict(sums))
     good_sum = sums.pop("Guard/good_steps")  # accumulate adds it at every step; a tick follows at least one
     *totals, good = torch.stack([*sums.values(), good_sum]).tolist()
     names = list(sums)

@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from pgan.dist import average_gradients, draw_for_rank
 from pgan.layers import at_least_fp32, downsample_2x, upsample_2x
 from pgan.losses import Loss, gradient_penalty, r1_penalty
 from pgan.train.guard import guarded_step, nonfinite
@@ -57,7 +58,7 @@ def d_step(
     weight = loss.penalty_weight * loss.penalty_every
     if penalty_kind == "gp":
         # One random interpolate per sample between its real and fake image (WGAN-GP).
-        eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
+        eps = draw_for_rank(torch.rand, reals.shape[0], 1, 1, 1, device=reals.device).to(reals.dtype)
         mixed = torch.lerp(reals, fakes.to(reals.dtype), eps).requires_grad_(True)
         with autocast:
             mixed_scores = at_least_fp32(eager_D(mixed, alpha))
@@ -69,7 +70,10 @@ def d_step(
     total = d_loss + penalty
     opt_D.zero_grad(set_to_none=True)
     total.backward()
-    skipped = nonfinite(total, list(D.parameters()))
+    params = list(D.parameters())
+    # Under torchrun: the gradients (and the loss the guard checks) averaged across ranks, so every rank takes
+    # the same step, or skips it.
+    skipped = nonfinite(average_gradients(params, total), params)
     guarded_step(opt_D, skipped)
     return {
         "Guard/skipped_D": skipped,
@@ -101,7 +105,8 @@ def g_step(
         g_loss = loss.g_loss(fake_scores)
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
-        skipped = nonfinite(g_loss, list(G.parameters()))
+        params = list(G.parameters())
+        skipped = nonfinite(average_gradients(params, g_loss), params)
         guarded_step(opt_G, skipped)
     finally:
         D.requires_grad_(True)
@@ -147,7 +152,7 @@ def train_step(
     """
     reals = fade_reals(reals, alpha)
     latent_dim = G.latent_dim
-    z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
+    z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)
     with_penalty = step_index % loss.penalty_every == 0
     fakes = None
     if reuse_fakes:
@@ -156,7 +161,7 @@ def train_step(
     detached = None if fakes is None else fakes.detach()
     stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast, with_penalty, fakes=detached, eager_D=eager_D)
     if not reuse_fakes:
-        z = torch.randn(reals.shape[0], latent_dim, device=reals.device)
+        z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)
     stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes)
     ema_update(G_ema, G, ema_beta)
     return stats

@@ -1,0 +1,115 @@
+"""Data parallelism under torchrun (gloo, 2 CPU processes): the ranks stay identical, together they compute what
+one process with the same global batch computes, only rank 0 writes, growth and resume work."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+from test_train import _stats, assert_same_state
+
+from pgan.checkpoint import load_checkpoint
+from pgan.data import InfiniteSampler
+from pgan.dist import Ranks
+from pgan.errors import UserError
+from pgan.train.loop import check_rank_batches, stages_from_config, train
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# Minibatch-stddev groups are per rank (as in the official multi-GPU code); with groups of 1 the statistic is
+# the same constant in both layouts, so 2 ranks and 1 process compute the same function.
+SAME_FUNCTION = ["model.mbstd_group_size=1"]
+# Float sums in another order (the gradient all-reduce) over the 20 steps of TINY, through Adam;
+TOLERANCE = {"rtol": 1e-4, "atol": 5e-5}  # measured: at most 3.7e-6 apart
+
+
+def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=nproc -m pgan.train` on the CPU with the tiny config, in run_dir's parent."""
+    args = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "pgan.train"]
+    args += [*TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=run_dir.parent)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-rank run of the tiny 8 -> 16 px schedule (a stage boundary: growth under data parallelism)."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = torchrun(run_dir, *SAME_FUNCTION)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_two_ranks_compute_what_one_process_with_the_same_global_batch_computes(two_rank_run, tmp_path: Path) -> None:
+    run_dir, _ = two_rank_run
+    single = train(compose_config(*TINY, *SAME_FUNCTION), tmp_path / "single")
+    ours, theirs = load_checkpoint(run_dir / "stage-0016" / "final.pt"), load_checkpoint(single)
+    for key in ("G", "D", "G_ema"):
+        for name, value in ours[key].items():
+            torch.testing.assert_close(value, theirs[key][name], **TOLERANCE, msg=f"{key}.{name}")
+    # The logged losses are averages over both ranks' halves: those of the one process.
+    for a, b in zip(_stats(run_dir), _stats(tmp_path / "single"), strict=True):
+        assert a["step"] == b["step"]
+        assert a["Loss/D"] == pytest.approx(b["Loss/D"], rel=1e-3, abs=1e-4)
+
+
+def test_only_rank_0_writes_and_prints(two_rank_run) -> None:
+    run_dir, result = two_rank_run
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer
+    steps = [row["step"] for row in _stats(run_dir)]
+    assert steps == sorted(set(steps))  # no line logged twice
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "config.yaml").is_file()
+    assert not (run_dir.parent / "runs").exists()  # no second run directory from the other rank
+    assert result.stdout.count("done. watch it with") == 1
+    assert sorted(p.name for p in (run_dir / "stage-0016").iterdir()) == [
+        "ckpt-0000000000.pt",
+        "ckpt-0000000056.pt",
+        "ckpt-0000000112.pt",
+        "final.pt",
+        "latest.pt",
+        "ok.pt",
+    ]
+
+
+def test_a_two_rank_run_resumes_bit_identically(two_rank_run, tmp_path: Path) -> None:
+    """Killed mid-fade (final.pt and the newest snapshots gone), resumed on 2 ranks: the same weights. The
+    save before it also checked that both ranks held the same weights (pgan.dist.check_in_sync)."""
+    run_dir, _ = two_rank_run
+    cut = tmp_path / "run"
+    shutil.copytree(run_dir, cut)
+    stage = cut / "stage-0016"
+    for name in ("final.pt", "latest.pt", "ok.pt", "ckpt-0000000112.pt"):
+        (stage / name).unlink()
+    assert load_checkpoint(stage / "ckpt-0000000056.pt")["nimg"] == 56
+    result = torchrun(cut, *SAME_FUNCTION)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout and result.stdout.count("resuming from") == 1
+    assert_same_state(load_checkpoint(stage / "final.pt"), load_checkpoint(run_dir / "stage-0016" / "final.pt"))
+
+
+def test_the_ranks_share_every_global_batch_exactly() -> None:
+    """Rank r's k-th batch is chunk r of the k-th global batch a single process takes, from any start."""
+    for start in (0, 24):
+        single = iter(InfiniteSampler(50, seed=3, start=start))
+        ranks = [iter(InfiniteSampler(50, seed=3, start=start, rank=r, world_size=2, chunk=4)) for r in (0, 1)]
+        for _ in range(20):  # across epoch boundaries (50 items)
+            expected = [next(single) for _ in range(8)]
+            assert [next(ranks[0]) for _ in range(4)] + [next(ranks[1]) for _ in range(4)] == expected
+
+
+SPLITS = [(8, 1, True), (8, 2, True), (8, 3, False), (8, 16, False), (24, 2, False)]
+
+
+@pytest.mark.parametrize(("batch", "world", "ok"), SPLITS)
+def test_the_global_batch_must_split_into_groupable_rank_batches(batch: int, world: int, ok: bool) -> None:
+    """Per-rank batches: whole, at least one image, and in whole minibatch-stddev groups (12 is not 3 groups of 8)."""
+    cfg = compose_config(*TINY, f"schedule.batch_size={batch}", "model.mbstd_group_size=8")
+    stages = stages_from_config(cfg)
+    if ok:
+        check_rank_batches(cfg, stages, Ranks(0, world, 0))
+    else:
+        with pytest.raises(UserError, match=f"does not split into {world} per-rank batches"):
+            check_rank_batches(cfg, stages, Ranks(0, world, 0))
