@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import resource
 import statistics
 import time
@@ -81,6 +82,9 @@ def convolution_seconds(step: Callable[[], None], device: torch.device, steps: i
     The self time of every op whose name contains "convolution" (on CUDA: the device time of the kernels
     those ops launch), so nested ops are never counted twice; it includes their dispatch overhead.
     """
+    # Kineto otherwise prints its start/stop markers (and, without a GPU, an ERROR line) on stderr: in the
+    # middle of the table people read. Read when the profiler first starts; a user's own setting wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "9")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
