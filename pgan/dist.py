@@ -63,6 +63,23 @@ def ranks_from_env() -> Ranks:
         raise UserError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun): {exc}") from exc
 
 
+def export_slurm_env() -> bool:
+    """In a SLURM job of several tasks without torchrun's variables (submitit, or `srun pgan-train`): set RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's, with submitit's helper. Returns whether
+    it did."""
+    if "RANK" in os.environ or "SLURM_JOB_ID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return False
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError as exc:
+        raise UserError(
+            "a SLURM job with several tasks needs submitit to find its ranks: pip install -e '.[slurm]' "
+            "(or start the tasks with torchrun)"
+        ) from exc
+    TorchDistributedEnvironment().export()
+    return True
+
+
 def current() -> Ranks:
     """This process's ranks: those of the initialised process group, or a single process."""
     if dist.is_available() and dist.is_initialized():
@@ -124,13 +141,14 @@ def mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return dict(zip(keys, flat.unbind()))
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is True on at least one (e.g. a stop signal one rank received)."""
+def max_across_ranks(value: int, device: torch.device) -> int:
+    """The largest of the ranks' `value`s, on every rank (e.g. the number of a stop signal that reached only
+    some of them, 0 for none)."""
     if not current().distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    box = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
 
 
 def broadcast_object(value: object) -> object:

@@ -22,7 +22,7 @@ from pgan.errors import UserError
 
 EXIT_COLLAPSE = 3  # the collapse detector stopped the run (diversity.on_collapse=stop, or rollbacks ran out)
 EXIT_NONFINITE = 4  # non-finite losses/gradients persisted after guard.max_rollbacks rollbacks
-EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM exits with 143: 128 + the signal number, the shell's convention
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM 143, SIGUSR1 138: 128 + the signal number, the shell's convention
 
 
 def _override_key(override: str) -> str:
@@ -48,11 +48,12 @@ def with_saved_overrides(args: list[str]) -> list[str]:
 def _hydra_main(cfg: DictConfig) -> None:
     # Imported here so that `--help` stays fast.
     from pgan.train.guard import GuardGaveUp
-    from pgan.train.interrupt import Interrupted
+    from pgan.train.interrupt import Interrupted, pass_on
     from pgan.train.loop import CollapseStop, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        join_slurm_tasks(cfg)
         train(cfg, run_dir)
     except UserError as exc:
         exit_with_user_error(exc)
@@ -73,6 +74,7 @@ def _hydra_main(cfg: DictConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
+        pass_on(exc.signum)  # e.g. submitit's requeue, now that the checkpoint is on disk
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print(
@@ -81,6 +83,28 @@ def _hydra_main(cfg: DictConfig) -> None:
             flush=True,
         )
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _quiet_unless_main() -> None:
+    """Ranks other than 0 print nothing on stdout (rank 0 speaks for the run); errors still go to stderr."""
+    from pgan import dist
+
+    if not dist.current().is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def join_slurm_tasks(cfg: DictConfig) -> None:
+    """Inside a SLURM job of several tasks started without torchrun (hydra/launcher=slurm: submitit runs one
+    task per GPU): join the process group from SLURM's variables. The run directory is already the same for
+    every task (Hydra resolved it when the job was submitted)."""
+    from pgan import dist
+
+    if dist.current().distributed or not dist.export_slurm_env():
+        return
+    import torch
+
+    dist.init_from_env(use_cuda=str(cfg.device) != "cpu" and torch.cuda.is_available())
+    _quiet_unless_main()
 
 
 def join_ranks(args: list[str]) -> list[str]:
@@ -100,7 +124,7 @@ def join_ranks(args: list[str]) -> list[str]:
         args = [*args, f"hydra.run.dir={dist.broadcast_object(time.strftime('runs/%Y-%m-%d_%H-%M-%S'))}"]
     if not ranks.is_main:
         args = [*args, "hydra.output_subdir=null"]  # rank 0 writes the run's .hydra/ alone
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    _quiet_unless_main()
     return args
 
 

@@ -1,6 +1,8 @@
-"""Stopping cleanly on a signal: SIGINT (Ctrl-C) and SIGTERM (kill, a scheduler's time limit) set a flag;
-the loop finishes the step in progress, writes a checkpoint and raises `Interrupted`, and the CLI exits
-with 128 + the signal number (130 for SIGINT, 143 for SIGTERM), the shell's convention.
+"""Stopping cleanly on a signal: SIGINT (Ctrl-C), SIGTERM (kill, a scheduler's preemption) and SIGUSR1 (SLURM's
+warning before the time limit, `--signal=USR1@120`, as submitit asks for it) set a flag; the loop finishes the
+step in progress, writes a checkpoint and raises `Interrupted`, and the CLI exits with 128 + the signal number
+(130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1), the shell's convention. A handler that was installed
+before pgan's (submitit's, which requeues the job) is then given the signal too: `pass_on`.
 
 A second Ctrl-C while the first is being handled raises KeyboardInterrupt at once (for a user who really
 wants out; the previous checkpoint is still there). DataLoader workers ignore these signals
@@ -16,7 +18,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class Interrupted(Exception):
@@ -29,7 +31,7 @@ class Interrupted(Exception):
 
     @property
     def exit_code(self) -> int:
-        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
+        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1."""
         return 128 + self.signum
 
 
@@ -72,7 +74,16 @@ class StopFlag:
             os.write(2, message.encode())
 
 
+def pass_on(signum: int) -> None:
+    """Deliver `signum` to the handler that is installed now (after StopFlag restored the previous one), when
+    that is a Python function other than Ctrl-C's default: on SLURM, submitit's handler, which requeues the
+    job (the requeued job resumes from the checkpoint just written)."""
+    handler = signal.getsignal(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
+        signal.raise_signal(signum)
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: leave SIGINT/SIGTERM to the main process, which shuts the workers down."""
+    """DataLoader `worker_init_fn`: leave the stop signals to the main process, which shuts the workers down."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -359,8 +358,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                     final = run_stage(resume)
                 else:
                     final = surviving_loader_failures(run_stage, resume, cfg, run_dir / st.name, monitor)
-                if dist.any_rank(stop.requested, device) and st is not plan[-1]:
-                    raise Interrupted(stop.signum or signal.SIGTERM, final)
+                signum = dist.max_across_ranks(stop.signum or 0, device)
+                if signum and st is not plan[-1]:
+                    raise Interrupted(signum, final)
     finally:
         monitor.close()
     print(f"done. watch it with: tensorboard --logdir {run_dir}", flush=True)
@@ -798,10 +798,13 @@ def train_stage(
         if _crossed(prev, nimg, ckpt_nimg) and not finished:
             save_snapshot()
         # Under torchrun the ranks agree at ticks (a signal may reach one rank only, or them at different steps).
-        stop_now = dist.any_rank(stop.requested, device) if ranks.distributed and at_tick else stop.requested
-        if stop_now and not finished and (at_tick or not ranks.distributed):
+        if ranks.distributed:
+            signum = dist.max_across_ranks(stop.signum or 0, device) if at_tick else 0
+        else:
+            signum = stop.signum or 0
+        if signum and not finished:
             bar.close()
-            raise Interrupted(stop.signum or signal.SIGTERM, save_snapshot())
+            raise Interrupted(signum, save_snapshot())
     bar.close()
     try:
         final = save(FINAL, done=True)
