@@ -113,3 +113,38 @@ def test_the_global_batch_must_split_into_groupable_rank_batches(batch: int, wor
     else:
         with pytest.raises(UserError, match=f"does not split into {world} per-rank batches"):
             check_rank_batches(cfg, stages, Ranks(0, world, 0))
+
+
+def _sync_check(rank: int, port: int, result_dir: str) -> None:
+    """Rank 1 perturbs one weight by one float32 step: check_in_sync must notice it, on both ranks."""
+    import os
+
+    import torch.distributed as torch_dist
+
+    from pgan import dist
+    from pgan.networks import Generator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    G = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4)
+    dist.check_in_sync(G)  # the same seed: in sync
+    if rank == 1:
+        with torch.no_grad():
+            weight = G.to_rgb["8"].weight
+            weight[0, 0, 0, 0] = torch.nextafter(weight[0, 0, 0, 0], torch.tensor(float("inf")))
+    try:
+        dist.check_in_sync(G)
+        outcome = "not noticed"
+    except RuntimeError as exc:
+        outcome = str(exc)
+    Path(result_dir, f"rank{rank}").write_text(outcome)
+    torch_dist.destroy_process_group()
+
+
+def test_ranks_out_of_sync_are_caught(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_check, args=(29533, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert "the ranks' weights differ (1 tensors)" in (tmp_path / f"rank{rank}").read_text()
