@@ -148,3 +148,13 @@ def test_ranks_out_of_sync_are_caught(tmp_path: Path) -> None:
     mp.spawn(_sync_check, args=(29533, str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         assert "the ranks' weights differ (1 tensors)" in (tmp_path / f"rank{rank}").read_text()
+
+
+def test_without_a_run_directory_the_ranks_agree_on_one(tmp_path: Path) -> None:
+    """Hydra would resolve runs/${now:...} in each process; the ranks use rank 0's."""
+    args = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pgan.train", *TINY]
+    args += ["schedule.resolutions=[8]", "diversity.enabled=false"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "stage-0008" / "final.pt").is_file()

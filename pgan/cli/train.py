@@ -121,6 +121,7 @@ def join_ranks(args: list[str]) -> list[str]:
     device = next((a.split("=", 1)[1] for a in args if _override_key(a) == "device"), "auto")
     dist.init_from_env(use_cuda=device != "cpu" and torch.cuda.is_available())
     if not any(_override_key(a) == "hydra.run.dir" for a in args):
+        # conf/train.yaml's hydra.run.dir pattern, resolved once, on rank 0.
         args = [*args, f"hydra.run.dir={dist.broadcast_object(time.strftime('runs/%Y-%m-%d_%H-%M-%S'))}"]
     if not ranks.is_main:
         args = [*args, "hydra.output_subdir=null"]  # rank 0 writes the run's .hydra/ alone
