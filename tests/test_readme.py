@@ -81,8 +81,8 @@ def test_readme_python_snippet_rebuilds_the_generator(tmp_path: Path) -> None:
     assert namespace["images"].shape == (16, 3, 16, 16)
 
 
-# Each documented pgan-eval / pgan-bench / pgan-prepare command composes, and its values land in the config.
-OTHER_COMMANDS = [(name, c) for name in ("eval", "bench", "prepare") for c in _commands(f"pgan-{name}")]
+# Each documented pgan-eval / -bench / -prepare / -sample command composes, and its values land in the config.
+OTHER_COMMANDS = [(name, c) for name in ("eval", "bench", "prepare", "sample") for c in _commands(f"pgan-{name}")]
 
 
 @pytest.mark.parametrize(("config_name", "command"), OTHER_COMMANDS, ids=[" ".join(c)[:60] for _, c in OTHER_COMMANDS])
@@ -96,4 +96,4 @@ def test_readme_eval_and_bench_commands_compose(config_name: str, command: list[
 
 
 def test_readme_shows_eval_and_bench() -> None:
-    assert {name for name, _ in OTHER_COMMANDS} == {"eval", "bench", "prepare"}
+    assert {name for name, _ in OTHER_COMMANDS} == {"eval", "bench", "prepare", "sample"}

@@ -1,0 +1,93 @@
+"""`pgan-sample`: a grid, single PNGs or a latent walk (PNG strip or GIF) from a checkpoint's generator.
+Prints the path(s) written; exit 2 with one line `error: ...` on a bad checkpoint, path or setting."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
+from pgan.errors import UserError
+
+
+def sample(cfg: DictConfig) -> list[Path]:
+    """Write what cfg asks for; returns the files written."""
+    import torch
+    from omegaconf import OmegaConf
+    from torchvision.utils import make_grid, save_image
+
+    from pgan.checkpoint import generator_from_checkpoint, load_checkpoint
+    from pgan.sample import generate, seeded_latents, slerp
+    from pgan.train.loop import resolve_device
+
+    for key in ("ckpt", "out"):
+        if OmegaConf.is_missing(cfg, key):
+            raise UserError(f"{key}= is required, e.g. pgan-sample ckpt=runs/x/stage-0256/final.pt out=grid.png")
+    if cfg.which not in ("G_ema", "G"):
+        raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
+    n, steps = int(cfg.n), int(cfg.steps)
+    if n < 1 or steps < 2:
+        raise UserError(f"n must be >= 1 and steps >= 2, got n={n}, steps={steps}")
+    psi = None if cfg.psi is None else float(cfg.psi)
+    if psi is not None and psi <= 0:
+        raise UserError(f"psi must be > 0 (or null for no truncation), got {psi}")
+    out = Path(str(cfg.out)).expanduser()
+    walk = cfg.to_seed is not None
+    if out.suffix.lower() not in ((".png", ".gif") if walk else (".png", "")):
+        allowed = "FILE.png (a strip) or FILE.gif" if walk else "FILE.png (a grid) or DIR/ (one PNG per image)"
+        raise UserError(f"out={cfg.out}: expected {allowed}")
+    G, alpha = generator_from_checkpoint(load_checkpoint(Path(str(cfg.ckpt)).expanduser()), str(cfg.which))
+    G = G.to(resolve_device(cfg.device))
+    if walk:
+        start = seeded_latents(int(cfg.seed), 1, G.latent_dim, psi)[0]
+        end = seeded_latents(int(cfg.to_seed), 1, G.latent_dim, psi)[0]
+        z = slerp(start, end, torch.linspace(0, 1, steps))
+    else:
+        z = seeded_latents(int(cfg.seed), n, G.latent_dim, psi)
+    images = (generate(G, z, alpha) + 1) / 2  # [0, 1] for save_image / PIL
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if walk and out.suffix.lower() == ".gif":
+            from torchvision.transforms.v2.functional import to_pil_image
+
+            frames = [to_pil_image(img.clamp(0, 1)) for img in images]
+            frames = frames + frames[-2:0:-1]  # there and back: a seamless loop
+            frames[0].save(out, save_all=True, append_images=frames[1:], duration=int(cfg.frame_ms), loop=0)
+            return [out]
+        if walk or out.suffix:
+            nrow = len(images) if walk else int(cfg.nrow or math.ceil(math.sqrt(n)))
+            save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), out)
+            return [out]
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, img in enumerate(images):
+            path = out / f"seed{int(cfg.seed)}-{i:04d}.png"
+            save_image(img, path)
+            written.append(path)
+        return written
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc}") from exc
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        written = sample(cfg)
+    except UserError as exc:
+        exit_with_user_error(exc)
+    for path in written:
+        print(path, flush=True)
+
+
+def main() -> None:
+    """Console entry point of `pgan-sample`."""
+    exit_on_bad_overrides("sample", sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Sampling a trained generator: latents from a seed (optionally truncated), spherical interpolation, and
+images in batches. What `pgan-sample` does, as functions.
+
+Latents: image i of seed s is row i of `torch.randn(n, latent_dim)` drawn from a generator seeded with s, so
+the first k images of a seed are the same whatever n is ("seed + how many", as in the CryptoPunks demo).
+
+Truncation: ProGAN's generator pixel-normalises z before anything else, so only the direction of z matters
+and scaling it toward the mean (StyleGAN's psi on w) would change nothing. Here `psi` truncates the normal
+distribution instead, as BigGAN does: every component whose magnitude exceeds psi is drawn again (from the
+same seeded stream) until none does. Smaller psi: more typical, less varied images; None: no truncation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pgan.networks import Generator
+
+_MAX_REDRAWS = 1000
+
+
+def seeded_latents(seed: int, n: int, latent_dim: int, psi: float | None = None) -> torch.Tensor:
+    """[n, latent_dim] standard normal latents of `seed`; with `psi`, truncated to [-psi, psi] by redrawing."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if psi is not None and psi <= 0:
+        raise ValueError(f"psi must be > 0 (or null for no truncation), got {psi}")
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, latent_dim, generator=gen)
+    if psi is None:
+        return z
+    for _ in range(_MAX_REDRAWS):
+        outside = z.abs() > psi
+        if not outside.any():
+            return z
+        z[outside] = torch.randn(int(outside.sum()), generator=gen)
+    raise ValueError(f"psi={psi} is too small: components still outside [-psi, psi] after {_MAX_REDRAWS} redraws")
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from `a` to `b` ([latent_dim] each) at the fractions `t` ([k]): [k, latent_dim].
+
+    Along the great circle between the two directions, with the norm interpolated linearly (the generator
+    only sees the direction). Nearly parallel latents fall back to linear interpolation.
+    """
+    a_unit, b_unit = a / a.norm(), b / b.norm()
+    omega = torch.arccos((a_unit * b_unit).sum().clamp(-1.0, 1.0))
+    t = t.reshape(-1, 1).to(a.dtype)
+    if omega.abs() < 1e-6:
+        direction = torch.lerp(a_unit, b_unit, t)
+    else:
+        direction = (torch.sin((1 - t) * omega) * a_unit + torch.sin(t * omega) * b_unit) / torch.sin(omega)
+    norm = torch.lerp(a.norm(), b.norm(), t)
+    return direction * norm
+
+
+@torch.no_grad()
+def generate(G: Generator, z: torch.Tensor, alpha: float = 1.0, batch_size: int = 32) -> torch.Tensor:
+    """G(z) in batches, on G's device, as float images in [-1, 1] on the CPU."""
+    device = next(G.parameters()).device
+    return torch.cat([G(z[i : i + batch_size].to(device), alpha).float().cpu() for i in range(0, len(z), batch_size)])

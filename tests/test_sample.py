@@ -1,0 +1,119 @@
+"""pgan-sample: seeded latents (stable prefixes, truncation), slerp, and the CLI's grid, PNGs and walks."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, compose_config
+from PIL import Image
+
+from pgan.sample import seeded_latents, slerp
+from pgan.train.loop import train
+
+PGAN_SAMPLE = str(Path(sys.executable).with_name("pgan-sample"))
+
+
+def test_the_first_images_of_a_seed_do_not_depend_on_n() -> None:
+    assert torch.equal(seeded_latents(7, 3, 16), seeded_latents(7, 10, 16)[:3])
+    assert not torch.equal(seeded_latents(7, 3, 16), seeded_latents(8, 3, 16))
+
+
+def test_truncation_bounds_the_latents_and_is_deterministic() -> None:
+    z = seeded_latents(1, 64, 32, psi=0.5)
+    assert z.abs().max() <= 0.5 and torch.equal(z, seeded_latents(1, 64, 32, psi=0.5))
+    untouched = seeded_latents(1, 64, 32)
+    inside = untouched.abs() <= 0.5
+    assert torch.equal(z[inside], untouched[inside])  # only the components outside are redrawn
+    with pytest.raises(ValueError, match="psi must be > 0"):
+        seeded_latents(1, 4, 8, psi=0)
+
+
+def test_slerp_follows_the_great_circle_between_its_ends() -> None:
+    a, b = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    path = slerp(a, b, torch.linspace(0, 1, 5, dtype=torch.float64))
+    torch.testing.assert_close(path[0], a)
+    torch.testing.assert_close(path[-1], b)
+    torch.testing.assert_close(path.norm(dim=1), torch.linspace(float(a.norm()), float(b.norm()), 5, dtype=a.dtype))
+    units = path / path.norm(dim=1, keepdim=True)
+    angles = torch.arccos((units[:-1] * units[1:]).sum(dim=1).clamp(-1, 1))
+    torch.testing.assert_close(angles, angles[0].expand(4))  # equal angular steps
+    total = torch.arccos((a / a.norm() * b / b.norm()).sum())
+    torch.testing.assert_close(angles.sum(), total)  # on the great circle, not a shortcut
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny 8 px generator, trained for a few steps."""
+    run_dir = tmp_path_factory.mktemp("sample")
+    return train(compose_config(*TINY, "schedule.resolutions=[8]", "diversity.enabled=false"), run_dir)
+
+
+def _sample(checkpoint: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PGAN_SAMPLE, f"ckpt={checkpoint}", "device=cpu", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_a_grid_for_a_seed_and_a_count(checkpoint: Path, tmp_path: Path) -> None:
+    for name, seed in (("a.png", 3), ("b.png", 3), ("c.png", 4)):
+        result = _sample(checkpoint, f"seed={seed}", "n=5", f"out={name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == name
+    side = math.ceil(math.sqrt(5))  # 3 per row, 2 rows of 8 px with 2 px padding
+    assert Image.open(tmp_path / "a.png").size == (side * 8 + (side + 1) * 2, 2 * 8 + 3 * 2)
+    assert np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "b.png"))  # the same seed
+    assert not np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "c.png"))
+
+
+def test_one_png_per_image_and_the_same_first_images_for_any_n(checkpoint: Path, tmp_path: Path) -> None:
+    assert _sample(checkpoint, "seed=3", "n=4", "out=four/", cwd=tmp_path).returncode == 0
+    assert _sample(checkpoint, "seed=3", "n=2", "out=two/", cwd=tmp_path).returncode == 0
+    four = sorted((tmp_path / "four").iterdir())
+    assert [p.name for p in four] == [f"seed3-000{i}.png" for i in range(4)]
+    assert Image.open(four[0]).size == (8, 8)
+    for i in range(2):
+        assert np.array_equal(_pixels(four[i]), _pixels(tmp_path / "two" / f"seed3-000{i}.png"))
+
+
+def test_a_latent_walk_as_a_strip_and_as_a_looping_gif(checkpoint: Path, tmp_path: Path) -> None:
+    assert _sample(checkpoint, "seed=0", "to_seed=1", "steps=5", "out=walk.gif", cwd=tmp_path).returncode == 0
+    with Image.open(tmp_path / "walk.gif") as gif:
+        assert gif.n_frames == 8 and gif.size == (8, 8)  # 5 there, 3 back
+    assert _sample(checkpoint, "seed=0", "to_seed=1", "steps=5", "out=walk.png", cwd=tmp_path).returncode == 0
+    strip = _pixels(tmp_path / "walk.png")
+    assert strip.shape[:2] == (8 + 2 * 2, 5 * 8 + 6 * 2)
+    # Its ends are image 0 of each seed.
+    assert _sample(checkpoint, "seed=1", "n=1", "out=end/", cwd=tmp_path).returncode == 0
+    assert np.array_equal(strip[2:10, -10:-2], _pixels(tmp_path / "end" / "seed1-0000.png"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["out=x.png", "ckpt=/no/such.pt"], "error: checkpoint not found: /no/such.pt"),
+        (["out=x.jpg"], "error: out=x.jpg: expected FILE.png (a grid) or DIR/"),
+        (["out=x.png", "psi=-1"], "error: psi must be > 0"),
+        (["out=x.png", "which=D"], "error: which must be G_ema or G"),
+        (["n=0", "out=x.png"], "error: n must be >= 1"),
+    ],
+)
+def test_user_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = _sample(checkpoint, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ckpt_is_required(tmp_path: Path) -> None:
+    result = subprocess.run([PGAN_SAMPLE, "out=x.png"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ckpt= is required")
