@@ -18,7 +18,7 @@ from PIL import Image
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
 
-METRICS = ("diversity",)
+METRICS = ("diversity", "swd")
 
 
 def _folder(path: str, key: str) -> Path:
@@ -89,11 +89,19 @@ def evaluate(cfg: DictConfig) -> dict:
     reals = sample_dataset(real_data, int(cfg.num_real), int(cfg.seed) + 1)
     if len(fakes) < 4 or len(reals) < 4:
         raise UserError(f"need at least 4 fake and 4 real images, got {len(fakes)} and {len(reals)}")
-    embedding = RandomEmbedding().to(device)
-    ref = real_reference(reals.to(device), embedding, seed=int(cfg.seed))
-    result = diversity_metrics(fakes.to(device), ref, embedding, seed=int(cfg.seed))
-    # A one-shot verdict: the detector's level for this one evaluation (no patience, no history).
-    result["state"] = STATES[severity(result, thresholds)]
+    result: dict = {}
+    if "diversity" in cfg.metrics:
+        embedding = RandomEmbedding().to(device)
+        ref = real_reference(reals.to(device), embedding, seed=int(cfg.seed))
+        result |= diversity_metrics(fakes.to(device), ref, embedding, seed=int(cfg.seed))
+        # A one-shot verdict: the detector's level for this one evaluation (no patience, no history).
+        result["state"] = STATES[severity(result, thresholds)]
+    if "swd" in cfg.metrics:
+        from pgan.metrics.swd import MIN_RESOLUTION, swd
+
+        if resolution < MIN_RESOLUTION:
+            raise UserError(f"swd needs images of at least {MIN_RESOLUTION} px, got {resolution} px")
+        result |= swd(reals.to(device), fakes.to(device), seed=int(cfg.seed))
     return result
 
 

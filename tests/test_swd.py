@@ -1,0 +1,57 @@
+"""Sliced Wasserstein distance on Laplacian pyramids (the ProGAN paper's metric): its pyramid is exact, it is
+small between a set and itself, grows with a known distortion, and sees blur at the fine levels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_eval import _eval, folders  # noqa: F401 - the fixture
+
+from pgan.data import ShapesDataset
+from pgan.metrics.swd import laplacian_pyramid, pyramid_up, swd
+
+
+@pytest.fixture(scope="module")
+def shapes() -> torch.Tensor:
+    ds = ShapesDataset(32, size=96, seed=0)
+    return torch.stack([ds[i] for i in range(96)])
+
+
+def test_the_laplacian_pyramid_adds_back_up_to_the_image(shapes: torch.Tensor) -> None:
+    images = (shapes + 1) * 127.5
+    levels = laplacian_pyramid(images)
+    assert [level.shape[-1] for level in levels] == [32, 16]
+    rebuilt = levels[-1]
+    for level in reversed(levels[:-1]):
+        rebuilt = level + pyramid_up(rebuilt)
+    torch.testing.assert_close(rebuilt, images, atol=1e-3, rtol=0)
+
+
+def test_swd_of_a_set_to_itself_is_small_and_grows_with_noise(shapes: torch.Tensor) -> None:
+    itself = swd(shapes, shapes)["swd"]
+    noisy = [swd(shapes, (shapes + s * torch.randn_like(shapes)).clamp(-1, 1))["swd"] for s in (0.05, 0.1, 0.2)]
+    assert itself * 2.5 < noisy[0] < noisy[1] < noisy[2]
+
+
+def test_blur_shows_at_the_fine_level_more_than_at_the_coarse_one(shapes: torch.Tensor) -> None:
+    blurred = F.interpolate(F.avg_pool2d(shapes, 2), scale_factor=2)
+    itself, distance = swd(shapes, shapes), swd(shapes, blurred)
+    assert distance["swd_32"] / itself["swd_32"] > 2 * distance["swd_16"] / itself["swd_16"]
+
+
+def test_swd_is_deterministic_for_a_seed_and_checks_its_inputs(shapes: torch.Tensor) -> None:
+    assert swd(shapes[:32], shapes[32:64], seed=3) == swd(shapes[:32], shapes[32:64], seed=3)
+    with pytest.raises(ValueError, match="at least 16 px"):
+        swd(shapes[:, :, :8, :8], shapes[:, :, :8, :8])
+    with pytest.raises(ValueError, match="one shape"):
+        swd(shapes, shapes[:, :1])
+
+
+def test_pgan_eval_reports_swd_per_level_and_mean(folders) -> None:  # noqa: F811 - the imported fixture
+    result = _eval(f"real={folders['real']}", f"fake={folders['healthy']}", "metrics=[swd]", "device=cpu")
+    assert set(result) == {"swd_32", "swd_16", "swd"} and result["swd"] > 0
+    collapsed = _eval(f"real={folders['real']}", f"fake={folders['collapsed']}", "metrics=[swd]", "device=cpu")
+    assert collapsed["swd"] > 1.5 * result["swd"]
+    both = _eval(f"real={folders['real']}", f"fake={folders['healthy']}", "metrics=[diversity,swd]", "device=cpu")
+    assert {"swd", "vendi_ratio", "state"} <= both.keys()
