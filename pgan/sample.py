@@ -1,5 +1,5 @@
 """Sampling a trained generator: latents from a seed (optionally truncated), spherical interpolation, and
-images in batches. What `pgan-sample` does, as functions.
+images in batches; and the time-lapse of a run's sample grids. What `pgan-sample` does, as functions.
 
 Latents: image i of seed s is row i of `torch.randn(n, latent_dim)` drawn from a generator seeded with s, so
 the first k images of a seed are the same whatever n is ("seed + how many", as in the CryptoPunks demo).
@@ -12,9 +12,15 @@ same seeded stream) until none does. Smaller psi: more typical, less varied imag
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from PIL import Image, ImageDraw
 
 from pgan.networks import Generator
+from pgan.schedule import Stage, alpha_at
 
 _MAX_REDRAWS = 1000
 
@@ -59,3 +65,52 @@ def generate(G: Generator, z: torch.Tensor, alpha: float = 1.0, batch_size: int 
     """G(z) in batches, on G's device, as float images in [-1, 1] on the CPU."""
     device = next(G.parameters()).device
     return torch.cat([G(z[i : i + batch_size].to(device), alpha).float().cpu() for i in range(0, len(z), batch_size)])
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One fixed-latent sample grid of a run, where the training stood when it was written."""
+
+    path: Path
+    kimg: float
+    resolution: int
+    alpha: float
+
+    @property
+    def caption(self) -> str:
+        """What the time-lapse prints above the frame."""
+        return f"{self.kimg:.3f} kimg   {self.resolution} px   alpha {self.alpha:.2f}"
+
+
+_GRID_NAME = re.compile(r"^fakes-stage-(\d+)-(\d+\.\d+)kimg\.png$")
+
+
+def run_frames(run_dir: Path, stages: list[Stage]) -> list[Frame]:
+    """The run's sample grids (`samples/fakes-<stage>-<kimg>kimg.png`) in training order, each with its
+    resolution and the alpha at that point (from the run's own schedule)."""
+    by_resolution = {st.resolution: st for st in stages}
+    frames = []
+    for path in sorted((run_dir / "samples").glob("fakes-stage-*kimg.png")):
+        match = _GRID_NAME.match(path.name)
+        if match is None or int(match[1]) not in by_resolution:
+            continue
+        stage, kimg = by_resolution[int(match[1])], float(match[2])
+        nimg = round(kimg * 1000) - stage.start_nimg
+        frames.append(Frame(path, kimg, stage.resolution, alpha_at(stage, nimg)))
+    return sorted(frames, key=lambda f: f.kimg)
+
+
+def timelapse_images(frames: list[Frame], caption_px: int = 14) -> list[Image.Image]:
+    """Every frame scaled (nearest neighbour, so early low-resolution grids look like what G made) to the
+    size of the last one, with its caption in a bar above it."""
+    with Image.open(frames[-1].path) as last:
+        size = last.size
+    out = []
+    for frame in frames:
+        with Image.open(frame.path) as grid:
+            scaled = grid.convert("RGB").resize(size, Image.Resampling.NEAREST)
+        canvas = Image.new("RGB", (size[0], size[1] + caption_px), (0, 0, 0))
+        canvas.paste(scaled, (0, caption_px))
+        ImageDraw.Draw(canvas).text((2, 1), frame.caption, fill=(255, 255, 255))
+        out.append(canvas)
+    return out

@@ -88,8 +88,9 @@ OTHER_COMMANDS = [(name, c) for name in ("eval", "bench", "prepare", "sample") f
 @pytest.mark.parametrize(("config_name", "command"), OTHER_COMMANDS, ids=[" ".join(c)[:60] for _, c in OTHER_COMMANDS])
 def test_readme_eval_and_bench_commands_compose(config_name: str, command: list[str]) -> None:
     """The command composes into its config, and plain values land in it as written."""
-    cfg = compose_config(*command[1:], config_name=config_name)
-    for override in command[1:]:
+    args = ["mode=timelapse" if a == "timelapse" else a for a in command[1:]]  # what pgan-sample's main does
+    cfg = compose_config(*args, config_name=config_name)
+    for override in args:
         key, value = override.split("=", 1)
         if key in cfg and not OmegaConf.is_config(cfg[key]):  # group choices like data=shapes select a node
             assert str(cfg[key]).lower() == value.lower()  # force=true composes to True

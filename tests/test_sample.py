@@ -13,8 +13,8 @@ import torch
 from conftest import TINY, compose_config
 from PIL import Image
 
-from pgan.sample import seeded_latents, slerp
-from pgan.train.loop import train
+from pgan.sample import run_frames, seeded_latents, slerp
+from pgan.train.loop import stages_from_config, train
 
 PGAN_SAMPLE = str(Path(sys.executable).with_name("pgan-sample"))
 
@@ -117,3 +117,51 @@ def test_user_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[s
 def test_ckpt_is_required(tmp_path: Path) -> None:
     result = subprocess.run([PGAN_SAMPLE, "out=x.png"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ckpt= is required")
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory) -> Path:
+    """The tiny 8 -> 16 px run, with a sample grid every 64 images (some of them mid-fade)."""
+    run_dir = tmp_path_factory.mktemp("timelapse") / "run"
+    train(compose_config(*TINY, "diversity.enabled=false"), run_dir)
+    return run_dir
+
+
+def test_the_frames_follow_the_run_with_resolution_and_alpha(two_stage_run: Path) -> None:
+    frames = run_frames(two_stage_run, stages_from_config(compose_config(*TINY)))
+    assert len(frames) == len(list((two_stage_run / "samples").glob("*.png")))
+    assert [f.kimg for f in frames] == sorted(f.kimg for f in frames)
+    assert {f.resolution for f in frames[:1]} == {8} and frames[-1].resolution == 16
+    fading = [f.alpha for f in frames if f.resolution == 16]
+    assert fading == sorted(fading) and 0 < fading[0] < 1 and fading[-1] == 1.0
+    assert frames[-1].caption == f"{frames[-1].kimg:.3f} kimg   16 px   alpha 1.00"
+
+
+def test_pgan_sample_timelapse_writes_one_captioned_frame_per_grid(two_stage_run: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [PGAN_SAMPLE, "timelapse", f"run={two_stage_run}", "out=progress.gif"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    grids = sorted((two_stage_run / "samples").glob("*.png"))
+    with Image.open(grids[-1]) as last:
+        width, height = last.size
+    with Image.open(tmp_path / "progress.gif") as gif:
+        assert gif.n_frames == len(grids)
+        assert gif.size == (width, height + 14)  # the last grid's size, plus the caption bar
+        gif.seek(0)
+        caption = np.asarray(gif.convert("RGB"))[:14]
+        assert caption.max() > 200  # white caption text on the black bar (GIF palettes round it)
+
+
+def test_timelapse_of_something_else_is_a_one_line_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [PGAN_SAMPLE, "timelapse", f"run={tmp_path}", "out=x.gif"], capture_output=True, text=True, timeout=60
+    )
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == f"error: run={tmp_path}: not a pgan run directory (no config.yaml)"
+    )

@@ -1,4 +1,5 @@
-"""`pgan-sample`: a grid, single PNGs or a latent walk (PNG strip or GIF) from a checkpoint's generator.
+"""`pgan-sample`: a grid, single PNGs or a latent walk (PNG strip or GIF) from a checkpoint's generator;
+`pgan-sample timelapse run=DIR out=FILE.gif`: the run's fixed-latent sample grids as one captioned GIF.
 Prints the path(s) written; exit 2 with one line `error: ...` on a bad checkpoint, path or setting."""
 
 from __future__ import annotations
@@ -73,10 +74,39 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise UserError(f"cannot write {out}: {exc}") from exc
 
 
+def timelapse(cfg: DictConfig) -> list[Path]:
+    """The GIF of a run's sample grids over the whole multi-stage run."""
+    from omegaconf import OmegaConf
+
+    from pgan.sample import run_frames, timelapse_images
+    from pgan.train.loop import stages_from_config
+
+    if cfg.run is None or OmegaConf.is_missing(cfg, "out"):
+        raise UserError("run= and out= are required, e.g. pgan-sample timelapse run=runs/my-run out=progress.gif")
+    run_dir, out = Path(str(cfg.run)).expanduser(), Path(str(cfg.out)).expanduser()
+    if out.suffix.lower() != ".gif":
+        raise UserError(f"out={cfg.out}: the time-lapse is written as FILE.gif")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"run={cfg.run}: not a pgan run directory (no config.yaml)")
+    frames = run_frames(run_dir, stages_from_config(OmegaConf.load(run_dir / "config.yaml")))
+    if not frames:
+        raise UserError(f"run={cfg.run}: no sample grids in {run_dir / 'samples'}")
+    images = timelapse_images(frames)
+    durations = [int(cfg.frame_ms)] * (len(images) - 1) + [int(cfg.frame_ms) * 10]  # rest on the last frame
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(out, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc}") from exc
+    return [out]
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        written = sample(cfg)
+        if cfg.mode not in ("sample", "timelapse"):
+            raise UserError(f"mode must be sample or timelapse, got {cfg.mode!r}")
+        written = timelapse(cfg) if cfg.mode == "timelapse" else sample(cfg)
     except UserError as exc:
         exit_with_user_error(exc)
     for path in written:
@@ -84,7 +114,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point of `pgan-sample`."""
+    """Console entry point of `pgan-sample` (`pgan-sample timelapse ...` is `pgan-sample mode=timelapse ...`)."""
+    if sys.argv[1:2] == ["timelapse"]:
+        sys.argv = [sys.argv[0], "mode=timelapse", *sys.argv[2:]]
     exit_on_bad_overrides("sample", sys.argv[1:])
     _hydra_main()
 
