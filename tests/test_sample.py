@@ -104,6 +104,7 @@ def test_a_latent_walk_as_a_strip_and_as_a_looping_gif(checkpoint: Path, tmp_pat
         (["out=x.png", "ckpt=/no/such.pt"], "error: checkpoint not found: /no/such.pt"),
         (["out=x.jpg"], "error: out=x.jpg: expected FILE.png (a grid) or DIR/"),
         (["out=x.png", "psi=-1"], "error: psi must be > 0"),
+        (["out=x.png", "psi=0.000001"], "error: psi=1e-06 is too small"),
         (["out=x.png", "which=D"], "error: which must be G_ema or G"),
         (["n=0", "out=x.png"], "error: n must be >= 1"),
     ],

@@ -43,12 +43,15 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise UserError(f"out={cfg.out}: expected {allowed}")
     G, alpha = generator_from_checkpoint(load_checkpoint(Path(str(cfg.ckpt)).expanduser()), str(cfg.which))
     G = G.to(resolve_device(cfg.device))
-    if walk:
-        start = seeded_latents(int(cfg.seed), 1, G.latent_dim, psi)[0]
-        end = seeded_latents(int(cfg.to_seed), 1, G.latent_dim, psi)[0]
-        z = slerp(start, end, torch.linspace(0, 1, steps))
-    else:
-        z = seeded_latents(int(cfg.seed), n, G.latent_dim, psi)
+    try:  # a psi so small that truncation cannot succeed is the user's to fix
+        if walk:
+            start = seeded_latents(int(cfg.seed), 1, G.latent_dim, psi)[0]
+            end = seeded_latents(int(cfg.to_seed), 1, G.latent_dim, psi)[0]
+            z = slerp(start, end, torch.linspace(0, 1, steps))
+        else:
+            z = seeded_latents(int(cfg.seed), n, G.latent_dim, psi)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     images = (generate(G, z, alpha) + 1) / 2  # [0, 1] for save_image / PIL
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
