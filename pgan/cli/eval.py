@@ -17,8 +17,9 @@ from PIL import Image
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
+from pgan.metrics.quality import FEATURE_METRICS, QUALITY_METRICS, check_metric_names
 
-METRICS = ("diversity", "swd")
+METRICS = ("diversity", *QUALITY_METRICS)
 
 
 def _folder(path: str, key: str) -> Path:
@@ -57,9 +58,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from pgan.train.loop import resolve_device
     from pgan.train.watch import thresholds_from_config
 
-    unknown = [m for m in cfg.metrics if m not in METRICS]
-    if unknown:
-        raise UserError(f"metrics: unknown {', '.join(map(str, unknown))} (available: {', '.join(METRICS)})")
+    names = check_metric_names(cfg.metrics, METRICS)
     if (cfg.fake is None) == (cfg.ckpt is None):
         raise UserError("give exactly one of fake=FOLDER or ckpt=CHECKPOINT")
     device = resolve_device(cfg.device)
@@ -90,19 +89,50 @@ def evaluate(cfg: DictConfig) -> dict:
     if len(fakes) < 4 or len(reals) < 4:
         raise UserError(f"need at least 4 fake and 4 real images, got {len(fakes)} and {len(reals)}")
     result: dict = {}
-    if "diversity" in cfg.metrics:
+    if "diversity" in names:
         embedding = RandomEmbedding().to(device)
         ref = real_reference(reals.to(device), embedding, seed=int(cfg.seed))
         result |= diversity_metrics(fakes.to(device), ref, embedding, seed=int(cfg.seed))
         # A one-shot verdict: the detector's level for this one evaluation (no patience, no history).
         result["state"] = STATES[severity(result, thresholds)]
-    if "swd" in cfg.metrics:
-        from pgan.metrics.swd import MIN_RESOLUTION, swd
-
-        if resolution < MIN_RESOLUTION:
-            raise UserError(f"swd needs images of at least {MIN_RESOLUTION} px, got {resolution} px")
-        result |= swd(reals.to(device), fakes.to(device), seed=int(cfg.seed))
+    quality = [n for n in names if n in QUALITY_METRICS]
+    if quality:
+        result |= quality_metrics(cfg, quality, reals.to(device), fakes.to(device), real_data, device)
     return result
+
+
+def quality_metrics(
+    cfg: DictConfig, names: list[str], reals: torch.Tensor, fakes: torch.Tensor, real_data, device: torch.device
+) -> dict:
+    """The `pgan.metrics.quality` metrics `names` of `fakes` against `reals`."""
+    from pgan.metrics.features import feature_space
+    from pgan.metrics.modes import mode_classifier_for
+    from pgan.metrics.quality import QualityEvaluator
+
+    features = None
+    if any(n in FEATURE_METRICS for n in names):
+        wants_fid = any(n in ("fid", "kid") for n in names)
+        features = feature_space(str(cfg.features), cfg.inception_weights, device, random_by_default=not wants_fid)
+    smallest = max(int(cfg.pr_k) if "pr" in names else 0, int(cfg.coverage_k) if "coverage" in names else 0)
+    if smallest and min(len(reals), len(fakes)) <= smallest:
+        raise UserError(f"pr / coverage with k={smallest} need more than {smallest} fake and real images")
+    modes = None
+    if "modes" in names:
+        if cfg.real is not None:
+            raise UserError("modes needs a dataset with known modes (data=shapes, digits or stacked_digits), not real=")
+        modes = mode_classifier_for(real_data)
+        if modes.channels is not None and fakes.shape[1] != modes.channels:
+            raise UserError(f"modes: the {modes.source} classifier expects {modes.channels}-channel images")
+    evaluator = QualityEvaluator(
+        names,
+        reals,
+        features=features,
+        modes=modes,
+        seed=int(cfg.seed),
+        pr_k=int(cfg.pr_k),
+        coverage_k=int(cfg.coverage_k),
+    )
+    return evaluator(fakes)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
