@@ -14,6 +14,7 @@ from pgan.train.loop import stages_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PYTHON_SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
 def _commands(program: str) -> list[list[str]]:
@@ -74,15 +75,30 @@ def test_readme_python_snippet_rebuilds_the_generator(tmp_path: Path) -> None:
     from pgan.train.loop import train
 
     final = train(compose_config(*TINY), tmp_path)
-    (snippet,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert "runs/my-run/stage-0256/final.pt" in snippet
+    (snippet,) = [s for s in PYTHON_SNIPPETS if "runs/my-run/stage-0256/final.pt" in s]
     namespace: dict = {}
     exec(snippet.replace("runs/my-run/stage-0256/final.pt", str(final)), namespace)
     assert namespace["images"].shape == (16, 3, 16, 16)
 
 
-# Each documented pgan-eval / -bench / -prepare / -sample command composes, and its values land in the config.
-OTHER_COMMANDS = [(name, c) for name in ("eval", "bench", "prepare", "sample") for c in _commands(f"pgan-{name}")]
+def test_readme_export_snippet_loads_an_export_directory(tmp_path: Path) -> None:
+    """The README's snippet that loads an exported generator runs on a real pgan-export directory."""
+    from conftest import TINY
+
+    from pgan.export import export_safetensors, load_generator
+    from pgan.train.loop import train
+
+    G, alpha = load_generator(train(compose_config(*TINY), tmp_path / "run"))
+    export_safetensors(G, alpha, tmp_path / "export")
+    (snippet,) = [s for s in PYTHON_SNIPPETS if "exports/my-run" in s]
+    namespace: dict = {}
+    exec(snippet.replace("exports/my-run", str(tmp_path / "export")), namespace)
+    assert namespace["images"].shape == (16, 3, 16, 16)
+
+
+# Each documented command of the other CLIs composes, and its values land in the config.
+CLIS = ("eval", "bench", "prepare", "sample", "export")
+OTHER_COMMANDS = [(name, c) for name in CLIS for c in _commands(f"pgan-{name}")]
 
 
 @pytest.mark.parametrize(("config_name", "command"), OTHER_COMMANDS, ids=[" ".join(c)[:60] for _, c in OTHER_COMMANDS])
@@ -97,4 +113,4 @@ def test_readme_eval_and_bench_commands_compose(config_name: str, command: list[
 
 
 def test_readme_shows_eval_and_bench() -> None:
-    assert {name for name, _ in OTHER_COMMANDS} == {"eval", "bench", "prepare", "sample"}
+    assert {name for name, _ in OTHER_COMMANDS} == set(CLIS)

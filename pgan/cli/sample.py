@@ -21,7 +21,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     from omegaconf import OmegaConf
     from torchvision.utils import make_grid, save_image
 
-    from pgan.checkpoint import generator_from_checkpoint, load_checkpoint
+    from pgan.export import load_generator
     from pgan.sample import generate, seeded_latents, slerp
     from pgan.train.loop import resolve_device
 
@@ -41,17 +41,14 @@ def sample(cfg: DictConfig) -> list[Path]:
     if out.suffix.lower() not in ((".png", ".gif") if walk else (".png", "")):
         allowed = "FILE.png (a strip) or FILE.gif" if walk else "FILE.png (a grid) or DIR/ (one PNG per image)"
         raise UserError(f"out={cfg.out}: expected {allowed}")
-    G, alpha = generator_from_checkpoint(load_checkpoint(Path(str(cfg.ckpt)).expanduser()), str(cfg.which))
+    G, alpha = load_generator(str(Path(str(cfg.ckpt)).expanduser()), str(cfg.which))
     G = G.to(resolve_device(cfg.device))
-    try:  # a psi so small that truncation cannot succeed is the user's to fix
-        if walk:
-            start = seeded_latents(int(cfg.seed), 1, G.latent_dim, psi)[0]
-            end = seeded_latents(int(cfg.to_seed), 1, G.latent_dim, psi)[0]
-            z = slerp(start, end, torch.linspace(0, 1, steps))
-        else:
-            z = seeded_latents(int(cfg.seed), n, G.latent_dim, psi)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    if walk:
+        start = seeded_latents(int(cfg.seed), 1, G.latent_dim, psi)[0]
+        end = seeded_latents(int(cfg.to_seed), 1, G.latent_dim, psi)[0]
+        z = slerp(start, end, torch.linspace(0, 1, steps))
+    else:
+        z = seeded_latents(int(cfg.seed), n, G.latent_dim, psi)
     images = (generate(G, z, alpha) + 1) / 2  # [0, 1] for save_image / PIL
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,88 @@
+"""`pgan-export ckpt=PATH format=safetensors|onnx out=DIR`: a generator as safetensors weights + config.json
+(rebuilt by `pgan.export.load_generator` without the training code), or as an ONNX graph checked against
+PyTorch with onnxruntime when it is installed. The last line of stdout is one JSON object naming what was
+written; exit 2 with one line `error: ...` on a bad checkpoint, path or setting, or a failed ONNX check."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
+from pgan.errors import UserError
+
+FORMATS = ("safetensors", "onnx")
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export what cfg asks for; returns the summary printed as JSON."""
+    from omegaconf import OmegaConf
+
+    from pgan.export import (
+        ONNX,
+        ONNX_INPUT,
+        ONNX_OUTPUT,
+        check_onnx,
+        export_config,
+        export_onnx,
+        export_safetensors,
+        load_generator_with_source,
+        onnx_opset,
+        write_config,
+    )
+
+    for key in ("ckpt", "out"):
+        if OmegaConf.is_missing(cfg, key):
+            raise UserError(f"{key}= is required, e.g. pgan-export ckpt=runs/x/stage-0256/final.pt out=exports/x")
+    if cfg.format not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if cfg.which not in (None, "G_ema", "G"):
+        raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
+    atol = float(cfg.atol)
+    if not atol > 0:
+        raise UserError(f"atol must be > 0, got {cfg.atol}")
+    out = Path(str(cfg.out)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={cfg.out}: exists and is not a directory")
+    which = None if cfg.which is None else str(cfg.which)
+    G, alpha, source_info = load_generator_with_source(str(cfg.ckpt), which)
+    summary: dict[str, Any] = {"format": str(cfg.format), "out": str(out), "resolution": G.resolution, "alpha": alpha}
+    try:
+        if cfg.format == "safetensors":
+            weights, config = export_safetensors(G, alpha, out, source_info=source_info)
+            return {**summary, "files": [str(weights), str(config)], "max_abs_diff": None}
+        onnx_path = export_onnx(G, alpha, out / ONNX, opset=None if cfg.opset is None else int(cfg.opset))
+        onnx_info = {"file": ONNX, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "opset": onnx_opset(onnx_path)}
+        config = write_config(out, export_config(G, alpha, source_info, onnx=onnx_info))
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc}") from exc
+    diff = check_onnx(G, alpha, onnx_path, atol=atol)
+    if diff is None:
+        print("onnx check skipped: onnxruntime is not installed (pip install 'pgan[onnx]')", flush=True)
+    else:
+        print(f"onnx check passed: max abs difference to PyTorch {diff:.3g} (atol {atol:g})", flush=True)
+    return {**summary, "files": [str(onnx_path), str(config)], "max_abs_diff": diff}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        summary = export(cfg)
+    except UserError as exc:
+        exit_with_user_error(exc)
+    print(json.dumps(summary), flush=True)
+
+
+def main() -> None:
+    """Console entry point of `pgan-export`."""
+    exit_on_bad_overrides("export", sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
