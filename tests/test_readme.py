@@ -97,7 +97,7 @@ def test_readme_export_snippet_loads_an_export_directory(tmp_path: Path) -> None
 
 
 # Each documented command of the other CLIs composes, and its values land in the config.
-CLIS = ("eval", "bench", "prepare", "sample", "export", "demo")
+CLIS = ("eval", "bench", "prepare", "sample", "export", "demo", "report")
 OTHER_COMMANDS = [(name, c) for name in CLIS for c in _commands(f"pgan-{name}")]
 
 
