@@ -1,5 +1,6 @@
 """Sampling a trained generator: latents from a seed (optionally truncated), spherical interpolation, and
-images in batches; and the time-lapse of a run's sample grids. What `pgan-sample` does, as functions.
+images in batches; and the time-lapse of a run's sample grids (a GIF, or an H.264 MP4 through imageio and
+PyAV, the optional `video` extra). What `pgan-sample` does, as functions.
 
 Latents: image i of seed s is row i of `torch.randn(n, latent_dim)` drawn from a generator seeded with s, so
 the first k images of a seed are the same whatever n is ("seed + how many", as in the CryptoPunks demo).
@@ -19,9 +20,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from pgan.errors import UserError
 from pgan.networks import Generator
 from pgan.schedule import Stage, alpha_at
 
@@ -115,3 +118,44 @@ def timelapse_images(frames: list[Frame], caption_px: int = 14) -> list[Image.Im
         ImageDraw.Draw(canvas).text((2, 1), frame.caption, fill=(255, 255, 255))
         out.append(canvas)
     return out
+
+
+HOLD_LAST = 10  # the time-lapse rests on its last frame (the finished run) for this many frame durations
+
+
+def mp4_codec() -> str:
+    """The encoder for MP4 time-lapses: H.264 (libx264) where PyAV's FFmpeg has it, else MPEG-4 part 2."""
+    try:
+        import av
+    except ImportError as exc:
+        raise UserError("MP4 output needs PyAV: pip install 'pgan[video]' (or write out=FILE.gif)") from exc
+    # PyAV's wheels bundle an FFmpeg with libx264; an FFmpeg built without GPL parts lacks it, and mpeg4 is
+    # FFmpeg's own encoder, always there, which ordinary players also read.
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def _even(pixels: np.ndarray) -> np.ndarray:
+    """[H, W, 3] padded with a black row / column at the bottom / right to an even height and width."""
+    # yuv420p keeps colour at half resolution, so H.264 (and MPEG-4) want even sizes. Padding, not scaling,
+    # keeps the nearest-neighbour pixels sharp.
+    height, width = pixels.shape[:2]
+    return np.pad(pixels, ((0, height % 2), (0, width % 2), (0, 0)))
+
+
+def save_timelapse(images: list[Image.Image], out: Path, frame_ms: int) -> None:
+    """The time-lapse frames as a looping GIF or an MP4 (by `out`'s suffix), `frame_ms` each, the last held
+    HOLD_LAST times as long."""
+    if out.suffix.lower() == ".gif":
+        # Pillow writes the GIF (imageio's GIF writer is this same call: byte-identical output, one more copy).
+        # A GIF has per-frame durations, so the last frame is held without repeating it.
+        durations = [frame_ms] * (len(images) - 1) + [frame_ms * HOLD_LAST]
+        images[0].save(out, save_all=True, append_images=images[1:], duration=durations, loop=0)
+        return
+    codec = mp4_codec()
+    import imageio.v3 as iio
+
+    frames = [_even(np.asarray(image.convert("RGB"))) for image in images]
+    frames += [frames[-1]] * (HOLD_LAST - 1)  # a video's frames all last 1 / fps: the hold is the frame repeated
+    # yuv420p is what ordinary players (browsers, QuickTime, phones) decode. Named, not left to the default:
+    # PyAV happens to pick it for libx264, but the ffmpeg tool would keep 4:4:4 for RGB input (High 4:4:4).
+    iio.imwrite(out, frames, plugin="pyav", codec=codec, fps=1000 / frame_ms, out_pixel_format="yuv420p")

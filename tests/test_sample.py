@@ -1,4 +1,5 @@
-"""pgan-sample: seeded latents (stable prefixes, truncation), slerp, and the CLI's grid, PNGs and walks."""
+"""pgan-sample: seeded latents (stable prefixes, truncation), slerp, the CLI's grid, PNGs and walks, and the
+run time-lapse as a GIF and an MP4."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose_config
 from PIL import Image
 
-from pgan.sample import run_frames, seeded_latents, slerp
+from pgan.cli.sample import timelapse
+from pgan.errors import UserError
+from pgan.sample import HOLD_LAST, mp4_codec, run_frames, save_timelapse, seeded_latents, slerp, timelapse_images
 from pgan.train.loop import stages_from_config, train
 
 PGAN_SAMPLE = str(Path(sys.executable).with_name("pgan-sample"))
@@ -170,3 +174,68 @@ def test_timelapse_of_something_else_is_a_one_line_error(tmp_path: Path) -> None
         result.returncode == 2
         and result.stderr.strip() == f"error: run={tmp_path}: not a pgan run directory (no config.yaml)"
     )
+
+
+def _timelapse_cfg(run: Path, out: Path, *overrides: str):
+    return compose_config("mode=timelapse", f"run={run}", f"out={out}", *overrides, config_name="sample")
+
+
+def test_the_mp4_time_lapse_decodes_to_every_grid_then_the_held_last_one(two_stage_run: Path, tmp_path: Path) -> None:
+    av = pytest.importorskip("av")  # the `video` extra (in `dev`)
+    cfg = _timelapse_cfg(two_stage_run, tmp_path / "progress.mp4")
+    assert timelapse(cfg) == [tmp_path / "progress.mp4"]
+    expected = timelapse_images(run_frames(two_stage_run, stages_from_config(compose_config(*TINY))))
+    assert len(expected) == len(list((two_stage_run / "samples").glob("*.png")))
+    width, height = expected[0].size
+    assert width % 2 == 0 and height % 2 == 0  # the tiny run's frames need no padding (see the odd-size test)
+    props = iio.improps(tmp_path / "progress.mp4", plugin="pyav")
+    video = iio.imread(tmp_path / "progress.mp4", plugin="pyav")
+    # one frame per grid, then the last one HOLD_LAST - 1 more times (the GIF holds it with a longer duration;
+    # both last (grids + HOLD_LAST - 1) * frame_ms)
+    assert video.shape == props.shape == (len(expected) + HOLD_LAST - 1, height, width, 3)
+    meta = iio.immeta(tmp_path / "progress.mp4", plugin="pyav")
+    assert meta["fps"] == pytest.approx(1000 / cfg.frame_ms)
+    assert meta["codec"] == {"libx264": "h264", "mpeg4": "mpeg4"}[mp4_codec()]  # h264 with PyAV's wheels
+    with av.open(str(tmp_path / "progress.mp4")) as container:
+        assert container.streams.video[0].codec_context.pix_fmt == "yuv420p"  # what ordinary players decode
+    # H.264 is lossy and yuv420p keeps colour at half resolution (the tiny run's noisy 8 px faces lose ~12 of
+    # 255 in RGB to that alone), so compare brightness (BT.601 luma, which yuv420p keeps at full resolution):
+    # ~5 of 255 off its own grid here (~2 on a real 1 kpx run), ~65 off the last one.
+    video_luma, first, last = _luma(video), _luma(expected[0]), _luma(expected[-1])
+    assert np.abs(video_luma[0] - first).mean() < 8 < np.abs(video_luma[0] - last).mean()
+    assert all(np.abs(frame - last).mean() < 8 for frame in video_luma[-HOLD_LAST:])
+
+
+def _luma(pixels) -> np.ndarray:
+    return np.asarray(pixels, dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def test_an_mp4_of_odd_sized_frames_is_padded_to_even(tmp_path: Path) -> None:
+    pytest.importorskip("av")
+    images = [Image.new("RGB", (21, 15), (255 * i // 2, 0, 0)) for i in range(3)]
+    save_timelapse(images, tmp_path / "odd.mp4", frame_ms=50)
+    video = iio.imread(tmp_path / "odd.mp4", plugin="pyav")
+    assert video.shape == (3 + HOLD_LAST - 1, 16, 22, 3)  # a black row and column added, not rescaled
+    assert video[-1, :15, :21, 0].mean() > 200 and video[-1, 15:, :, :].mean() < 30
+
+
+def test_mp4_without_pyav_is_a_one_line_error(two_stage_run: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "av", None)  # what `import av` sees when the video extra is not installed
+    with pytest.raises(UserError) as caught:
+        timelapse(_timelapse_cfg(two_stage_run, tmp_path / "progress.mp4"))
+    assert str(caught.value) == "MP4 output needs PyAV: pip install 'pgan[video]' (or write out=FILE.gif)"
+    assert not (tmp_path / "progress.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "extra", "message"),
+    [
+        ("x.webm", [], r"^out=.*x\.webm: the time-lapse is written as FILE\.gif or FILE\.mp4$"),
+        ("x.mp4", ["frame_ms=0"], r"^frame_ms must be >= 1, got 0$"),
+    ],
+)
+def test_bad_time_lapse_settings_are_one_line_errors(
+    two_stage_run: Path, tmp_path: Path, out: str, extra: list[str], message: str
+) -> None:
+    with pytest.raises(UserError, match=message):
+        timelapse(_timelapse_cfg(two_stage_run, tmp_path / out, *extra))

@@ -1,5 +1,6 @@
 """`pgan-sample`: a grid, single PNGs or a latent walk (PNG strip or GIF) from a checkpoint's generator;
-`pgan-sample timelapse run=DIR out=FILE.gif`: the run's fixed-latent sample grids as one captioned GIF.
+`pgan-sample timelapse run=DIR out=FILE.gif|FILE.mp4`: the run's fixed-latent sample grids as one captioned
+GIF or MP4 (H.264, needs `pip install 'pgan[video]'`).
 Prints the path(s) written; exit 2 with one line `error: ...` on a bad checkpoint, path or setting."""
 
 from __future__ import annotations
@@ -75,27 +76,28 @@ def sample(cfg: DictConfig) -> list[Path]:
 
 
 def timelapse(cfg: DictConfig) -> list[Path]:
-    """The GIF of a run's sample grids over the whole multi-stage run."""
+    """The GIF or MP4 of a run's sample grids over the whole multi-stage run."""
     from omegaconf import OmegaConf
 
-    from pgan.sample import run_frames, timelapse_images
+    from pgan.sample import run_frames, save_timelapse, timelapse_images
     from pgan.train.loop import stages_from_config
 
     if cfg.run is None or OmegaConf.is_missing(cfg, "out"):
         raise UserError("run= and out= are required, e.g. pgan-sample timelapse run=runs/my-run out=progress.gif")
     run_dir, out = Path(str(cfg.run)).expanduser(), Path(str(cfg.out)).expanduser()
-    if out.suffix.lower() != ".gif":
-        raise UserError(f"out={cfg.out}: the time-lapse is written as FILE.gif")
+    if out.suffix.lower() not in (".gif", ".mp4"):
+        raise UserError(f"out={cfg.out}: the time-lapse is written as FILE.gif or FILE.mp4")
+    if int(cfg.frame_ms) < 1:
+        raise UserError(f"frame_ms must be >= 1, got {cfg.frame_ms}")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"run={cfg.run}: not a pgan run directory (no config.yaml)")
     frames = run_frames(run_dir, stages_from_config(OmegaConf.load(run_dir / "config.yaml")))
     if not frames:
         raise UserError(f"run={cfg.run}: no sample grids in {run_dir / 'samples'}")
     images = timelapse_images(frames)
-    durations = [int(cfg.frame_ms)] * (len(images) - 1) + [int(cfg.frame_ms) * 10]  # rest on the last frame
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        images[0].save(out, save_all=True, append_images=images[1:], duration=durations, loop=0)
+        save_timelapse(images, out, int(cfg.frame_ms))
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc}") from exc
     return [out]
