@@ -42,8 +42,9 @@ def resource_stats(device: torch.device) -> dict[str, float]:
     return stats
 
 
-# The jsonl logs in a run directory: stats.jsonl (one line per tick), collapse.jsonl (one per diversity evaluation).
-JSONL_FILES = ("stats", "collapse")
+# The jsonl logs in a run directory: stats.jsonl (one line per tick), collapse.jsonl (one per diversity evaluation),
+# metrics.jsonl (one per quality-metrics evaluation).
+JSONL_FILES = ("stats", "collapse", "metrics")
 
 
 class Monitor:

@@ -3,7 +3,8 @@ boundaries and fade-ins marked), and a short markdown summary (stages, time per 
 collapse detector's events, config highlights).
 
 Everything comes from the run directory: `stats.jsonl` (one record per log tick), `collapse.jsonl` (one per
-diversity evaluation, plus rollbacks) and `config.yaml` (the resolved config, for the schedule and the
+diversity evaluation, plus rollbacks), `metrics.jsonl` (one per quality-metrics evaluation, shown among
+the final values as `Metrics/<name>`) and `config.yaml` (the resolved config, for the schedule and the
 highlights). The jsonl records carry no timestamps: the time per stage is the trainer's own tick timer,
 added up (each tick's images / its `Speed/img_per_s`).
 """
@@ -119,7 +120,7 @@ def run_stages(run_dir: Path) -> list[Stage]:
 
 
 def load_table(run_dir: Path) -> RunTable:
-    """The table of a run directory's stats.jsonl and collapse.jsonl (see RunTable)."""
+    """The table of a run directory's stats.jsonl, collapse.jsonl and metrics.jsonl (see RunTable)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run={run_dir}: no such directory")
@@ -131,24 +132,28 @@ def load_table(run_dir: Path) -> RunTable:
     collapse, bad_collapse = (
         read_jsonl(run_dir / "collapse.jsonl") if (run_dir / "collapse.jsonl").is_file() else ([], 0)
     )
+    quality, bad_quality = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else ([], 0)
     evaluations = [r for r in collapse if "event" not in r]
-    kept_stats, kept_evals = latest_attempt(stats), latest_attempt(evaluations)
+    kept_stats, kept_evals, kept_quality = latest_attempt(stats), latest_attempt(evaluations), latest_attempt(quality)
     if not kept_stats:
         raise UserError(f"run={run_dir}: stats.jsonl has no records yet (the run has not reached its first log tick)")
-    table = build_table(kept_stats, kept_evals, stages)
+    table = build_table(kept_stats, kept_evals, stages, kept_quality)
     kept_ids = {id(r) for r in kept_evals}
     events = []
     for row in collapse:  # in the order logged: rollbacks are interleaved with the evaluations
         if row.get("event") == "rollback" or (id(row) in kept_ids and row.get("state") != row.get("previous")):
             events.append(row)
     table.events = events
-    table.superseded = len(stats) - len(kept_stats) + len(evaluations) - len(kept_evals)
-    table.unreadable = bad + bad_collapse
+    table.superseded = (
+        len(stats) - len(kept_stats) + len(evaluations) - len(kept_evals) + len(quality) - len(kept_quality)
+    )
+    table.unreadable = bad + bad_collapse + bad_quality
     return table
 
 
-def build_table(stats: list[dict], evaluations: list[dict], stages: list[Stage]) -> RunTable:
-    """Merge stats records and diversity evaluations (each in ascending step order) into one RunTable."""
+def build_table(stats: list[dict], evaluations: list[dict], stages: list[Stage], quality: list[dict] = ()) -> RunTable:
+    """Merge stats records, diversity evaluations and quality-metric evaluations (`metrics.every_kimg`; each in
+    ascending step order) into one RunTable; the quality metrics become `Metrics/<name>` columns."""
     rows: dict[int, dict[str, float]] = {}
     for r in stats:
         row = rows.setdefault(int(r["step"]), _position(int(r["step"]), stages))
@@ -161,6 +166,9 @@ def build_table(stats: list[dict], evaluations: list[dict], stages: list[Stage])
         row |= {f"Diversity/{k}": v for k, v in r.items() if _number(v) and k not in _EVALUATION_KEYS}
         if r.get("state") in STATES:
             row["Collapse/level"] = STATES.index(r["state"])
+    for r in quality:
+        row = rows.setdefault(int(r["step"]), _position(int(r["step"]), stages))
+        row |= {f"Metrics/{k}": v for k, v in r.items() if _number(v) and k not in _EVALUATION_KEYS}
     steps = sorted(rows)
     names = ["kimg", "stage", "resolution", "alpha"]
     names += sorted({k for row in rows.values() for k in row} - set(names))

@@ -21,10 +21,12 @@ from pgan.train.loop import check_rank_batches, stages_from_config, train
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # Minibatch-stddev groups are per rank (as in the official multi-GPU code); with groups of 1 the statistic is
-# the same constant in both layouts, so 2 ranks and 1 process compute the same function.
-SAME_FUNCTION = ["model.mbstd_group_size=1"]
+# the same constant in both layouts, so 2 ranks and 1 process compute the same function. At TINY's lr of 1e-3
+# the tiny GAN's last steps can amplify rounding chaotically (seen: 3e-6 apart after 14 steps, 9e-4 after 20,
+# once the initial weights changed), which would test the dynamics, not the data parallelism: lr 3e-4 here.
+SAME_FUNCTION = ["model.mbstd_group_size=1", "schedule.lr=0.0003"]
 # Float sums in another order (the gradient all-reduce) over the 20 steps of TINY, through Adam;
-TOLERANCE = {"rtol": 1e-4, "atol": 5e-5}  # measured: at most 3.7e-6 apart
+TOLERANCE = {"rtol": 1e-4, "atol": 5e-5}  # measured: at most 3.6e-7 apart
 
 
 def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -151,9 +151,12 @@ class RandomEmbedding(nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         widths = (3, 32, 64, 128)
-        self.convs = nn.ModuleList(
-            nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1, bias=False) for a, b in zip(widths, widths[1:])
-        )
+        # nn.Conv2d initialises its weights from the global RNG before we overwrite them: fork it, so building
+        # an embedding (the collapse watch, the metrics) never shifts the training run's random streams.
+        with torch.random.fork_rng(devices=[]):
+            self.convs = nn.ModuleList(
+                nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1, bias=False) for a, b in zip(widths, widths[1:])
+            )
         with torch.no_grad():
             for conv in self.convs:
                 fan_in = conv.weight[0].numel()

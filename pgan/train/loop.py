@@ -55,6 +55,7 @@ from pgan.networks import Discriminator, Generator, check_resolution, grow_from,
 from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
 from pgan.train.guard import Guard, check_guard_config
 from pgan.train.interrupt import Interrupted, StopFlag, ignore_stop_signals
+from pgan.train.metrics_watch import MetricsWatch, check_metrics_config
 from pgan.train.step import train_step
 from pgan.train.watch import CollapseWatch, check_diversity_config
 
@@ -289,6 +290,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         check_diversity_config(cfg)
     check_guard_config(cfg)
     check_speed_config(cfg)
+    check_metrics_config(cfg)
     if int(cfg.checkpoint.keep) < 1:
         raise UserError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     if cfg.stage is not None:
@@ -341,6 +343,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
     autocast = autocast_for(device, use_bf16)
     watch = CollapseWatch(cfg, device, autocast, monitor) if cfg.diversity.enabled else None
+    # Quality metrics are logged, never acted on: rank 0 alone computes them.
+    metrics = MetricsWatch(cfg, device, autocast, monitor) if cfg.metrics.every_kimg and ranks.is_main else None
     guard = Guard(cfg.guard, device)
     try:
         with StopFlag() as stop:
@@ -353,7 +357,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                 resume = resume_state if resuming_first and st is plan[0] else None
                 # Everything but where it resumes from, for surviving_loader_failures to call.
                 args = (cfg, st, run_dir, dataset, device, autocast, loss, monitor, watch, guard, stop)
-                run_stage = partial(train_stage, *args, init=init)
+                run_stage = partial(train_stage, *args, init=init, metrics=metrics)
                 if ranks.distributed:  # a loader failure on one rank ends the job (torchrun stops the others)
                     final = run_stage(resume)
                 else:
@@ -504,6 +508,7 @@ def train_stage(
     stop: StopFlag,
     resume: dict | None,
     init: dict | None,
+    metrics: MetricsWatch | None = None,
 ) -> Path:
     """Train one stage from `resume` (its own checkpoint) or `init` (the state it grows from); returns final.pt.
 
@@ -564,6 +569,8 @@ def train_stage(
         dist.broadcast_modules(G, D, G_ema)
     if watch is not None:
         watch.begin_stage(stage, dataset)
+    if metrics is not None:
+        metrics.begin_stage(stage, dataset)
 
     beta = ema_beta(stage.batch_size, cfg.schedule.ema_kimg)
     latent_dim = int(cfg.model.latent_dim)
@@ -717,6 +724,7 @@ def train_stage(
     image_nimg = max(1, round(cfg.log.image_every_kimg * 1000))
     ckpt_nimg = max(1, round(cfg.checkpoint.every_kimg * 1000))
     diversity_nimg = max(1, round(cfg.diversity.every_kimg * 1000))
+    metrics_nimg = max(1, round(float(cfg.metrics.every_kimg or 0) * 1000))
     values: dict[str, float] = {}
     tick_start_time, tick_start_nimg = time.perf_counter(), nimg
     bar = progress_bar(stage.num_images, nimg, f"{stage.resolution}px", enabled=cfg.log.progress_bar and ranks.is_main)
@@ -795,6 +803,8 @@ def train_stage(
                     continue
                 save_snapshot()
                 raise CollapseStop(watch.stop_message(stage, step, ok))
+        if metrics is not None and (_crossed(prev, nimg, metrics_nimg) or finished):
+            metrics.evaluate(G_ema, stage, nimg)
         if _crossed(prev, nimg, ckpt_nimg) and not finished:
             save_snapshot()
         # Under torchrun the ranks agree at ticks (a signal may reach one rank only, or them at different steps).
