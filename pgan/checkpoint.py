@@ -21,6 +21,7 @@ import pickle
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +194,11 @@ def load_checkpoint(
     except pickle.UnpicklingError as exc:
         # weights_only=True refuses anything but tensors and plain values: a checkpoint that would run code.
         first = first_line(exc)
-        if "Weights only load failed" in first or "GLOBAL" in str(exc):
-            # torch names the refused global ("Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y").
-            culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        # torch names the refused global ("Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y").
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        # Random bytes fail the same check ("Unsupported operand"): only a torch.save archive (a zip) or a named
+        # global is evidence of pickled objects; anything else is a damaged file.
+        if culprit or ("Weights only load failed" in first and zipfile.is_zipfile(path)):
             what = f" ({culprit.group(1)})" if culprit else ""
             raise CheckpointDamaged(
                 f"refusing to load {path}: it holds pickled Python objects{what}, which could run code; pgan "

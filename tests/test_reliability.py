@@ -18,6 +18,7 @@ from test_train import PGAN_TRAIN, _stats, assert_same_state
 
 from pgan.checkpoint import (
     FORMAT,
+    CheckpointDamaged,
     link_checkpoint,
     load_checkpoint,
     rewind_snapshots,
@@ -115,6 +116,13 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(reference: Path, tmp
         with pytest.raises(UserError, match=r"no usable checkpoint in .*: all \d+ are damaged"):
             train(compose_config(*TINY), run_dir)
     assert not list(run_dir.rglob("ckpt-*.pt")) and not (run_dir / STAGE / "final.pt").exists()
+
+
+def test_random_bytes_are_a_damaged_file_not_pickled_code(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(CheckpointDamaged, match=r"garbage.pt: damaged file"):
+        load_checkpoint(garbage)
 
 
 def _tiny_checkpoint(path: Path, nimg: int) -> Path:

@@ -4,6 +4,7 @@ run time-lapse as a GIF and an MP4."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from conftest import TINY, compose_config
 from PIL import Image
 
-from pgan.cli.sample import timelapse
+from pgan.cli.sample import sample, timelapse
 from pgan.errors import UserError
 from pgan.sample import HOLD_LAST, mp4_codec, run_frames, save_timelapse, seeded_latents, slerp, timelapse_images
 from pgan.train.loop import stages_from_config, train
@@ -64,9 +65,16 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _sample(checkpoint: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess (exit codes, stdout, stderr)."""
     return subprocess.run(
         [PGAN_SAMPLE, f"ckpt={checkpoint}", "device=cpu", *args], capture_output=True, text=True, timeout=120, cwd=cwd
     )
+
+
+def _sample_here(checkpoint: Path, *args: str, cwd: Path) -> list[Path]:
+    """What the CLI does, in this process (no interpreter start-up); relative out= paths are under `cwd`."""
+    args = tuple(f"out={cwd / a[4:]}" + ("/" if a.endswith("/") else "") if a.startswith("out=") else a for a in args)
+    return sample(compose_config(f"ckpt={checkpoint}", "device=cpu", *args, config_name="sample"))
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -75,10 +83,11 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def test_a_grid_for_a_seed_and_a_count(checkpoint: Path, tmp_path: Path) -> None:
-    for name, seed in (("a.png", 3), ("b.png", 3), ("c.png", 4)):
-        result = _sample(checkpoint, f"seed={seed}", "n=5", f"out={name}", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == name
+    result = _sample(checkpoint, "seed=3", "n=5", "out=a.png", cwd=tmp_path)  # the CLI itself, once
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "a.png"
+    for name, seed in (("b.png", 3), ("c.png", 4)):
+        assert _sample_here(checkpoint, f"seed={seed}", "n=5", f"out={name}", cwd=tmp_path) == [tmp_path / name]
     side = math.ceil(math.sqrt(5))  # 3 per row, 2 rows of 8 px with 2 px padding
     assert Image.open(tmp_path / "a.png").size == (side * 8 + (side + 1) * 2, 2 * 8 + 3 * 2)
     assert np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "b.png"))  # the same seed
@@ -86,8 +95,8 @@ def test_a_grid_for_a_seed_and_a_count(checkpoint: Path, tmp_path: Path) -> None
 
 
 def test_one_png_per_image_and_the_same_first_images_for_any_n(checkpoint: Path, tmp_path: Path) -> None:
-    assert _sample(checkpoint, "seed=3", "n=4", "out=four/", cwd=tmp_path).returncode == 0
-    assert _sample(checkpoint, "seed=3", "n=2", "out=two/", cwd=tmp_path).returncode == 0
+    _sample_here(checkpoint, "seed=3", "n=4", "out=four/", cwd=tmp_path)
+    _sample_here(checkpoint, "seed=3", "n=2", "out=two/", cwd=tmp_path)
     four = sorted((tmp_path / "four").iterdir())
     assert [p.name for p in four] == [f"seed3-000{i}.png" for i in range(4)]
     assert Image.open(four[0]).size == (8, 8)
@@ -96,14 +105,14 @@ def test_one_png_per_image_and_the_same_first_images_for_any_n(checkpoint: Path,
 
 
 def test_a_latent_walk_as_a_strip_and_as_a_looping_gif(checkpoint: Path, tmp_path: Path) -> None:
-    assert _sample(checkpoint, "seed=0", "to_seed=1", "steps=5", "out=walk.gif", cwd=tmp_path).returncode == 0
+    _sample_here(checkpoint, "seed=0", "to_seed=1", "steps=5", "out=walk.gif", cwd=tmp_path)
     with Image.open(tmp_path / "walk.gif") as gif:
         assert gif.n_frames == 8 and gif.size == (8, 8)  # 5 there, 3 back
-    assert _sample(checkpoint, "seed=0", "to_seed=1", "steps=5", "out=walk.png", cwd=tmp_path).returncode == 0
+    _sample_here(checkpoint, "seed=0", "to_seed=1", "steps=5", "out=walk.png", cwd=tmp_path)
     strip = _pixels(tmp_path / "walk.png")
     assert strip.shape[:2] == (8 + 2 * 2, 5 * 8 + 6 * 2)
     # Its ends are image 0 of each seed.
-    assert _sample(checkpoint, "seed=1", "n=1", "out=end/", cwd=tmp_path).returncode == 0
+    _sample_here(checkpoint, "seed=1", "n=1", "out=end/", cwd=tmp_path)
     assert np.array_equal(strip[2:10, -10:-2], _pixels(tmp_path / "end" / "seed1-0000.png"))
 
 
@@ -118,14 +127,18 @@ def test_a_latent_walk_as_a_strip_and_as_a_looping_gif(checkpoint: Path, tmp_pat
     ],
 )
 def test_user_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[str], message: str) -> None:
-    result = _sample(checkpoint, *args, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+    if args[-1].startswith("ckpt="):  # through the CLI once: exit code 2 and one line on stderr
+        result = _sample(checkpoint, *args, cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+    else:
+        with pytest.raises(UserError, match=re.escape(message.removeprefix("error: "))):
+            sample(compose_config(f"ckpt={checkpoint}", *args, config_name="sample"))
 
 
 def test_ckpt_is_required(tmp_path: Path) -> None:
-    result = subprocess.run([PGAN_SAMPLE, "out=x.png"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith("error: ckpt= is required")
+    with pytest.raises(UserError, match="^ckpt= is required"):
+        sample(compose_config(f"out={tmp_path / 'x.png'}", config_name="sample"))
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +180,8 @@ def test_pgan_sample_timelapse_writes_one_captioned_frame_per_grid(two_stage_run
 
 
 def test_timelapse_of_something_else_is_a_one_line_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [PGAN_SAMPLE, "timelapse", f"run={tmp_path}", "out=x.gif"], capture_output=True, text=True, timeout=60
-    )
-    assert (
-        result.returncode == 2
-        and result.stderr.strip() == f"error: run={tmp_path}: not a pgan run directory (no config.yaml)"
-    )
+    with pytest.raises(UserError, match=re.escape(f"run={tmp_path}: not a pgan run directory (no config.yaml)")):
+        timelapse(_timelapse_cfg(tmp_path, tmp_path / "x.gif"))
 
 
 def _timelapse_cfg(run: Path, out: Path, *overrides: str):

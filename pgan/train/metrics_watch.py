@@ -28,6 +28,7 @@ from pgan.monitor import Monitor
 from pgan.networks import Generator
 from pgan.schedule import Stage, alpha_at
 from pgan.train.step import fade_reals
+from pgan.train.watch import evaluation_samples
 
 LATENT_SEED_OFFSET = 15_485_863  # the metrics' latents: their own stream, apart from the collapse watch's
 REAL_SEED_OFFSET = 32_452_843  # and their own real subset
@@ -101,16 +102,9 @@ class MetricsWatch:
             self._evaluator = (alpha, evaluator)
         return self._evaluator[1]
 
-    @torch.no_grad()
     def samples(self, G_ema: Generator, alpha: float) -> torch.Tensor:
-        """G_ema's images for the fixed latents, float32 in [-1, 1], in chunks that bound memory."""
-        was_training = G_ema.training
-        G_ema.eval()
-        chunk = max(4, 2**21 // (G_ema.resolution * G_ema.resolution))
-        with self.autocast:
-            images = [G_ema(z.to(self.device), alpha).float() for z in self.z.split(chunk)]
-        G_ema.train(was_training)
-        return torch.cat(images).clamp(-1, 1)
+        """G_ema's images for the fixed latents, float32 in [-1, 1]."""
+        return evaluation_samples(G_ema, self.z, alpha, self.autocast).clamp(-1, 1)
 
     def evaluate(self, G_ema: Generator, stage: Stage, nimg: int) -> dict[str, float]:
         """Compute, log (`Metrics/*`, metrics.jsonl) and return the metrics at `nimg` images into `stage`."""

@@ -90,6 +90,22 @@ def check_diversity_config(cfg: DictConfig) -> None:
     thresholds_from_config(cfg)
 
 
+@torch.no_grad()
+def evaluation_samples(
+    G: Generator, z: torch.Tensor, alpha: float, autocast: contextlib.AbstractContextManager
+) -> torch.Tensor:
+    """G's images for latents `z` in eval mode, float32 on G's device, in chunks that bound memory at high
+    resolution; G's train/eval mode is restored (what the collapse watch and the metrics evaluate)."""
+    was_training = G.training
+    G.eval()
+    device = next(G.parameters()).device
+    chunk = max(4, 2**21 // (G.resolution * G.resolution))
+    with autocast:
+        images = torch.cat([G(part.to(device), alpha).float() for part in z.split(chunk)])
+    G.train(was_training)
+    return images
+
+
 class CollapseWatch:
     """Diversity evaluation + detector state for one training run (see the module docstring)."""
 
@@ -207,16 +223,9 @@ class CollapseWatch:
         return self._refs[key]
 
     # --- one evaluation ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def samples(self, G: Generator, alpha: float) -> torch.Tensor:
-        """G's images for the fixed latent batch, float32, in chunks to bound memory at high resolution."""
-        was_training = G.training
-        G.eval()
-        chunk = max(4, 2**21 // (G.resolution * G.resolution))
-        with self.autocast:
-            images = torch.cat([G(self.z[i : i + chunk], alpha).float() for i in range(0, len(self.z), chunk)])
-        G.train(was_training)
-        return images
+        """G's images for the fixed latent batch (see `evaluation_samples`)."""
+        return evaluation_samples(G, self.z, alpha, self.autocast)
 
     def evaluate(self, G_ema: Generator, G: Generator | None, stage: Stage, nimg: int) -> Evaluation:
         """Evaluate, update the detector, and log; `nimg` counts the images seen in this stage."""
