@@ -10,8 +10,9 @@ A checkpoint is a dict of tensors and plain Python values only:
   format, version, stage (index), resolution (px), nimg (images shown in this stage), total_nimg (images
   shown over the whole run), done (True for a stage's final.pt), G, D, G_ema (state dicts), opt_G, opt_D
   (optimizer state dicts), rng (torch CPU + CUDA generator states), tick (the partial log tick's sums and
-  step count), collapse (the collapse detector's state), guard (skipped steps, rollbacks, lr scale), config
-  (the resolved run config), stage_info (the stage's schedule entry).
+  step count), collapse (the collapse detector's state), guard (skipped steps, rollbacks, lr scale), augment
+  (the adaptive augmentation's p and its partial interval, or None: pgan.augment.AugmentPipe.state_dict),
+  config (the resolved run config), stage_info (the stage's schedule entry).
 """
 
 from __future__ import annotations
@@ -247,6 +248,11 @@ def checkpoint_problem(state: dict[str, Any]) -> str | None:
         bad = next((name for name, t in _tensors(state[key]) if t.is_floating_point() and not t.isfinite().all()), None)
         if bad is not None:
             return f"{key}.{bad} holds non-finite values"
+    augment = state.get("augment")
+    if augment is not None:
+        p = augment.get("p") if isinstance(augment, dict) else None
+        if not isinstance(p, torch.Tensor) or p.numel() != 1 or not 0 <= float(p) <= 1:  # NaN fails too
+            return f"augment.p is not a probability ({p!r})"
     return None
 
 

@@ -7,6 +7,9 @@ the previous stage's final.pt / `init_from`), and loops: real batch (faded by al
 
 Exact resume: alpha is a function of the image counter, the data order is a function of (seed, stage,
 image counter), and the checkpoint carries the RNG state, so a resumed run continues bit for bit.
+
+With `augment.policy` and `augment.p > 0` (or `augment.adaptive`), every image D sees goes through
+`pgan.augment` in both steps; the adaptive p is state: in every checkpoint, and carried from stage to stage.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
 
 from pgan import dist
+from pgan.augment import AugmentPipe, check_augment_config
 from pgan.checkpoint import (
     FINAL,
     LATEST,
@@ -291,6 +295,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     check_guard_config(cfg)
     check_speed_config(cfg)
     check_metrics_config(cfg)
+    check_augment_config(cfg)
     if int(cfg.checkpoint.keep) < 1:
         raise UserError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     if cfg.stage is not None:
@@ -528,7 +533,13 @@ def train_stage(
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_G, opt_D = build_optimizers(G, D, stage.lr)
     G_fast, D_fast = fast_networks(cfg, G, D)
-    step_options = {"eager_D": D, "reuse_fakes": bool(cfg.speed.reuse_fakes)}
+    # D's input augmentation; with augment off (the default) the step draws no random number more than before.
+    augment = AugmentPipe.from_config(cfg, device)
+    step_options = {
+        "eager_D": D,
+        "reuse_fakes": bool(cfg.speed.reuse_fakes),
+        "augment": augment if augment.enabled else None,
+    }
     compile_pending = {False, True} if cfg.speed.compile else set()  # phases (alpha >= 1) not compiled yet
     nimg = 0
     sums: dict[str, torch.Tensor] = {}
@@ -544,6 +555,7 @@ def train_stage(
         opt_D.load_state_dict(state["opt_D"])
         nimg = int(state["nimg"])
         set_rng_state(state["rng"])
+        augment.load_state_dict(state.get("augment"))
         sums = {k: v.to(device) for k, v in state["tick"]["sums"].items()}
         steps_since_tick = int(state["tick"]["steps"])
 
@@ -563,6 +575,9 @@ def train_stage(
             raise UserError(f"cannot grow stage {stage.resolution} from the previous checkpoint: {exc}") from exc
         if watch is not None:
             watch.load_state_dict(init.get("collapse"), new_stage=True)
+        # The adaptive p carries on from the previous stage, as ADA's p runs on through a whole training run:
+        # the amount of augmentation D needs reflects the dataset's size, not the resolution.
+        augment.load_state_dict(init.get("augment"))
     if resume is None:
         guard.load_state_dict(init.get("guard") if init is not None else None, new_stage=True)
         # The same starting weights on every rank (they are already: a safety net, once per stage).
@@ -687,6 +702,7 @@ def train_stage(
                 "tick": {"sums": sums, "steps": steps_since_tick},
                 "collapse": watch.state_dict() if watch is not None else None,
                 "guard": guard.state_dict(),
+                "augment": augment.state_dict(),
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "stage_info": asdict(stage),
             },
@@ -754,6 +770,9 @@ def train_stage(
             seconds = time.perf_counter() - step_start
             print(f"torch.compile: {'stable' if alpha >= 1.0 else 'fade-in'} step compiled in {seconds:.1f} s")
 
+        if augment.adaptive:
+            augment.observe(stats["Augment/rt"], stage.batch_size)  # every augment.interval steps, p moves
+
         prev, nimg = nimg, nimg + stage.batch_size
         bar.update(stage.batch_size)
         accumulate(sums, stats, guard)
@@ -774,6 +793,8 @@ def train_stage(
                 "Speed/img_per_s": (nimg - tick_start_nimg) / max(now - tick_start_time, 1e-9),
                 **resource_stats(device),
             }
+            if augment.enabled:  # Augment/rt, the tick's mean sign(D(augmented reals)), is among the averages
+                values["Augment/p"] = float(augment.p)
             monitor.scalars(values, step)
             bar.set_postfix(
                 D=f"{values.get('Loss/D', float('nan')):.3f}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,8 @@ from pgan.dist import average_gradients, draw_for_rank
 from pgan.layers import at_least_fp32, downsample_2x, upsample_2x
 from pgan.losses import Loss, gradient_penalty, r1_penalty
 from pgan.train.guard import guarded_step, nonfinite
+
+Augment = Callable[[Tensor], Tensor]  # D's input augmentation (pgan.augment.AugmentPipe), applied to reals and fakes
 
 
 def fade_reals(reals: Tensor, alpha: float) -> Tensor:
@@ -33,9 +36,16 @@ def d_step(
     *,
     fakes: Tensor | None = None,
     eager_D: nn.Module | None = None,
+    augment: Augment | None = None,
 ) -> dict[str, Tensor]:
     """Update D once on `reals` and G(z) (or the given detached `fakes`); returns detached scalars (no host
     sync) for logging.
+
+    `augment`: D sees augment(reals) and augment(fakes) (each image its own random transform, the same
+    pipeline for both). The penalties follow: R1 is the gradient w.r.t. the un-augmented reals through the
+    augmentation, as StyleGAN2-ADA computes it; WGAN-GP's interpolates lie between the augmented reals and
+    fakes D just scored. `Augment/rt` (the mean of sign(D(augmented reals)), ADA's overfitting measure) is
+    returned too.
 
     `with_penalty=False` leaves the penalty out (lazy regularisation: the steps in between); when it is in,
     it is scaled by `loss.penalty_every` so that its average weight stays the configured one. `D` may be a
@@ -51,15 +61,17 @@ def d_step(
     penalty_kind = loss.penalty if with_penalty else "none"
     if penalty_kind == "r1":
         reals = reals.detach().requires_grad_(True)
+    d_reals = reals if augment is None else augment(reals)
+    d_fakes = fakes if augment is None else augment(fakes)
     with autocast:
-        real_scores = at_least_fp32((eager_D if penalty_kind == "r1" else D)(reals, alpha))
-        fake_scores = at_least_fp32(D(fakes, alpha))
+        real_scores = at_least_fp32((eager_D if penalty_kind == "r1" else D)(d_reals, alpha))
+        fake_scores = at_least_fp32(D(d_fakes, alpha))
     d_loss = loss.d_loss(real_scores, fake_scores)
     weight = loss.penalty_weight * loss.penalty_every
     if penalty_kind == "gp":
         # One random interpolate per sample between its real and fake image (WGAN-GP).
         eps = draw_for_rank(torch.rand, reals.shape[0], 1, 1, 1, device=reals.device).to(reals.dtype)
-        mixed = torch.lerp(reals, fakes.to(reals.dtype), eps).requires_grad_(True)
+        mixed = torch.lerp(d_reals, d_fakes.to(d_reals.dtype), eps).requires_grad_(True)
         with autocast:
             mixed_scores = at_least_fp32(eager_D(mixed, alpha))
         penalty = gradient_penalty(mixed_scores, mixed, weight, loss.gp_target)
@@ -75,13 +87,16 @@ def d_step(
     # the same step, or skips it.
     skipped = nonfinite(average_gradients(params, total), params)
     guarded_step(opt_D, skipped)
-    return {
+    stats = {
         "Guard/skipped_D": skipped,
         "Loss/D": d_loss.detach(),
         "Loss/gp": penalty.detach(),
         "Scores/real": real_scores.detach().mean(),
         "Scores/fake": fake_scores.detach().mean(),
     }
+    if augment is not None:
+        stats["Augment/rt"] = real_scores.detach().sign().mean()
+    return stats
 
 
 def g_step(
@@ -94,14 +109,17 @@ def g_step(
     autocast: contextlib.AbstractContextManager | None = None,
     *,
     fakes: Tensor | None = None,
+    augment: Augment | None = None,
 ) -> dict[str, Tensor]:
     """Update G once through a frozen D (skipped on a non-finite loss or gradient); returns the detached G loss.
-    `fakes`: G(z) computed earlier with its graph (reused from the D step), instead of a new forward pass."""
+    `fakes`: G(z) computed earlier with its graph (reused from the D step), instead of a new forward pass.
+    `augment`: D sees augment(G(z)), differentiated through, as in the D step."""
     autocast = autocast or contextlib.nullcontext()
     D.requires_grad_(False)  # D's gradients are not needed here: skip computing them
     try:
         with autocast:
-            fake_scores = at_least_fp32(D(G(z, alpha) if fakes is None else fakes, alpha))
+            images = G(z, alpha) if fakes is None else fakes
+            fake_scores = at_least_fp32(D(images if augment is None else augment(images), alpha))
         g_loss = loss.g_loss(fake_scores)
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -141,6 +159,7 @@ def train_step(
     *,
     eager_D: nn.Module | None = None,
     reuse_fakes: bool = False,
+    augment: Augment | None = None,
 ) -> dict[str, Tensor]:
     """One training iteration, as the loop (and pgan-bench) runs it: reals faded by alpha, a D step with its
     penalty (on the steps `step_index` makes due under lazy regularisation) on fresh latents, a G step on
@@ -149,6 +168,8 @@ def train_step(
     `G` and `D` may be torch.compile'd (then `eager_D` is D uncompiled, for the penalty). With `reuse_fakes`
     the G step uses the D step's latents and G(z) (one G forward pass fewer; G's parameters have not changed
     in between, so its graph is still the right one; D is re-evaluated after its update, as it must be).
+    `augment` (pgan.augment.AugmentPipe, applied outside the compiled networks) augments every image D sees,
+    real or fake, in both steps; its random numbers come from the same stream as the latents, after them.
     """
     reals = fade_reals(reals, alpha)
     latent_dim = G.latent_dim
@@ -159,9 +180,11 @@ def train_step(
         with autocast or contextlib.nullcontext():
             fakes = G(z, alpha)
     detached = None if fakes is None else fakes.detach()
-    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast, with_penalty, fakes=detached, eager_D=eager_D)
+    stats = d_step(
+        G, D, opt_D, loss, reals, z, alpha, autocast, with_penalty, fakes=detached, eager_D=eager_D, augment=augment
+    )
     if not reuse_fakes:
         z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)
-    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes)
+    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes, augment=augment)
     ema_update(G_ema, G, ema_beta)
     return stats
