@@ -4,10 +4,12 @@ and Hugging Face Hub repositories with the same layout. What `pgan-export` does,
 
 An export directory holds:
   config.json            format, version, the exact Generator arguments (resolution in px, latent_dim,
-                         image_channels, the per-resolution width table), the fade alpha the generator was at,
-                         and where it came from (checkpoint path, stage, nimg / kimg, pgan version)
+                         image_channels, the per-resolution width table, num_classes: 0 unconditional), the fade
+                         alpha the generator was at, and where it came from (checkpoint path, stage, nimg / kimg,
+                         pgan version)
   generator.safetensors  the generator's state dict (format=safetensors)
-  generator.onnx         the generator with alpha baked in, input `latent` [N, latent_dim] (format=onnx)
+  generator.onnx         the generator with alpha baked in, input `latent` [N, latent_dim] and, for a
+                         class-conditional generator, `labels` [N] int64 class indices (format=onnx)
 
 The width table is read off the weights themselves, so a directory rebuilds exactly whatever model
 preset (fmap_base / fmap_max / fmap_min or an explicit table) trained it.
@@ -19,6 +21,7 @@ import copy
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ CONFIG = "config.json"
 WEIGHTS = "generator.safetensors"
 ONNX = "generator.onnx"
 ONNX_INPUT = "latent"
+ONNX_LABELS = "labels"  # the second input of a class-conditional generator's graph
 ONNX_OUTPUT = "images"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 # owner/name as the Hub spells repo ids; anything else that is not an existing path is simply "not found".
@@ -41,8 +45,8 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def generator_kwargs(G: Generator) -> dict[str, Any]:
-    """The Generator arguments that rebuild `G` exactly: resolution, latent_dim, image_channels and the width
-    of every resolution (read off the weights, so the preset that trained it does not matter)."""
+    """The Generator arguments that rebuild `G` exactly: resolution, latent_dim, image_channels, the width
+    of every resolution (read off the weights, so the preset that trained it does not matter) and num_classes."""
     state = G.state_dict()
     widths = {4: int(state["blocks.4.conv.weight"].shape[0])}
     for res in G.resolutions[1:]:
@@ -52,6 +56,7 @@ def generator_kwargs(G: Generator) -> dict[str, Any]:
         latent_dim=int(G.latent_dim),
         image_channels=int(G.image_channels),
         channels=widths,
+        num_classes=int(G.num_classes),
     )
 
 
@@ -148,13 +153,19 @@ class _FixedAlpha(torch.nn.Module):
         super().__init__()
         self.G, self.alpha = G, float(alpha)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.G(z, self.alpha)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.G(z, self.alpha, labels)
+
+
+def example_labels(n: int, num_classes: int) -> torch.Tensor | None:
+    """Class indices 0, 1, ..., num_classes - 1, 0, ... for a batch of `n` (None for an unconditional G)."""
+    return torch.arange(n) % num_classes if num_classes else None
 
 
 def export_onnx(G: Generator, alpha: float, path: Path | str, *, opset: int | None = None) -> Path:
-    """Export `G` at fade `alpha` as an ONNX graph `latent` [N, latent_dim] -> `images` [N, C, R, R] (N
-    dynamic), with torch's torch.export-based exporter; the weights are stored inside the file."""
+    """Export `G` at fade `alpha` as an ONNX graph `latent` [N, latent_dim] (and `labels` [N] int64 when G is
+    class-conditional) -> `images` [N, C, R, R] (N dynamic), with torch's torch.export-based exporter; the
+    weights are stored inside the file."""
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -164,23 +175,33 @@ def export_onnx(G: Generator, alpha: float, path: Path | str, *, opset: int | No
         ) from exc
     model = _FixedAlpha(_cpu_copy(G), alpha).eval()
     example = torch.zeros(2, G.latent_dim)  # batch 2, not 1: a size-1 dimension would be specialised
+    batch = torch.export.Dim("batch", min=1)
+    args: tuple[torch.Tensor, ...] = (example,)
+    names, dynamic = [ONNX_INPUT], {"z": {0: batch}}
+    if G.num_classes:  # a second input: the class indices, batch-sized like the latents
+        args += (example_labels(2, G.num_classes),)
+        names.append(ONNX_LABELS)
+        dynamic["labels"] = {0: batch}
 
     def write(tmp: Path) -> None:
         # dynamo=True is the supported exporter (the TorchScript one is deprecated since torch 2.9); the graph
         # of a ProGAN generator is static apart from the batch size. external_data=False: one self-contained
         # file (a generator is far below ONNX's 2 GB limit: about 90 MB at 1024 px with the paper's widths).
-        torch.onnx.export(
-            model,
-            (example,),
-            str(tmp),
-            dynamo=True,
-            input_names=[ONNX_INPUT],
-            output_names=[ONNX_OUTPUT],
-            dynamic_shapes={"z": {0: torch.export.Dim("batch", min=1)}},
-            opset_version=opset,
-            external_data=False,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # latent and labels share the one batch dimension on purpose; torch warns that it names it once.
+            warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
+            torch.onnx.export(
+                model,
+                args,
+                str(tmp),
+                dynamo=True,
+                input_names=names,
+                output_names=[ONNX_OUTPUT],
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                external_data=False,
+                verbose=False,
+            )
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,9 +219,10 @@ def onnx_opset(path: Path | str) -> int | None:
 def check_onnx(
     G: Generator, alpha: float, path: Path | str, *, atol: float = 1e-3, n: int = 4, seed: int = 0
 ) -> float | None:
-    """Run the ONNX file with onnxruntime on `n` seeded latents (and on a batch of one) and compare with
-    `G(z, alpha)` in float32 on the CPU; returns the max abs difference, or None when onnxruntime is not
-    installed (the check is skipped). A difference above `atol` is a UserError."""
+    """Run the ONNX file with onnxruntime on `n` seeded latents (and on a batch of one; a conditional G gets the
+    labels of `example_labels`) and compare with `G(z, alpha, labels)` in float32 on the CPU; returns the max
+    abs difference, or None when onnxruntime is not installed (the check is skipped). A difference above
+    `atol` is a UserError."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -216,9 +238,11 @@ def check_onnx(
         raise UserError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
     worst = 0.0
     for z in (seeded_latents(seed, n, G.latent_dim), seeded_latents(seed + 1, 1, G.latent_dim)):
+        labels = example_labels(len(z), G.num_classes)
         with torch.no_grad():
-            expected = G(z, alpha).numpy()
-        (got,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: z.numpy()})
+            expected = G(z, alpha, labels).numpy()
+        feed = {ONNX_INPUT: z.numpy()} if labels is None else {ONNX_INPUT: z.numpy(), ONNX_LABELS: labels.numpy()}
+        (got,) = session.run([ONNX_OUTPUT], feed)
         if got.shape != expected.shape:
             raise UserError(f"ONNX check failed for {path}: output shape {got.shape}, PyTorch gives {expected.shape}")
         worst = max(worst, float(np.abs(got - expected).max()))
@@ -300,6 +324,8 @@ def _generator_from_config(config: dict[str, Any], config_path: Path) -> tuple[G
             latent_dim=int(config["latent_dim"]),
             image_channels=int(config["image_channels"]),
             channels={int(k): int(v) for k, v in config["channels"].items()},
+            # Absent from exports written before conditional models: those were unconditional.
+            num_classes=int(config.get("num_classes") or 0),
         )
         alpha = float(config["alpha"])
     except KeyError as exc:
@@ -311,6 +337,8 @@ def _generator_from_config(config: dict[str, Any], config_path: Path) -> tuple[G
         raise UserError(f"{config_path}: channels has no width for resolution {missing[0]}")
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"{config_path}: alpha must be in [0, 1], got {alpha}")
+    if kwargs["num_classes"] < 0:
+        raise UserError(f"{config_path}: num_classes must be >= 0 (0: unconditional), got {kwargs['num_classes']}")
     return Generator(resolution, **kwargs), alpha
 
 

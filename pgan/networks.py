@@ -8,6 +8,13 @@ mutated in place, so optimizers and EMA copies are never silently reset.
 alpha (fade-in weight) is an argument of `forward`, never stored state:
 alpha = 0 -> only the previous resolution's path (its output upsampled / its input downsampled),
 alpha = 1 -> only the new block.
+
+Class-conditional models (num_classes > 0, 0 = unconditional): G concatenates a learned label embedding to
+the latent and pixel-normalises the concatenation before its first layer (as ProGAN's official conditional
+G does with its label input); D adds a projection term (Miyato & Koyama 2018) to its score. Both label layers
+are built after every unconditional parameter, so that a seeded conditional model draws exactly the
+unconditional model's weights first (only the label columns of G's first dense layer and the embeddings are
+new), and they do not depend on the resolution, so growing copies them like any shared layer.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pgan.layers import (
 
 MIN_RESOLUTION = 4
 MAX_RESOLUTION = 1024
+LABELS_DTYPES = (torch.int64, torch.int32)  # what F.embedding accepts
 
 
 def check_resolution(resolution: int, minimum: int = MIN_RESOLUTION) -> int:
@@ -71,6 +79,56 @@ def channels_for(
     return max(min(fmap_base // 2**stage, fmap_max), fmap_min)
 
 
+class EqualizedEmbedding(nn.Module):
+    """A per-class vector table with the equalized learning rate: weight ~ N(0, 1), scaled at run time.
+
+    A lookup is a linear layer applied to a one-hot vector, so `scale` plays the role of EqualizedLinear's
+    gain / sqrt(fan_in): G's embedding uses 1 (one input is active: its entries are N(0, 1) like the latent's),
+    D's projection uses 1 / sqrt(dim), the scale of the score layer it sits beside.
+    """
+
+    def __init__(self, num_classes: int, dim: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim))
+        self.scale = scale
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class indices [N] -> vectors [N, dim] (F.embedding, which never wraps negative indices around)."""
+        return nn.functional.embedding(labels, self.weight * self.scale)
+
+    def extra_repr(self) -> str:
+        n, dim = self.weight.shape
+        return f"{n}, {dim}, scale={self.scale:.4g}"
+
+
+def check_labels(labels: torch.Tensor | None, num_classes: int, batch: int) -> None:
+    """Raise ValueError unless `labels` suits a model with `num_classes` (0: unconditional, labels must be None)
+    and a batch of `batch`: an integer tensor [batch] with values in [0, num_classes).
+
+    The value range is checked only for CPU tensors outside torch.compile: on an accelerator it would cost a
+    host sync every step (the data layer validates its labels once instead), and an out-of-range index there
+    still fails, as a device-side assert of the embedding lookup.
+    """
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError("labels given to an unconditional model (num_classes=0)")
+        return
+    if labels is None:
+        raise ValueError(f"labels are required: this model is class-conditional (num_classes={num_classes})")
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in LABELS_DTYPES:
+        what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor of class indices, got {what}")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), one class index per sample, got {tuple(labels.shape)}")
+    if labels.device.type == "cpu" and batch and not torch.compiler.is_compiling():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"label {bad} is out of range: num_classes={num_classes} (labels are 0..{num_classes - 1})"
+            )
+
+
 class GeneratorInput(nn.Module):
     """4x4 block: pixel-normalised latent -> dense to 4x4 maps -> 3x3 conv."""
 
@@ -86,6 +144,15 @@ class GeneratorInput(nn.Module):
         x = self.dense(pixel_norm(z)).reshape(-1, self.channels, 4, 4)
         x = pixel_norm(lrelu(x))
         return pixel_norm(lrelu(self.conv(x)))
+
+    def add_inputs(self, extra: int) -> None:
+        """Widen the dense layer by `extra` input features (the label embedding), drawn now, appended after the
+        latent's columns: the latent's columns keep the values drawn at construction."""
+        dense = self.dense
+        out_features, in_features = dense.weight.shape
+        new = torch.randn(out_features, extra, dtype=dense.weight.dtype, device=dense.weight.device)
+        dense.weight = nn.Parameter(torch.cat([dense.weight.detach(), new], dim=1))
+        dense.scale *= math.sqrt(in_features / (in_features + extra))  # gain / sqrt(new fan_in)
 
 
 class GeneratorBlock(nn.Module):
@@ -111,15 +178,22 @@ def model_kwargs_from(model: Mapping[str, Any]) -> dict[str, Any]:
         fmap_max=int(model["fmap_max"]),
         fmap_min=int(model["fmap_min"]),
         channels={int(k): int(v) for k, v in channels.items()} if channels else None,
+        # Absent from configs written before conditional models: those were unconditional.
+        num_classes=int(model.get("num_classes") or 0),
     )
 
 
 class Generator(nn.Module):
     """ProGAN generator producing `resolution` x `resolution` images in [-1, 1] (not clamped).
 
-    forward(z, alpha): alpha in [0, 1] fades in the highest-resolution block. alpha = 0 returns exactly the
-    previous resolution's output (its toRGB) upsampled 2x by nearest neighbour; alpha = 1 returns only the
+    forward(z, alpha, labels): alpha in [0, 1] fades in the highest-resolution block. alpha = 0 returns exactly
+    the previous resolution's output (its toRGB) upsampled 2x by nearest neighbour; alpha = 1 returns only the
     new block's toRGB. Parameter names are stable across resolutions (see `grow_from`).
+
+    num_classes > 0 makes it class-conditional: `labels` (integer class indices [N]) are then required,
+    looked up in `embed` (an EqualizedEmbedding of latent_dim entries per class, so the label and the
+    latent weigh equally after the pixel norm), concatenated to z and pixel-normalised together; the first
+    dense layer takes 2 * latent_dim inputs.
     """
 
     def __init__(
@@ -131,11 +205,15 @@ class Generator(nn.Module):
         fmap_max: int = 512,
         fmap_min: int = 1,
         channels: Mapping[int, int] | None = None,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         self.resolution = resolution
         self.latent_dim = latent_dim
         self.image_channels = image_channels
+        self.num_classes = num_classes
         width = functools.partial(
             channels_for, fmap_base=fmap_base, fmap_max=fmap_max, fmap_min=fmap_min, table=channels
         )
@@ -147,9 +225,16 @@ class Generator(nn.Module):
         self.to_rgb = nn.ModuleDict(
             {str(res): EqualizedConv2d(width(res), image_channels, 1, gain=1.0) for res in self.resolutions[-2:]}
         )
+        if num_classes > 0:  # last, so that every unconditional parameter is drawn as without labels
+            self.blocks["4"].add_inputs(latent_dim)
+            self.embed = EqualizedEmbedding(num_classes, latent_dim)
 
-    def forward(self, z: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """Generate images [N, image_channels, R, R] from latents [N, latent_dim]; alpha: 0 old path, 1 new."""
+    def forward(self, z: torch.Tensor, alpha: float = 1.0, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate images [N, image_channels, R, R] from latents [N, latent_dim] (and class indices [N] when
+        conditional); alpha: 0 old path, 1 new."""
+        check_labels(labels, self.num_classes, z.shape[0])
+        if labels is not None:
+            z = torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)  # pixel-normalised together in blocks.4
         x = self.blocks["4"](z)
         for res in self.resolutions[1:-1]:
             x = self.blocks[str(res)](x)
@@ -177,7 +262,7 @@ class DiscriminatorBlock(nn.Module):
 
 
 class DiscriminatorOutput(nn.Module):
-    """4x4 head: minibatch stddev, 3x3 conv, dense 4x4xC -> C, dense C -> 1 score."""
+    """4x4 head: minibatch stddev, 3x3 conv, dense 4x4xC -> C features h, dense C -> 1 score (+ <projection, h>)."""
 
     def __init__(self, channels: int, mbstd_group_size: int) -> None:
         super().__init__()
@@ -186,22 +271,31 @@ class DiscriminatorOutput(nn.Module):
         self.dense = EqualizedLinear(channels * 16, channels)
         self.out = EqualizedLinear(channels, 1, gain=1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, C, 4, 4] -> scores [N]."""
+    def forward(self, x: torch.Tensor, projection: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, C, 4, 4] -> scores [N]; `projection` [N, C] (a conditional D's class vectors) adds <projection, h>."""
         x = minibatch_stddev(x, self.mbstd_group_size)
         x = lrelu(self.conv(x))
-        x = lrelu(self.dense(x.flatten(1)))
+        h = lrelu(self.dense(x.flatten(1)))
         # The score itself in (at least) fp32 even under bf16 autocast: scores reach the hundreds, where
         # bf16's spacing is 2-4, and the losses and drift term are computed from them.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.out(at_least_fp32(x)).squeeze(1)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = at_least_fp32(h)
+            score = self.out(h).squeeze(1)
+            if projection is not None:
+                score = score + (at_least_fp32(projection) * h).sum(dim=1)
+            return score
 
 
 class Discriminator(nn.Module):
     """ProGAN discriminator (critic) for `resolution` x `resolution` images, returning one score per image.
 
-    forward(images, alpha): alpha = 0 scores only the 2x-downsampled images through the previous
+    forward(images, alpha, labels): alpha = 0 scores only the 2x-downsampled images through the previous
     resolution's fromRGB; alpha = 1 uses only the new block. Mirrors `Generator`.
+
+    num_classes > 0 makes it a projection discriminator (Miyato & Koyama 2018): `labels` (integer class indices
+    [N]) are then required and score = out(h) + <embed(labels), h>, where h [N, C4] is the head's last hidden
+    feature vector, lrelu(dense(...)) of the 4x4 block: the input of the final linear layer `out`. `embed` is
+    an EqualizedEmbedding with `out`'s run-time scale 1 / sqrt(C4), so both terms start at the same size.
     """
 
     def __init__(
@@ -213,10 +307,14 @@ class Discriminator(nn.Module):
         fmap_min: int = 1,
         channels: Mapping[int, int] | None = None,
         mbstd_group_size: int = 4,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         self.resolution = resolution
         self.image_channels = image_channels
+        self.num_classes = num_classes
         width = functools.partial(
             channels_for, fmap_base=fmap_base, fmap_max=fmap_max, fmap_min=fmap_min, table=channels
         )
@@ -227,9 +325,14 @@ class Discriminator(nn.Module):
         self.from_rgb = nn.ModuleDict(
             {str(res): EqualizedConv2d(image_channels, width(res), 1) for res in self.resolutions[-2:]}
         )
+        if num_classes > 0:  # last, so that every unconditional parameter is drawn as without labels
+            self.embed = EqualizedEmbedding(num_classes, width(4), scale=1.0 / math.sqrt(width(4)))
 
-    def forward(self, images: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """Score images [N, image_channels, R, R] -> [N]; alpha: 0 old path only, 1 new block only."""
+    def forward(self, images: torch.Tensor, alpha: float = 1.0, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Score images [N, image_channels, R, R] (with class indices [N] when conditional) -> [N]; alpha: 0 old
+        path only, 1 new block only."""
+        check_labels(labels, self.num_classes, images.shape[0])
+        projection = None if labels is None else self.embed(labels)
         top = self.resolution
         x = lrelu(self.from_rgb[str(top)](images))
         if top > MIN_RESOLUTION:
@@ -239,7 +342,7 @@ class Discriminator(nn.Module):
                 x = fade(old, x, alpha)
             for res in reversed(self.resolutions[1:-1]):
                 x = self.blocks[str(res)](x)
-        return self.blocks["4"](x)
+        return self.blocks["4"](x, projection)
 
 
 def networks_from(model: Mapping[str, Any], resolution: int) -> tuple[Generator, Discriminator]:

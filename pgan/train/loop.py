@@ -214,6 +214,11 @@ def check_model_config(cfg: DictConfig, stages: list[Stage]) -> None:
     for key in ("latent_dim", "image_channels"):
         if not isinstance(m[key], int) or m[key] < 1:
             raise UserError(f"model.{key} must be a positive integer, got {m[key]!r}")
+    if m.get("num_classes"):  # the networks exist (pgan.networks); labels from the data and the step do not yet
+        raise UserError(
+            f"model.num_classes={m.num_classes}: class-conditional training is not available yet "
+            "(the conditional networks are; the trainer does not feed them labels). Use model.num_classes=0"
+        )
     try:
         with torch.device("meta"):
             build_models(cfg, stages[-1].resolution, torch.device("meta"))
