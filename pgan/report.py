@@ -34,6 +34,7 @@ PANELS = (
     ("D output (scores)", [("Scores/real", "real"), ("Scores/fake", "fake")]),
 )
 DIVERSITY_CURVES = [("Diversity/excess_pair", "excess-pair fraction"), ("Diversity/vendi_ratio", "Vendi ratio")]
+AUGMENT_CURVES = [("Augment/p", "p"), ("Augment/rt", "r_t = E[sign(D(augmented reals))]")]
 TIME_SOURCE = (
     "time: the trainer's tick timer summed over the stage (each tick's images / its Speed/img_per_s in "
     "stats.jsonl): the training loop with its sample grids, diversity evaluations and snapshots; not the "
@@ -261,6 +262,8 @@ def plot_report(table: RunTable, path: Path, title: str | None = None) -> Path:
     panels = [panel for panel in PANELS if any(name in table for name, _ in panel[1])]
     if any(name in table for name, _ in DIVERSITY_CURVES):
         panels.append(("diversity of G_ema (collapse detector)", DIVERSITY_CURVES))
+    if any(name in table for name, _ in AUGMENT_CURVES):
+        panels.append(("D's input augmentation", AUGMENT_CURVES))
     # A bare Figure renders with Agg and leaves pyplot's global backend and figure list alone.
     fig = Figure(figsize=(11, 2.6 * len(panels) + 1.2), layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
@@ -276,8 +279,10 @@ def plot_report(table: RunTable, path: Path, title: str | None = None) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=8, framealpha=0.8)
         _mark_stages(ax, table, label=ax is axes[0])
-    if "Collapse/level" in table:
-        _mark_detector(axes[-1], table)
+    titles = [title for title, _ in panels]
+    if "Collapse/level" in table:  # on the diversity panel (the last one unless augmentation is plotted below it)
+        diversity = "diversity of G_ema (collapse detector)"
+        _mark_detector(axes[titles.index(diversity)] if diversity in titles else axes[-1], table)
     for event in table.events:
         if event.get("event") == "rollback":
             for ax in axes:

@@ -151,3 +151,17 @@ def test_the_cli_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
 def test_run_is_required() -> None:
     with pytest.raises(UserError, match=r"^run= is required, e\.g\. pgan-report run=runs/my-run$"):
         report(compose_config(config_name="report"))
+
+
+def test_the_augmentation_gets_its_own_panel_when_logged(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pgan.report import build_table, plot_report
+
+    stages = stages_from_config(compose_config(*TINY))
+    rows = [{"step": s, "Loss/D": -0.1, "Loss/G": 0.2, "Scores/real": 0.1, "Scores/fake": -0.1} for s in (16, 32, 48)]
+    plain = plot_report(build_table(rows, [], stages), tmp_path / "plain.png")
+    augmented = [r | {"Augment/p": 0.1 * i, "Augment/rt": 0.5} for i, r in enumerate(rows)]
+    with_p = plot_report(build_table(augmented, [], stages), tmp_path / "augmented.png")
+    assert build_table(augmented, [], stages)["Augment/p"].tolist() == pytest.approx([0.0, 0.1, 0.2])
+    assert Image.open(with_p).height > Image.open(plain).height  # one panel more

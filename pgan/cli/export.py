@@ -26,6 +26,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     from pgan.export import (
         ONNX,
         ONNX_INPUT,
+        ONNX_LABELS,
         ONNX_OUTPUT,
         check_onnx,
         export_config,
@@ -58,6 +59,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             return {**summary, "files": [str(weights), str(config)], "max_abs_diff": None}
         onnx_path = export_onnx(G, alpha, out / ONNX, opset=None if cfg.opset is None else int(cfg.opset))
         onnx_info = {"file": ONNX, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "opset": onnx_opset(onnx_path)}
+        if G.num_classes:  # a conditional graph takes the class indices too
+            onnx_info["labels"] = ONNX_LABELS
         config = write_config(out, export_config(G, alpha, source_info, onnx=onnx_info))
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc}") from exc
