@@ -71,10 +71,18 @@ def test_resolution_follows_the_fakes_and_can_be_set(folders) -> None:
 
 
 def test_checkpoint_against_a_dataset_config(tmp_path: Path) -> None:
+    from pgan.export import export_safetensors, load_generator
+
+    final = tmp_path / "stage-0008" / "final.pt"
     train(compose_config(*TINY, "schedule.resolutions=[8]"), tmp_path)
-    result = _eval(f"ckpt={tmp_path / 'stage-0008' / 'final.pt'}", "data=shapes", "num_fake=64", "num_real=64")
+    result = _eval(f"ckpt={final}", "data=shapes", "num_fake=64", "num_real=64")
     assert result["resolution"] == 8 and result["n_fake"] == 64 and result["n_real"] == 64
     assert 0 <= result["msssim_fake"] <= 1 and result["state"] in ("ok", "warning", "collapsed")
+    # An export of the same G_ema gives the same images (pgan-sample's latents for the seed): the same numbers.
+    export_safetensors(*load_generator(final), tmp_path / "export")
+    assert _eval(f"ckpt={tmp_path / 'export'}", "data=shapes", "num_fake=64", "num_real=64") == result
+    with pytest.raises(UserError, match="num_fake must be >= 1"):
+        _eval(f"ckpt={final}", "num_fake=0")
 
 
 def test_cli_prints_json_last_and_exits_0_whatever_the_verdict(folders) -> None:

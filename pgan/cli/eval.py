@@ -51,10 +51,11 @@ def _check_resolution(resolution: int) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Compute the requested metrics; the dict printed as JSON."""
-    from pgan.checkpoint import generator_from_checkpoint, load_checkpoint
     from pgan.data import FolderDataset, make_dataset
+    from pgan.export import load_generator
     from pgan.metrics.collapse import STATES, severity
     from pgan.metrics.diversity import RandomEmbedding, diversity_metrics, real_reference, sample_dataset
+    from pgan.sample import generate, seeded_latents
     from pgan.train.loop import resolve_device
     from pgan.train.watch import thresholds_from_config
 
@@ -65,15 +66,15 @@ def evaluate(cfg: DictConfig) -> dict:
     thresholds = thresholds_from_config(cfg)
     channels = int(cfg.data.get("channels", 3))
     if cfg.ckpt is not None:
-        state = load_checkpoint(cfg.ckpt)
-        G, alpha = generator_from_checkpoint(state)
+        if int(cfg.num_fake) < 1:
+            raise UserError(f"num_fake must be >= 1, got {cfg.num_fake}")
+        G, alpha = load_generator(str(cfg.ckpt))  # a checkpoint's G_ema, an export directory or a Hub repo id
         G = G.to(device)
         channels = G.image_channels
         resolution = int(cfg.resolution or G.resolution)
         _check_resolution(resolution)
-        z = torch.randn(int(cfg.num_fake), G.latent_dim, generator=torch.Generator().manual_seed(int(cfg.seed)))
-        with torch.no_grad():
-            fakes = torch.cat([G(chunk.to(device), alpha) for chunk in z.split(64)]).float().clamp(-1, 1)
+        # The latents of pgan-sample: image i of seed s here is image i of `pgan-sample seed=s`.
+        fakes = generate(G, seeded_latents(int(cfg.seed), int(cfg.num_fake), G.latent_dim), alpha).clamp(-1, 1)
         if fakes.shape[-1] != resolution:
             fakes = torch.nn.functional.interpolate(fakes, size=(resolution, resolution), mode="area")
     else:
