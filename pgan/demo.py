@@ -71,7 +71,7 @@ def build_demo(
         """The grid of the first n images of a seed (psi 0: no truncation)."""
         try:
             return grid_for(G, alpha, int(seed), int(n), psi)
-        except ValueError as exc:  # a psi too small for truncation to succeed, n < 1
+        except ValueError as exc:  # n < 1 (any psi > 0 truncates)
             raise gr.Error(str(exc)) from exc
 
     # analytics_enabled=False: no version check or telemetry thread (the app must run without a network).
@@ -90,7 +90,7 @@ def build_demo(
                     value=0.0,
                     step=0.05,
                     label="truncation psi",
-                    info="0: off; otherwise latent components beyond +-psi are redrawn (smaller: more typical)",
+                    info="0: off; otherwise latents from N(0, 1) truncated to +-psi (smaller: more typical)",
                 )
                 button = gr.Button("Generate", variant="primary")
             with gr.Column(scale=2):
