@@ -17,7 +17,7 @@ from PIL import Image
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
-from pgan.metrics.quality import FEATURE_METRICS, QUALITY_METRICS, check_metric_names
+from pgan.metrics.quality import QUALITY_METRICS, check_metric_names
 
 METRICS = ("diversity", *QUALITY_METRICS)
 
@@ -106,15 +106,11 @@ def quality_metrics(
     cfg: DictConfig, names: list[str], reals: torch.Tensor, fakes: torch.Tensor, real_data, device: torch.device
 ) -> dict:
     """The `pgan.metrics.quality` metrics `names` of `fakes` against `reals`."""
-    from pgan.metrics.features import feature_space
     from pgan.metrics.modes import mode_classifier_for
-    from pgan.metrics.quality import QualityEvaluator
+    from pgan.metrics.quality import QualityEvaluator, features_for, nearest_k
 
-    features = None
-    if any(n in FEATURE_METRICS for n in names):
-        wants_fid = any(n in ("fid", "kid") for n in names)
-        features = feature_space(str(cfg.features), cfg.inception_weights, device, random_by_default=not wants_fid)
-    smallest = max(int(cfg.pr_k) if "pr" in names else 0, int(cfg.coverage_k) if "coverage" in names else 0)
+    features = features_for(names, cfg.features, cfg.inception_weights, device)
+    smallest = nearest_k(names, cfg.pr_k, cfg.coverage_k)
     if smallest and min(len(reals), len(fakes)) <= smallest:
         raise UserError(f"pr / coverage with k={smallest} need more than {smallest} fake and real images")
     modes = None

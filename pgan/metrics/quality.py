@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pgan.errors import UserError
-from pgan.metrics.features import FeatureSpace
+from pgan.metrics.features import FeatureSpace, feature_space
 from pgan.metrics.modes import ModeClassifier, mode_coverage
 from pgan.metrics.prdc import density_coverage, precision_recall
 from pgan.metrics.swd import MIN_RESOLUTION as SWD_MIN_RESOLUTION
@@ -91,6 +91,20 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> 
     return float(mean), float(std)
 
 
+def nearest_k(names: Sequence[str], pr_k: int, coverage_k: int) -> int:
+    """The largest k of the k-NN metrics among `names`: each set needs more images than that (0: neither asked)."""
+    return max(int(pr_k) if "pr" in names else 0, int(coverage_k) if "coverage" in names else 0)
+
+
+def features_for(names: Sequence[str], kind: str, weights: str | None, device: torch.device) -> FeatureSpace | None:
+    """The feature space `kind` for the metrics `names` (None if none of them needs one); with fid / kid asked
+    for, `auto` without Inception weights is an error rather than random features (see `feature_space`)."""
+    if not any(n in FEATURE_METRICS for n in names):
+        return None
+    wants_fid = any(n in ("fid", "kid") for n in names)
+    return feature_space(str(kind), weights, device, random_by_default=not wants_fid)
+
+
 def check_metric_names(names: Sequence[str], available: Sequence[str] = QUALITY_METRICS) -> list[str]:
     """`names` as a list, or a user error naming the unknown ones."""
     names = [str(n) for n in names]
@@ -124,7 +138,7 @@ class QualityEvaluator:
             raise ValueError(f"{', '.join(needs_features)} need a feature space")
         if "modes" in self.names and modes is None:
             raise ValueError("modes needs a mode classifier")
-        smallest_k = max(pr_k if "pr" in self.names else 0, coverage_k if "coverage" in self.names else 0)
+        smallest_k = nearest_k(self.names, pr_k, coverage_k)
         if smallest_k and len(reals) <= smallest_k:
             raise UserError(f"pr / coverage with k={smallest_k} need more than {smallest_k} real images")
         self.features, self.modes = features, modes

@@ -19,10 +19,10 @@ from torch.utils.data import Dataset
 
 from pgan.errors import UserError
 from pgan.metrics.diversity import sample_dataset
-from pgan.metrics.features import FEATURE_SPACES, FeatureSpace, feature_space
+from pgan.metrics.features import FEATURE_SPACES, FeatureSpace
 from pgan.metrics.modes import MODE_SOURCES, ModeClassifier, mode_classifier_for, no_classifier_message
 from pgan.metrics.modes import WORKING_RESOLUTION as MODES_MIN_RESOLUTION
-from pgan.metrics.quality import FEATURE_METRICS, QUALITY_METRICS, QualityEvaluator, check_metric_names
+from pgan.metrics.quality import QUALITY_METRICS, QualityEvaluator, check_metric_names, features_for, nearest_k
 from pgan.metrics.swd import MIN_RESOLUTION as SWD_MIN_RESOLUTION
 from pgan.monitor import Monitor
 from pgan.networks import Generator
@@ -47,7 +47,7 @@ def check_metrics_config(cfg: DictConfig) -> list[str]:
         raise UserError(f"metrics.features={m.features}: unknown (available: {', '.join(FEATURE_SPACES)})")
     if "modes" in names and str(cfg.data.source) not in MODE_SOURCES:
         raise UserError("metrics.names: modes: " + no_classifier_message(str(cfg.data.source)))
-    k = max(int(m.pr_k) if "pr" in names else 0, int(m.coverage_k) if "coverage" in names else 0)
+    k = nearest_k(names, m.pr_k, m.coverage_k)
     if k and min(int(m.num_fake), int(m.num_real)) <= k:
         raise UserError(f"metrics.num_fake and num_real must be > {k} for pr / coverage with k={k}")
     return names
@@ -63,11 +63,8 @@ class MetricsWatch:
         m = cfg.metrics
         self.cfg, self.device, self.autocast, self.monitor = m, device, autocast, monitor
         self.seed = int(cfg.seed)
-        self.features: FeatureSpace | None = None
-        if any(n in FEATURE_METRICS for n in self.names):
-            wants_fid = any(n in ("fid", "kid") for n in self.names)
-            # Resolved once, before the first step: a missing Inception file stops the run at once, not at 1st eval.
-            self.features = feature_space(str(m.features), m.inception_weights, device, random_by_default=not wants_fid)
+        # Resolved once, before the first step: a missing Inception file stops the run at once, not at 1st eval.
+        self.features: FeatureSpace | None = features_for(self.names, m.features, m.inception_weights, device)
         # Checked at start too: "modes" on data without known modes is a config error, not a mid-run surprise.
         self.modes: ModeClassifier | None = mode_classifier_for(cfg.data) if "modes" in self.names else None
         gen = torch.Generator().manual_seed(self.seed + LATENT_SEED_OFFSET)
