@@ -193,8 +193,9 @@ def loader_img_per_s(
     cfg: DictConfig, resolution: int, batch_size: int, device: torch.device, batches: int
 ) -> tuple[float, bool]:
     """Images/s of the training data pipeline (the data config's source, prepared store and workers) delivered
-    to the device as training images, and whether it read a prepared store (made first if missing)."""
-    prepared = wants_prepared(cfg.data, device)
+    to the device as training images, and whether it read a prepared store (made first if missing; `auto`
+    decides as for a stage showing the timed batches' images)."""
+    prepared = wants_prepared(cfg.data, device, batches * batch_size)
     dataset = make_dataset(cfg.data, resolution, prepared=prepared)
     workers = int(cfg.data.num_workers)
     loader = make_loader(dataset, InfiniteSampler(len(dataset), seed=0), batch_size, workers, device, worker_seed=0)

@@ -230,7 +230,7 @@ def checkpoint_problem(state: dict[str, Any]) -> str | None:
     tensor of the networks and optimizers must be finite."""
     try:
         with torch.device("meta"):  # shapes only, no memory, no RNG
-            G, D = networks_from(state["config"]["model"], int(state["resolution"]))
+            G, D = networks_from(state["config"]["model"], int(state["resolution"]), len(checkpoint_classes(state)))
     except (KeyError, TypeError, ValueError) as exc:
         return f"its config does not describe a model ({type(exc).__name__}: {exc})"
     for key, net in (("G", G), ("G_ema", G), ("D", D)):
@@ -297,12 +297,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
+def checkpoint_classes(state: dict[str, Any]) -> tuple[str, ...]:
+    """The class names of a class-conditional run's checkpoint (the data's classes when it was trained); empty
+    for an unconditional one (and for checkpoints written before conditional training)."""
+    return tuple(str(name) for name in state.get("classes") or ())
+
+
 def generator_from_checkpoint(state: dict[str, Any], which: str = "G_ema") -> tuple[Generator, float]:
     """The generator `which` (G_ema or G) of a loaded checkpoint, in eval mode on the CPU, and the alpha it was
     at (1.0 unless the checkpoint was written during a fade-in)."""
     m = state["config"]["model"]
-    G = Generator(int(state["resolution"]), latent_dim=int(m["latent_dim"]), **model_kwargs_from(m))
+    classes = checkpoint_classes(state)
+    G = Generator(int(state["resolution"]), latent_dim=int(m["latent_dim"]), **model_kwargs_from(m, len(classes)))
     G.load_state_dict(state[which])
+    G.class_names = classes
     info = state.get("stage_info")
     alpha = alpha_at(Stage(**info), int(state["nimg"])) if info else 1.0
     return G.eval().requires_grad_(False), alpha

@@ -22,13 +22,14 @@ from torchvision.utils import make_grid
 
 from pgan.errors import UserError
 from pgan.networks import Generator
-from pgan.sample import generate, seeded_latents
+from pgan.sample import class_index, generate, seeded_latents
 
 if TYPE_CHECKING:
     import gradio
 
 MAX_SEED = 2**31 - 1  # the seed slider's range; any non-negative int works with seeded_latents
 PSI_MAX = 3.0  # beyond ~3 truncation hardly changes a standard normal
+EVERY_CLASS = "(every class in turn)"  # the class selector's first choice: image i in class i mod num_classes
 EXAMPLES = ((0, 16, 0.0), (1, 4, 0.0), (7, 9, 0.7), (42, 1, 0.0))  # (seed, n, psi) rows under the app
 
 
@@ -37,11 +38,15 @@ def psi_from_slider(psi: float | None) -> float | None:
     return None if psi is None or float(psi) == 0 else float(psi)
 
 
-def grid_for(G: Generator, alpha: float, seed: int, n: int, psi: float | None = None) -> Image.Image:
-    """The RGB grid of the first `n` images of `seed` (psi: truncation, None or 0 for none), as pgan-sample
-    writes it for the same seed, n and psi."""
+def grid_for(
+    G: Generator, alpha: float, seed: int, n: int, psi: float | None = None, class_choice: str | int | None = None
+) -> Image.Image:
+    """The RGB grid of the first `n` images of `seed` (psi: truncation, None or 0 for none; class_choice: a
+    conditional G's class, by name or index, None or EVERY_CLASS for every class in turn), as pgan-sample
+    writes it for the same seed, n, psi and class."""
     z = seeded_latents(int(seed), int(n), G.latent_dim, psi_from_slider(psi))
-    images = (generate(G, z, alpha) + 1) / 2
+    chosen = class_index(G, None if class_choice == EVERY_CLASS else class_choice)
+    images = (generate(G, z, alpha, labels=None if chosen is None else torch.full((len(z),), chosen)) + 1) / 2
     grid = make_grid(images, nrow=math.ceil(math.sqrt(n)), padding=2, pad_value=1.0)
     # save_image's conversion (round to nearest); torchvision's to_pil_image truncates instead, which would
     # make the app's pixels differ by one level from pgan-sample's PNG.
@@ -61,17 +66,18 @@ def build_demo(
     G: Generator, alpha: float = 1.0, *, title: str = "pgan", device: str | None = None, max_images: int = 64
 ) -> gradio.Blocks:
     """The Gradio app over `G` (already on its device; `device` is only shown): seed, number of images and
-    truncation in, the grid out; its generate event is the API endpoint `/generate` (seed, n, psi)."""
+    truncation in, the grid out; its generate event is the API endpoint `/generate` (seed, n, psi), and for a
+    class-conditional G (seed, n, psi, class), class a name from a selector (EVERY_CLASS: each in turn)."""
     gr = _import_gradio()
     if max_images < 1:
         raise UserError(f"max_images must be >= 1, got {max_images}")
     resolution = int(getattr(G, "resolution", 0)) or "?"
 
-    def generate_grid(seed: float, n: float, psi: float) -> Image.Image:
-        """The grid of the first n images of a seed (psi 0: no truncation)."""
+    def generate_grid(seed: float, n: float, psi: float, class_choice: str | None = None) -> Image.Image:
+        """The grid of the first n images of a seed (psi 0: no truncation), of one class or of each in turn."""
         try:
-            return grid_for(G, alpha, int(seed), int(n), psi)
-        except ValueError as exc:  # n < 1 (any psi > 0 truncates)
+            return grid_for(G, alpha, int(seed), int(n), psi, class_choice)
+        except (ValueError, UserError) as exc:  # n < 1, a class not in the list (any psi > 0 truncates)
             raise gr.Error(str(exc)) from exc
 
     # analytics_enabled=False: no version check or telemetry thread (the app must run without a network).
@@ -92,13 +98,17 @@ def build_demo(
                     label="truncation psi",
                     info="0: off; otherwise latents from N(0, 1) truncated to +-psi (smaller: more typical)",
                 )
+                inputs = [seed, n, psi]
+                if G.num_classes:
+                    classes = gr.Dropdown([EVERY_CLASS, *G.class_names], value=EVERY_CLASS, label="class")
+                    inputs.append(classes)
                 button = gr.Button("Generate", variant="primary")
             with gr.Column(scale=2):
                 # PNG, not gradio's default WebP: lossless, so the pixels are exactly pgan-sample's.
                 grid = gr.Image(label="grid", type="pil", format="png", image_mode="RGB", interactive=False)
         gr.Examples(
-            [[s, min(k, max_images), p] for s, k, p in EXAMPLES],
-            inputs=[seed, n, psi],
+            [[s, min(k, max_images), p] + ([EVERY_CLASS] if G.num_classes else []) for s, k, p in EXAMPLES],
+            inputs=inputs,
             outputs=grid,
             fn=generate_grid,
             run_on_click=True,
@@ -107,9 +117,16 @@ def build_demo(
         # One event for the button, releasing a slider and the page load; concurrency_limit (default 1)
         # keeps requests to the one model in sequence.
         gr.on(
-            [button.click, seed.release, n.release, psi.release, demo.load],
+            [
+                button.click,
+                seed.release,
+                n.release,
+                psi.release,
+                demo.load,
+                *([classes.change] if G.num_classes else []),
+            ],
             generate_grid,
-            inputs=[seed, n, psi],
+            inputs=inputs,
             outputs=grid,
             api_name="generate",
         )

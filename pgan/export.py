@@ -4,7 +4,8 @@ and Hugging Face Hub repositories with the same layout. What `pgan-export` does,
 
 An export directory holds:
   config.json            format, version, the exact Generator arguments (resolution in px, latent_dim,
-                         image_channels, the per-resolution width table, num_classes: 0 unconditional), the fade
+                         image_channels, the per-resolution width table, num_classes: 0 unconditional), the class
+                         names of a conditional generator (`classes`), the fade
                          alpha the generator was at, and where it came from (checkpoint path, stage, nimg / kimg,
                          pgan version)
   generator.safetensors  the generator's state dict (format=safetensors)
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from pgan.errors import UserError, first_line
-from pgan.networks import Generator, check_resolution, resolutions_up_to
+from pgan.networks import Generator, check_resolution, cycle_labels, resolutions_up_to
 
 FORMAT = "pgan-generator"
 VERSION = 1
@@ -60,6 +61,11 @@ def generator_kwargs(G: Generator) -> dict[str, Any]:
     )
 
 
+def _class_names(G: Generator) -> dict[str, Any]:
+    """config.json's `classes` entry of a conditional G (its class names), nothing for an unconditional one."""
+    return {"classes": list(G.class_names)} if G.num_classes else {}
+
+
 def export_config(
     G: Generator, alpha: float, source_info: Mapping[str, Any] | None = None, **extra: Any
 ) -> dict[str, Any]:
@@ -73,6 +79,7 @@ def export_config(
         **kwargs,
         "channels": {str(k): v for k, v in kwargs["channels"].items()},  # JSON keys are strings
         "alpha": float(alpha),
+        **_class_names(G),
         **extra,
         "source": {**(source_info or {}), "pgan_version": __version__},
     }
@@ -157,11 +164,6 @@ class _FixedAlpha(torch.nn.Module):
         return self.G(z, self.alpha, labels)
 
 
-def example_labels(n: int, num_classes: int) -> torch.Tensor | None:
-    """Class indices 0, 1, ..., num_classes - 1, 0, ... for a batch of `n` (None for an unconditional G)."""
-    return torch.arange(n) % num_classes if num_classes else None
-
-
 def export_onnx(G: Generator, alpha: float, path: Path | str, *, opset: int | None = None) -> Path:
     """Export `G` at fade `alpha` as an ONNX graph `latent` [N, latent_dim] (and `labels` [N] int64 when G is
     class-conditional) -> `images` [N, C, R, R] (N dynamic), with torch's torch.export-based exporter; the
@@ -179,7 +181,7 @@ def export_onnx(G: Generator, alpha: float, path: Path | str, *, opset: int | No
     args: tuple[torch.Tensor, ...] = (example,)
     names, dynamic = [ONNX_INPUT], {"z": {0: batch}}
     if G.num_classes:  # a second input: the class indices, batch-sized like the latents
-        args += (example_labels(2, G.num_classes),)
+        args += (cycle_labels(2, G.num_classes),)
         names.append(ONNX_LABELS)
         dynamic["labels"] = {0: batch}
 
@@ -220,7 +222,7 @@ def check_onnx(
     G: Generator, alpha: float, path: Path | str, *, atol: float = 1e-3, n: int = 4, seed: int = 0
 ) -> float | None:
     """Run the ONNX file with onnxruntime on `n` seeded latents (and on a batch of one; a conditional G gets the
-    labels of `example_labels`) and compare with `G(z, alpha, labels)` in float32 on the CPU; returns the max
+    labels of `cycle_labels`) and compare with `G(z, alpha, labels)` in float32 on the CPU; returns the max
     abs difference, or None when onnxruntime is not installed (the check is skipped). A difference above
     `atol` is a UserError."""
     try:
@@ -238,7 +240,7 @@ def check_onnx(
         raise UserError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
     worst = 0.0
     for z in (seeded_latents(seed, n, G.latent_dim), seeded_latents(seed + 1, 1, G.latent_dim)):
-        labels = example_labels(len(z), G.num_classes)
+        labels = cycle_labels(len(z), G.num_classes)
         with torch.no_grad():
             expected = G(z, alpha, labels).numpy()
         feed = {ONNX_INPUT: z.numpy()} if labels is None else {ONNX_INPUT: z.numpy(), ONNX_LABELS: labels.numpy()}
@@ -339,7 +341,13 @@ def _generator_from_config(config: dict[str, Any], config_path: Path) -> tuple[G
         raise UserError(f"{config_path}: alpha must be in [0, 1], got {alpha}")
     if kwargs["num_classes"] < 0:
         raise UserError(f"{config_path}: num_classes must be >= 0 (0: unconditional), got {kwargs['num_classes']}")
-    return Generator(resolution, **kwargs), alpha
+    G = Generator(resolution, **kwargs)
+    names = config.get("classes")
+    if names is not None:
+        if not isinstance(names, list) or len(names) != G.num_classes:
+            raise UserError(f"{config_path}: classes must list num_classes={G.num_classes} names")
+        G.class_names = tuple(str(name) for name in names)
+    return G, alpha
 
 
 def _load_weights(G: Generator, weights: Path) -> None:

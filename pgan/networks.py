@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -101,6 +101,25 @@ class EqualizedEmbedding(nn.Module):
         return f"{n}, {dim}, scale={self.scale:.4g}"
 
 
+def cycle_labels(n: int, num_classes: int) -> torch.Tensor | None:
+    """Class indices 0, 1, ..., num_classes - 1, 0, 1, ... for `n` samples (None for an unconditional model):
+    the labels sampling, evaluation and export give a conditional G when no class is asked for, so sample i
+    has class i mod num_classes whatever n is."""
+    return torch.arange(n) % num_classes if num_classes else None
+
+
+def generate_chunks(
+    G: nn.Module, z: torch.Tensor, alpha: float, chunk: int, labels: torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
+    """G's images for latents `z` (and `labels`; for a conditional G by default `cycle_labels`), `chunk` at a
+    time, each on G's device (the caller picks no_grad, autocast, eval mode and where the images go)."""
+    device = next(G.parameters()).device
+    if labels is None:
+        labels = cycle_labels(len(z), G.num_classes)
+    for i in range(0, len(z), chunk):
+        yield G(z[i : i + chunk].to(device), alpha, None if labels is None else labels[i : i + chunk].to(device))
+
+
 def check_labels(labels: torch.Tensor | None, num_classes: int, batch: int) -> None:
     """Raise ValueError unless `labels` suits a model with `num_classes` (0: unconditional, labels must be None)
     and a batch of `batch`: an integer tensor [batch] with values in [0, num_classes).
@@ -169,8 +188,12 @@ class GeneratorBlock(nn.Module):
         return pixel_norm(lrelu(self.conv2(x)))
 
 
-def model_kwargs_from(model: Mapping[str, Any]) -> dict[str, Any]:
-    """Constructor arguments shared by G and D from a model config section (a DictConfig or a checkpoint's dict)."""
+def model_kwargs_from(model: Mapping[str, Any], num_classes: int | None = None) -> dict[str, Any]:
+    """Constructor arguments shared by G and D from a model config section (a DictConfig or a checkpoint's dict).
+
+    `num_classes`: of a class-conditional model. A training config says only `conditional: true`, and the
+    classes come from the data (the checkpoint records them); without it, the section's own `num_classes`
+    (an exported generator's config.json), else 0."""
     channels = model.get("channels")
     return dict(
         image_channels=int(model["image_channels"]),
@@ -178,8 +201,7 @@ def model_kwargs_from(model: Mapping[str, Any]) -> dict[str, Any]:
         fmap_max=int(model["fmap_max"]),
         fmap_min=int(model["fmap_min"]),
         channels={int(k): int(v) for k, v in channels.items()} if channels else None,
-        # Absent from configs written before conditional models: those were unconditional.
-        num_classes=int(model.get("num_classes") or 0),
+        num_classes=int(num_classes if num_classes is not None else model.get("num_classes") or 0),
     )
 
 
@@ -214,6 +236,9 @@ class Generator(nn.Module):
         self.latent_dim = latent_dim
         self.image_channels = image_channels
         self.num_classes = num_classes
+        # What each class is called (a folder name, "blue circle", ...): set by whoever loads a trained G from
+        # a checkpoint or an export; not part of the weights.
+        self.class_names: tuple[str, ...] = tuple(str(i) for i in range(num_classes))
         width = functools.partial(
             channels_for, fmap_base=fmap_base, fmap_max=fmap_max, fmap_min=fmap_min, table=channels
         )
@@ -345,9 +370,12 @@ class Discriminator(nn.Module):
         return self.blocks["4"](x, projection)
 
 
-def networks_from(model: Mapping[str, Any], resolution: int) -> tuple[Generator, Discriminator]:
-    """Fresh G and D at `resolution` from a model config section (a DictConfig or a checkpoint's dict)."""
-    kwargs = model_kwargs_from(model)
+def networks_from(
+    model: Mapping[str, Any], resolution: int, num_classes: int | None = None
+) -> tuple[Generator, Discriminator]:
+    """Fresh G and D at `resolution` from a model config section (a DictConfig or a checkpoint's dict), with
+    `num_classes` classes (see model_kwargs_from)."""
+    kwargs = model_kwargs_from(model, num_classes)
     G = Generator(resolution, latent_dim=int(model["latent_dim"]), **kwargs)
     D = Discriminator(resolution, mbstd_group_size=int(model["mbstd_group_size"]), **kwargs)
     return G, D

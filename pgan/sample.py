@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pgan.errors import UserError
-from pgan.networks import Generator
+from pgan.networks import Generator, generate_chunks
 from pgan.schedule import Stage, alpha_at
 
 
@@ -47,6 +47,29 @@ def seeded_latents(seed: int, n: int, latent_dim: int, psi: float | None = None)
     return z if psi is None else truncate(z, psi)
 
 
+def class_index(G: Generator, choice: int | str | None) -> int | None:
+    """The class index `choice` names for a class-conditional G: a class name (a folder name, "blue circle"),
+    or else an index 0..num_classes-1; None stays None (every class in turn). A UserError for a bad choice, or
+    any choice for an unconditional G."""
+    if choice is None:
+        return None
+    if not G.num_classes:
+        raise UserError(f"class={choice}: this generator is unconditional (trained without model.conditional=true)")
+    names = list(G.class_names)
+    if str(choice) in names:  # a name first: folder classes may be called "1", "2", ... in another order
+        return names.index(str(choice))
+    try:
+        index = int(str(choice))
+    except ValueError:
+        index = -1
+    if not 0 <= index < G.num_classes:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise UserError(
+            f"class={choice} is not one of this generator's {len(names)} classes ({shown}) or 0..{len(names) - 1}"
+        )
+    return index
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation from `a` to `b` ([latent_dim] each) at the fractions `t` ([k]): [k, latent_dim].
 
@@ -65,10 +88,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(G: Generator, z: torch.Tensor, alpha: float = 1.0, batch_size: int = 32) -> torch.Tensor:
-    """G(z) in batches, on G's device, as float images in [-1, 1] on the CPU."""
-    device = next(G.parameters()).device
-    return torch.cat([G(z[i : i + batch_size].to(device), alpha).float().cpu() for i in range(0, len(z), batch_size)])
+def generate(
+    G: Generator, z: torch.Tensor, alpha: float = 1.0, batch_size: int = 32, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """G(z) in batches, on G's device, as float images in [-1, 1] on the CPU. A class-conditional G takes
+    `labels` [N] (default: sample i in class i mod num_classes, pgan.networks.cycle_labels)."""
+    return torch.cat([part.float().cpu() for part in generate_chunks(G, z, alpha, batch_size, labels)])
 
 
 @dataclass(frozen=True)

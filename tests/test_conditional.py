@@ -234,33 +234,36 @@ def test_gradients_reach_the_embedding_and_the_projection():
 # ---------------------------------------------------------------- config, checkpoint, export
 
 
-def test_model_num_classes_reaches_both_networks():
-    """model.num_classes (default 0 in every preset) is passed to G and D; a config without it is unconditional."""
+def test_model_conditional_is_off_in_every_preset_and_num_classes_reaches_both_networks():
+    """model.conditional is false in every preset; networks_from passes the data's class count to G and D."""
     for preset in ("small", "paper"):
-        assert compose_config(f"model={preset}").model.num_classes == 0
-    cfg = compose_config("model=small", "model.num_classes=7")
+        assert compose_config(f"model={preset}").model.conditional is False
+    cfg = compose_config("model=small", "model.conditional=true")
     with torch.device("meta"):
-        G, D = networks_from(cfg.model, 8)
-    assert G.num_classes == D.num_classes == 7
+        G, D = networks_from(cfg.model, 8, 7)
+        plain, _ = networks_from(cfg.model, 8)  # no class count: unconditional
+    assert G.num_classes == D.num_classes == 7 and plain.num_classes == 0
     assert G.embed.weight.shape == (7, 128) and D.embed.weight.shape == (7, 64)
-    old = {k: v for k, v in cfg.model.items() if k != "num_classes"}  # a checkpoint written before labels
-    assert model_kwargs_from(old)["num_classes"] == 0
+    assert model_kwargs_from({**cfg.model, "num_classes": 3})["num_classes"] == 3  # an export's config.json
 
 
 def test_a_checkpoint_of_a_conditional_model_validates_and_rebuilds():
-    """checkpoint_problem accepts a conditional checkpoint (and rejects it with the wrong class count);
-    generator_from_checkpoint rebuilds the conditional G."""
+    """checkpoint_problem accepts a conditional checkpoint (and rejects it when its class list has the wrong
+    length); generator_from_checkpoint rebuilds the conditional G with its class names."""
     model = dict(model_kwargs_from(compose_config("model=small").model), channels=None)
-    model.update(latent_dim=LATENT, **SMALL, mbstd_group_size=4, num_classes=CLASSES)
-    G, D = networks_from(model, 8)
+    model.update(latent_dim=LATENT, **SMALL, mbstd_group_size=4, conditional=True)
+    del model["num_classes"]
+    G, D = networks_from(model, 8, CLASSES)
+    names = [f"class {i}" for i in range(CLASSES)]
     state = {"config": {"model": model}, "resolution": 8, "nimg": 0, "G": G.state_dict(), "G_ema": G.state_dict()}
-    state.update(D=D.state_dict(), opt_G={}, opt_D={})
+    state.update(D=D.state_dict(), opt_G={}, opt_D={}, classes=names)
     assert checkpoint_problem(state) is None
     H, alpha = generator_from_checkpoint(state)
+    assert H.class_names == tuple(names)
     z, y = torch.randn(3, LATENT), labels_for(3)
     with torch.no_grad():
         assert alpha == 1.0 and torch.equal(H(z, 1.0, y), G(z, 1.0, y))
-    model["num_classes"] = 3
+    state["classes"] = names[:3]
     assert "embed.weight has shape (5, 16), expected (3, 16)" in checkpoint_problem(state)
 
 
@@ -271,7 +274,7 @@ def test_conditional_export_round_trip(tmp_path: Path):
     export_safetensors(G, 0.3, tmp_path / "x")
     assert json.loads((tmp_path / "x" / CONFIG).read_text())["num_classes"] == CLASSES
     H, alpha = load_generator(tmp_path / "x")
-    assert H.num_classes == CLASSES and alpha == 0.3
+    assert H.num_classes == CLASSES and alpha == 0.3 and H.class_names == G.class_names
     z, y = torch.randn(6, LATENT), labels_for(6)
     with torch.no_grad():
         assert torch.equal(H(z, alpha, y), G(z, alpha, y))
@@ -300,13 +303,3 @@ def test_conditional_onnx_takes_latent_and_labels(tmp_path: Path):
     (images,) = session.run(None, {"latent": z.numpy(), "labels": y.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(images), G(z, 0.5, y), atol=1e-4, rtol=0)
-
-
-def test_the_trainer_refuses_conditional_models_until_it_feeds_labels(tmp_path) -> None:
-    from conftest import TINY, compose_config
-
-    from pgan.errors import UserError
-    from pgan.train.loop import train
-
-    with pytest.raises(UserError, match="model.num_classes=3: class-conditional training is not available yet"):
-        train(compose_config(*TINY, "model.num_classes=3"), tmp_path)

@@ -58,6 +58,20 @@ def test_two_ranks_compute_what_one_process_with_the_same_global_batch_computes(
         assert a["Loss/D"] == pytest.approx(b["Loss/D"], rel=1e-3, abs=1e-4)
 
 
+def test_a_conditional_two_rank_run_computes_what_one_process_computes(tmp_path: Path) -> None:
+    """Each rank's images come with their own labels (the sampler's chunks), so the class-conditional step
+    is data parallel too."""
+    conditional = [*SAME_FUNCTION, "model.conditional=true", "data.size=64"]
+    result = torchrun(tmp_path / "ddp", *conditional)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = load_checkpoint(train(compose_config(*TINY, *conditional), tmp_path / "single"))
+    ours = load_checkpoint(tmp_path / "ddp" / "stage-0016" / "final.pt")
+    assert ours["classes"] == single["classes"] and len(ours["classes"]) == 16
+    for key in ("G", "D", "G_ema"):
+        for name, value in ours[key].items():
+            torch.testing.assert_close(value, single[key][name], **TOLERANCE, msg=f"{key}.{name}")
+
+
 def test_only_rank_0_writes_and_prints(two_rank_run) -> None:
     run_dir, result = two_rank_run
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer

@@ -146,18 +146,21 @@ def test_not_enough_disk_space_is_one_clear_error(tmp_path: Path, monkeypatch) -
 
 
 @pytest.mark.parametrize(
-    ("data", "device", "expected"),
+    ("data", "device", "num_images", "expected"),
     [
-        ({"source": "folder"}, "cpu", True),
-        ({"source": "torchvision"}, "cpu", True),
-        ({"source": "shapes"}, "cpu", False),
-        ({"source": "digits"}, "cuda", True),
-        ({"source": "shapes", "prepare": True}, "cpu", True),
-        ({"source": "folder", "prepare": False}, "cuda", False),
+        ({"source": "folder"}, "cpu", 10, True),
+        ({"source": "torchvision"}, "cpu", None, True),
+        ({"source": "shapes"}, "cpu", None, False),
+        ({"source": "digits"}, "cuda", None, True),
+        # On CUDA a procedural source is prepared when the stage reads all its items (a store costs a full pass).
+        ({"source": "shapes", "size": 50000}, "cuda", 2048, False),
+        ({"source": "digits", "size": 1797}, "cuda", 2048, True),
+        ({"source": "shapes", "prepare": True}, "cpu", 1, True),
+        ({"source": "folder", "prepare": False}, "cuda", None, False),
     ],
 )
-def test_when_training_reads_a_store(data: dict, device: str, expected: bool) -> None:
-    assert wants_prepared(data, torch.device(device)) is expected
+def test_when_training_reads_a_store(data: dict, device: str, num_images: int | None, expected: bool) -> None:
+    assert wants_prepared(data, torch.device(device), num_images) is expected
 
 
 def test_a_bad_prepare_setting_is_a_user_error() -> None:

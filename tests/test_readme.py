@@ -56,7 +56,7 @@ def test_readme_train_command_composes(command: list[str]) -> None:
             node = cfg
             for part in key.split("."):
                 node = node[part]
-            assert str(node) == value
+            assert (str(node).lower() if isinstance(node, bool) else str(node)) == value
 
 
 def test_readme_make_targets_exist() -> None:

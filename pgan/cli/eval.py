@@ -55,6 +55,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from pgan.export import load_generator
     from pgan.metrics.collapse import STATES, severity
     from pgan.metrics.diversity import RandomEmbedding, diversity_metrics, real_reference, sample_dataset
+    from pgan.networks import cycle_labels
     from pgan.sample import generate, seeded_latents
     from pgan.train.loop import resolve_device
     from pgan.train.watch import thresholds_from_config
@@ -74,10 +75,13 @@ def evaluate(cfg: DictConfig) -> dict:
         resolution = int(cfg.resolution or G.resolution)
         _check_resolution(resolution)
         # The latents of pgan-sample: image i of seed s here is image i of `pgan-sample seed=s`.
+        # A conditional G: image i in class i mod num_classes (cycle_labels), every class equally often.
         fakes = generate(G, seeded_latents(int(cfg.seed), int(cfg.num_fake), G.latent_dim), alpha).clamp(-1, 1)
+        labels = cycle_labels(len(fakes), G.num_classes)
         if fakes.shape[-1] != resolution:
             fakes = torch.nn.functional.interpolate(fakes, size=(resolution, resolution), mode="area")
     else:
+        labels = None
         folder = _folder(cfg.fake, "fake")
         resolution = int(cfg.resolution or _first_image_side(folder))
         _check_resolution(resolution)
@@ -98,14 +102,32 @@ def evaluate(cfg: DictConfig) -> dict:
         result["state"] = STATES[severity(result, thresholds)]
     quality = [n for n in names if n in QUALITY_METRICS]
     if quality:
-        result |= quality_metrics(cfg, quality, reals.to(device), fakes.to(device), real_data, device)
+        # class_accuracy when the classes G was conditioned on are the real data's modes (shapes, digits, ...).
+        mode_labels = labels if labels is not None and _classes_are_modes(G, real_data) else None
+        result |= quality_metrics(cfg, quality, reals.to(device), fakes.to(device), real_data, device, mode_labels)
     return result
 
 
+def _classes_are_modes(G, real_data) -> bool:
+    """Whether a conditional G's classes are the known modes of `real_data`, in the same order."""
+    from pgan.data.labels import class_labels
+
+    if not hasattr(real_data, "num_modes") or not hasattr(real_data, "class_labels"):
+        return False
+    names = class_labels(real_data).names
+    return len(names) == real_data.num_modes and tuple(G.class_names) == names
+
+
 def quality_metrics(
-    cfg: DictConfig, names: list[str], reals: torch.Tensor, fakes: torch.Tensor, real_data, device: torch.device
+    cfg: DictConfig,
+    names: list[str],
+    reals: torch.Tensor,
+    fakes: torch.Tensor,
+    real_data,
+    device: torch.device,
+    labels: torch.Tensor | None = None,
 ) -> dict:
-    """The `pgan.metrics.quality` metrics `names` of `fakes` against `reals`."""
+    """The `pgan.metrics.quality` metrics `names` of `fakes` against `reals` (`labels`: see QualityEvaluator)."""
     from pgan.metrics.modes import mode_classifier_for
     from pgan.metrics.quality import QualityEvaluator, features_for, nearest_k
 
@@ -129,7 +151,7 @@ def quality_metrics(
         pr_k=int(cfg.pr_k),
         coverage_k=int(cfg.coverage_k),
     )
-    return evaluator(fakes)
+    return evaluator(fakes, labels)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from pgan.data.digits import NUM_DIGITS, DigitsDataset, StackedDigitsDataset
 from pgan.data.folder import FolderDataset
+from pgan.data.labels import ClassLabels, LabelledDataset, class_labels
 from pgan.data.prepared import PreparedImages, prepare, wants_prepared
 from pgan.data.sampler import InfiniteSampler
 from pgan.data.shapes import ShapesDataset
@@ -16,6 +17,9 @@ from pgan.data.torchvision_source import TorchvisionDataset
 from pgan.errors import UserError
 
 __all__ = [
+    "ClassLabels",
+    "LabelledDataset",
+    "class_labels",
     "DigitsDataset",
     "FolderDataset",
     "InfiniteSampler",

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pgan.data.folder import pil_mode
+from pgan.data.labels import ClassLabels
 from pgan.errors import UserError
 
 NUM_DIGITS = 1797  # images in sklearn.datasets.load_digits
@@ -116,6 +117,11 @@ class DigitsDataset(Dataset):
         """The mode label of item `index`: its digit, 0..9."""
         return int(self.labels[self.digit_index(index)])
 
+    def class_labels(self) -> ClassLabels:
+        """The digits as classes (model.conditional=true): "0" to "9"."""
+        digit_indices = self.order[torch.arange(self.size) % NUM_DIGITS]
+        return ClassLabels(tuple(str(d) for d in range(10)), self.labels[digit_indices].numpy().astype(np.int64))
+
     def __getitem__(self, index: int) -> torch.Tensor:
         grey = (self.up @ self.digits[self.digit_index(index)] @ self.up.T).clamp(0.0, 1.0)  # clamp: float rounding
         return (grey * 2.0 - 1.0).repeat(self.channels, 1, 1)
@@ -147,6 +153,12 @@ class StackedDigitsDataset(Dataset):
         """The mode label of item `index`: 100 * red digit + 10 * green digit + blue digit, 0..999."""
         red, green, blue = (int(self.labels[i]) for i in self.digit_indices(index))
         return 100 * red + 10 * green + blue
+
+    def class_labels(self) -> ClassLabels:
+        """The 1000 modes as classes (model.conditional=true), named by their red, green and blue digits: "000"
+        to "999"."""
+        modes = np.fromiter((self.mode_of(i) for i in range(self.size)), dtype=np.int64, count=self.size)
+        return ClassLabels(tuple(f"{m:03d}" for m in range(self.num_modes)), modes)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         digits = self.digits[list(self.digit_indices(index))]  # [3, 8, 8]

@@ -63,6 +63,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from pgan.data.labels import ClassLabels, labels_from_names
 from pgan.data.prepared import CACHE_DIRNAME, uint8_to_signed
 from pgan.errors import UserError
 
@@ -569,6 +570,18 @@ class FolderDataset(Dataset):
         """What the images depend on besides the settings (the key of a prepared store): the folder's real path
         and every usable file's relative path, size and mtime."""
         return {"root": os.path.realpath(self.root), "files": self._stats}
+
+    def class_labels(self) -> ClassLabels:
+        """The first-level sub-folders of the root as classes (model.conditional=true), in sorted order; an
+        image deeper down counts for its first-level folder."""
+        parts = [path.relative_to(self.root).parts for path in self.files]
+        loose = [name[0] for name in parts if len(name) == 1]
+        if loose:
+            raise UserError(
+                f"model.conditional=true takes the classes from the sub-folders of data.path {self.root}, but "
+                f"{len(loose)} images lie directly in it (e.g. {loose[0]}): move them into a class sub-folder"
+            )
+        return labels_from_names([name[0] for name in parts])
 
     def __len__(self) -> int:
         return len(self.files)

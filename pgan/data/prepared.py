@@ -34,6 +34,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from pgan import __version__
+from pgan.data.labels import ClassLabels, class_labels
 from pgan.errors import UserError, first_line
 
 CACHE_DIRNAME = ".pgan-prepared"  # the folder created next to a folder/torchvision dataset (the scan skips it)
@@ -57,15 +58,23 @@ def signed_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def wants_prepared(data_cfg: Mapping, device: torch.device) -> bool:
+def wants_prepared(data_cfg: Mapping, device: torch.device, num_images: int | None = None) -> bool:
     """Whether training reads the data from a prepared store: data.prepare=true/false, or for `auto` when the
-    source decodes files, or when training on CUDA (where rendering on the fly can starve the GPU)."""
+    source decodes files, or when training on CUDA (where rendering on the fly can starve the GPU) a stage that
+    shows `num_images` images, at least as many as the procedural source has items (None: assume so).
+
+    Rendering every item into a store costs about what rendering it on the fly costs, so a store of a
+    procedural source pays only when its items are read more than once. The default run shows each stage 2,048
+    or fewer of 50,000 shapes; preparing all 50,000 took the GPU machine minutes per resolution."""
     choice = str(data_cfg.get("prepare", "auto")).lower()
     if choice not in PREPARE_CHOICES:
         raise UserError(f"data.prepare must be auto, true or false, got {data_cfg.get('prepare')!r}")
     if choice != "auto":
         return choice == "true"
-    return str(data_cfg.get("source")) in FILE_SOURCES or device.type == "cuda"
+    if str(data_cfg.get("source")) in FILE_SOURCES:
+        return True
+    size = data_cfg.get("size")
+    return device.type == "cuda" and (num_images is None or size is None or num_images >= int(size))
 
 
 def cache_root(data_cfg: Mapping) -> Path:
@@ -112,6 +121,12 @@ class PreparedImages(Dataset):
     def __len__(self) -> int:
         return self.array.shape[0]
 
+    def class_labels(self) -> ClassLabels:
+        """The source's class labels: the store holds the source's items in the source's order."""
+        if self.source is None:
+            raise UserError(f"the prepared store {self.path} was opened without its source: it has no class labels")
+        return class_labels(self.source)
+
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
         """Images `indices` as a uint8 tensor [len(indices), resolution, resolution, channels] (one copy)."""
         return torch.from_numpy(self.array[np.asarray(indices, dtype=np.int64)])
@@ -122,16 +137,19 @@ class PreparedImages(Dataset):
 
 
 class PreparedBatches(Dataset):
-    """A PreparedImages indexed by lists of indices (a BatchSampler's), one uint8 NHWC batch per index list."""
+    """A PreparedImages indexed by lists of indices (a BatchSampler's), one uint8 NHWC batch per index list;
+    with `labels` (ClassLabels of the same items), (the batch, its int64 class indices)."""
 
-    def __init__(self, images: PreparedImages) -> None:
+    def __init__(self, images: PreparedImages, labels: ClassLabels | None = None) -> None:
         self.images = images
+        self.labels = None if labels is None else torch.from_numpy(labels.labels)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, indices: Sequence[int]) -> torch.Tensor:
-        return self.images.batch(indices)
+    def __getitem__(self, indices: Sequence[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        batch = self.images.batch(indices)
+        return batch if self.labels is None else (batch, self.labels[torch.as_tensor(indices)])
 
 
 def _valid_store(npy: Path, meta: Path, key: str, shape: tuple[int, ...]) -> bool:

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from pgan.data.folder import pil_mode, to_signed_tensor
+from pgan.data.labels import ClassLabels
 
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -148,6 +149,11 @@ class ShapesDataset(Dataset):
     def mode_of(self, index: int) -> int:
         """The mode label of item `index`, in [0, num_modes): shape_index * len(COLOURS) + colour_index."""
         return self.params(index).mode
+
+    def class_labels(self) -> ClassLabels:
+        """The modes as classes (model.conditional=true): 16 classes named like "blue circle"."""
+        modes = np.fromiter((draw_params(self.seed, i).mode for i in range(self.size)), dtype=np.int64, count=self.size)
+        return ClassLabels(MODE_NAMES, modes)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = render(self.params(index), self.resolution)

@@ -12,7 +12,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from pgan.data.folder import pil_mode, square_resize, to_signed_tensor
+from pgan.data.labels import ClassLabels
 from pgan.errors import UserError
+
+# Where torchvision datasets keep their integer class per image (MNIST/CIFAR: targets, SVHN/STL10: labels,
+# Flowers102: _labels).
+_TARGET_ATTRIBUTES = ("targets", "labels", "_labels")
 
 # Shown when data.name is unknown; any dataset class in torchvision.datasets taking `root` works.
 EXAMPLE_NAMES = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "CelebA", "SVHN", "STL10", "Flowers102")
@@ -93,6 +98,40 @@ class TorchvisionDataset(Dataset):
     def content_key(self) -> dict[str, object]:
         """What the images depend on besides the settings (the key of a prepared store)."""
         return {"root": str(self.root.resolve()), "class": type(self.dataset).__name__, "count": len(self.dataset)}
+
+    def class_labels(self) -> ClassLabels:
+        """The dataset's own integer targets as classes (model.conditional=true), named by its `classes` when it
+        has them (MNIST, CIFAR10, ...), else "0", "1", ..."""
+        targets = next(
+            (
+                getattr(self.dataset, name)
+                for name in _TARGET_ATTRIBUTES
+                if getattr(self.dataset, name, None) is not None
+            ),
+            None,
+        )
+        labels = (
+            np.asarray(targets.numpy() if isinstance(targets, torch.Tensor) else targets)
+            if targets is not None
+            else None
+        )
+        if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(self):
+            raise UserError(
+                f"torchvision dataset {self.name} has no integer class per image (looked for "
+                f"{', '.join(_TARGET_ATTRIBUTES)}), so model.conditional=true cannot use it"
+            )
+        if len(labels) and labels.min() < 0:
+            raise UserError(
+                f"torchvision dataset {self.name} (data.split={self.split}) has unlabelled images (target "
+                f"{labels.min()}): pick a labelled split for model.conditional=true"
+            )
+        classes = getattr(self.dataset, "classes", None)
+        count = int(labels.max()) + 1 if len(labels) else 1
+        if isinstance(classes, (list, tuple)) and len(classes) >= count:
+            names = tuple(str(name) for name in classes)
+        else:
+            names = tuple(str(i) for i in range(count))
+        return ClassLabels(names, labels.astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -145,8 +145,11 @@ class QualityEvaluator:
         self.reals = reals if "swd" in self.names else None  # SWD works on pixels
         self.real_features = features.extract(reals) if needs_features else None
 
-    def __call__(self, fakes: torch.Tensor) -> dict[str, float | int | str]:
-        """The metrics of `fakes` ([N, C, R, R] in [-1, 1], the reals' resolution) as a flat dict."""
+    def __call__(self, fakes: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float | int | str]:
+        """The metrics of `fakes` ([N, C, R, R] in [-1, 1], the reals' resolution) as a flat dict. `labels`: the
+        classes a conditional G generated `fakes` in, when its classes are the dataset's modes; `modes` then
+        also gives class_accuracy (how often the classifier reads back the asked-for class) and its worst
+        class's value."""
         if fakes.shape[-1] != self.resolution:
             raise ValueError(f"fakes are {fakes.shape[-1]} px, the reals {self.resolution} px")
         result: dict[str, float | int | str] = {}
@@ -166,5 +169,16 @@ class QualityEvaluator:
         if "swd" in self.names:
             result |= swd(self.reals.to(fakes.device), fakes, seed=self.seed)
         if "modes" in self.names:
-            result |= mode_coverage(self.modes.predict(fakes), self.modes.num_modes)
+            predicted = self.modes.predict(fakes)
+            result |= mode_coverage(predicted, self.modes.num_modes)
+            if labels is not None:
+                result |= class_accuracy(predicted, labels)
         return result
+
+
+def class_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """How often a class-conditional G's samples are read back as the class they were generated in (the mode
+    classifier's prediction equals the label), overall and for its worst class."""
+    hit = predicted.flatten().cpu() == labels.flatten().cpu()
+    per_class = [hit[labels.cpu() == c].float().mean().item() for c in labels.unique().tolist()]
+    return {"class_accuracy": hit.float().mean().item(), "class_accuracy_worst": min(per_class)}

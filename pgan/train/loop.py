@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -36,6 +37,7 @@ from pgan.checkpoint import (
     FINAL,
     LATEST,
     OK,
+    checkpoint_classes,
     damaged_files,
     get_rng_state,
     link_checkpoint,
@@ -51,6 +53,7 @@ from pgan.checkpoint import (
     snapshots,
 )
 from pgan.data import InfiniteSampler, PreparedImages, make_dataset, wants_prepared
+from pgan.data.labels import ClassLabels, LabelledDataset, class_labels, grid_classes
 from pgan.data.prepared import PreparedBatches, uint8_to_signed
 from pgan.errors import UserError, first_line
 from pgan.losses import Loss, make_loss
@@ -72,7 +75,10 @@ ARCHITECTURE_KEYS = (
     "channels",
     "mbstd_group_size",
     "image_channels",
+    "conditional",
 )
+# What a key means in configs written before it existed.
+ARCHITECTURE_DEFAULTS = {"conditional": False}
 
 
 class CollapseStop(Exception):
@@ -130,13 +136,19 @@ def make_loader(
     device: torch.device,
     worker_seed: int,
     timeout_s: float = 0.0,
-) -> Iterator[torch.Tensor]:
+    labels: ClassLabels | None = None,
+) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """The training DataLoader's iterator (also what pgan-bench times). A prepared store is read a whole batch
-    at a time (one slice of the memory map, uint8); the other datasets item by item, stacked by the loader."""
+    at a time (one slice of the memory map, uint8); the other datasets item by item, stacked by the loader.
+    With `labels` (a conditional run), each batch is (images, int64 class indices)."""
     batched = isinstance(dataset, PreparedImages)
+    if batched:
+        items = PreparedBatches(dataset, labels)
+    else:
+        items = dataset if labels is None else LabelledDataset(dataset, labels)
     return iter(
         DataLoader(
-            PreparedBatches(dataset) if batched else dataset,
+            items,
             batch_size=None if batched else batch_size,
             sampler=BatchSampler(sampler, batch_size, drop_last=True) if batched else sampler,
             num_workers=num_workers,
@@ -214,11 +226,8 @@ def check_model_config(cfg: DictConfig, stages: list[Stage]) -> None:
     for key in ("latent_dim", "image_channels"):
         if not isinstance(m[key], int) or m[key] < 1:
             raise UserError(f"model.{key} must be a positive integer, got {m[key]!r}")
-    if m.get("num_classes"):  # the networks exist (pgan.networks); labels from the data and the step do not yet
-        raise UserError(
-            f"model.num_classes={m.num_classes}: class-conditional training is not available yet "
-            "(the conditional networks are; the trainer does not feed them labels). Use model.num_classes=0"
-        )
+    if not isinstance(m.get("conditional", False), bool):
+        raise UserError(f"model.conditional must be true or false, got {m.conditional!r}")
     try:
         with torch.device("meta"):
             build_models(cfg, stages[-1].resolution, torch.device("meta"))
@@ -231,9 +240,14 @@ def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return model_kwargs_from(cfg.model)
 
 
-def build_models(cfg: DictConfig, resolution: int, device: torch.device) -> tuple[Generator, Discriminator]:
-    """Fresh G and D for one resolution (weights drawn from the global torch RNG), channels-last on `device`."""
-    G, D = networks_from(cfg.model, resolution)
+def build_models(
+    cfg: DictConfig, resolution: int, device: torch.device, classes: ClassLabels | None = None
+) -> tuple[Generator, Discriminator]:
+    """Fresh G and D for one resolution (weights drawn from the global torch RNG), channels-last on `device`;
+    class-conditional on `classes` when given."""
+    G, D = networks_from(cfg.model, resolution, classes.num_classes if classes is not None else 0)
+    if classes is not None:
+        G.class_names = classes.names
     # channels_last is faster for these convolutions on CUDA and, measured, 2x at 256 px on CPU (oneDNN).
     return G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
 
@@ -274,10 +288,38 @@ def check_same_architecture(cfg: DictConfig, saved_config: dict, what: str) -> N
     """Refuse a checkpoint whose model settings differ from this run's, naming the keys that differ."""
     ours = OmegaConf.to_container(cfg.model, resolve=True)
     theirs = saved_config.get("model", {})
-    differing = [k for k in ARCHITECTURE_KEYS if ours.get(k) != theirs.get(k)]
+    differing = [
+        k
+        for k in ARCHITECTURE_KEYS
+        if ours.get(k, ARCHITECTURE_DEFAULTS.get(k)) != theirs.get(k, ARCHITECTURE_DEFAULTS.get(k))
+    ]
     if differing:
         pairs = ", ".join(f"model.{k}: {theirs.get(k)!r} there vs {ours.get(k)!r} here" for k in differing)
         raise UserError(f"{what} has a different architecture ({pairs})")
+
+
+def check_same_classes(state: dict, classes: ClassLabels | None, what: str) -> None:
+    """Refuse a conditional checkpoint whose classes are not the data's (a class folder added or renamed)."""
+    theirs = checkpoint_classes(state)
+    ours = classes.names if classes is not None else ()
+    if theirs != ours:
+        added, gone = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        change = (f"new: {', '.join(added[:3])}" if added else "") + (f" gone: {', '.join(gone[:3])}" if gone else "")
+        raise UserError(
+            f"{what} was trained on {len(theirs)} classes, the data has {len(ours)}"
+            + (f" ({change.strip()})" if change.strip() else " (in another order)")
+        )
+
+
+def stage_classes(cfg: DictConfig, dataset: Dataset) -> ClassLabels | None:
+    """The dataset's classes when the model is class-conditional (a UserError when it has none), else None."""
+    if not cfg.model.get("conditional", False):
+        return None
+    labels = class_labels(dataset)
+    empty = [name for name, count in zip(labels.names, labels.counts()) if count == 0]
+    if empty:  # G still learns an embedding for it, from nothing: its samples show what the other classes share
+        warn(f"model.conditional=true: {len(empty)} of {labels.num_classes} classes have no images (e.g. {empty[0]!r})")
+    return labels
 
 
 def train(cfg: DictConfig, run_dir: Path) -> Path:
@@ -336,9 +378,18 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         None if resuming_first else initial_state(cfg, run_dir, stages, plan[0], use_init_from=plan[0] is selected[0])
     )
     dataset = stage_dataset(cfg, plan[0], run_dir, device)
+    classes = stage_classes(cfg, dataset)
+    for state, what in ((resume_state, f"the run in {run_dir}"), (init, "the checkpoint this stage grows from")):
+        if state is not None:
+            check_same_classes(state, classes, what)
     if cfg.data.source == "folder":  # a later stage may skip more images (too small for it): check it now
         for st in plan[1:]:
-            stage_dataset(cfg, st, run_dir, device)
+            later = stage_dataset(cfg, st, run_dir, device)
+            if classes is not None and (gone := set(classes.names) - set(stage_classes(cfg, later).names)):
+                raise UserError(
+                    f"model.conditional=true: every image of class {sorted(gone)[0]!r} is too small for "
+                    f"{st.resolution} px ({len(gone)} such classes); data.small_images=upscale keeps them"
+                )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
@@ -454,7 +505,7 @@ def stage_dataset(cfg: DictConfig, stage: Stage, run_dir: Path, device: torch.de
             stage.resolution,
             scan_cache=run_dir / "data-scan.json",
             min_images=stage.batch_size,
-            prepared=wants_prepared(cfg.data, device),
+            prepared=wants_prepared(cfg.data, device, stage.num_images),
         )
     )
     if isinstance(dataset, PreparedImages):
@@ -534,7 +585,8 @@ def train_stage(
         # identical to the same stage in one uninterrupted run.
         set_rng_state(init["rng"])
     ranks = dist.current()
-    G, D = build_models(cfg, stage.resolution, device)
+    classes = stage_classes(cfg, dataset)  # None: unconditional
+    G, D = build_models(cfg, stage.resolution, device, classes)
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_G, opt_D = build_optimizers(G, D, stage.lr)
     G_fast, D_fast = fast_networks(cfg, G, D)
@@ -606,7 +658,9 @@ def train_stage(
         sampler = InfiniteSampler(
             len(dataset), cfg.seed * 1000 + stage.index, start, ranks.rank, ranks.world_size, rank_batch
         )
-        return make_loader(dataset, sampler, rank_batch, workers, device, int(cfg.seed), float(cfg.loader.timeout_s))
+        return make_loader(
+            dataset, sampler, rank_batch, workers, device, int(cfg.seed), float(cfg.loader.timeout_s), classes
+        )
 
     loader = stage_loader(nimg)
 
@@ -666,13 +720,15 @@ def train_stage(
         monitor.text("Guard/events", "WARNING: " + message, step)
         monitor.scalars({"Guard/rollbacks": guard.rollbacks, "Guard/lr_scale": guard.lr_scale}, step, None)
 
-    # Fixed latents for the sample grids, the same for the whole run, drawn without touching the training RNG.
-    grid_z = torch.randn(int(cfg.log.grid_size), latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    # Fixed latents (and classes) for the sample grids, the same for the whole run, drawn without touching the
+    # training RNG.
+    grid_z, grid_labels, grid_columns = sample_grid_inputs(cfg, latent_dim, classes)
     grid_z = grid_z.to(device)
+    grid_labels = grid_labels.to(device) if grid_labels is not None else None
 
     if nimg == 0 and ranks.is_main:
-        reals = next(iter(DataLoader(dataset, batch_size=int(cfg.log.grid_size), generator=_private_generator(0))))
-        monitor.image(f"Reals/{stage.name}", _to_grid(reals), stage.start_nimg)
+        reals = real_grid_images(dataset, int(cfg.log.grid_size), classes, grid_labels, grid_columns)
+        monitor.image(f"Reals/{stage.name}", _to_grid(reals, grid_columns), stage.start_nimg)
 
     def save(name: str, done: bool) -> Path:
         """Rank 0 writes the checkpoint; all ranks return once it is on disk (or the write failed). Under
@@ -708,6 +764,9 @@ def train_stage(
                 "collapse": watch.state_dict() if watch is not None else None,
                 "guard": guard.state_dict(),
                 "augment": augment.state_dict(),
+                # The class names of a conditional run, in label order (empty: unconditional): the data's
+                # classes, which the config alone does not name.
+                "classes": list(classes.names) if classes is not None else [],
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "stage_info": asdict(stage),
             },
@@ -759,7 +818,7 @@ def train_stage(
     G.train()
     D.train()
     while nimg < stage.num_images:
-        reals = to_device_images(next(loader), device)
+        reals, labels = to_device_batch(next(loader), device)
         if poisoned(stage.start_nimg + nimg):
             reals = reals * float("nan")
         # The step index is a function of the image counter, so lazy regularisation resumes in phase.
@@ -767,7 +826,19 @@ def train_stage(
         alpha = alpha_at(stage, nimg)
         step_start = time.perf_counter()
         stats = train_step(
-            G_fast, D_fast, G_ema, opt_G, opt_D, loss, reals, alpha, beta, autocast, step_index, **step_options
+            G_fast,
+            D_fast,
+            G_ema,
+            opt_G,
+            opt_D,
+            loss,
+            reals,
+            alpha,
+            beta,
+            autocast,
+            step_index,
+            **step_options,
+            labels=labels,
         )
         if compile_pending and (alpha >= 1.0) in compile_pending:
             # The first step of each phase (fading, stable) compiles its graphs: say what that cost.
@@ -813,8 +884,8 @@ def train_stage(
                 continue
         if ranks.is_main and (_crossed(prev, nimg, image_nimg) or finished):
             with torch.no_grad(), autocast:
-                samples = G_ema(grid_z, alpha_at(stage, nimg)).float()
-            grid = _to_grid(samples)
+                samples = G_ema(grid_z, alpha_at(stage, nimg), grid_labels).float()
+            grid = _to_grid(samples, grid_columns)
             monitor.image("Samples/G_ema", grid, step)
             samples_dir = run_dir / "samples"
             samples_dir.mkdir(exist_ok=True)
@@ -901,8 +972,43 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return before // every != after // every
 
 
-def _to_grid(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] NCHW images -> one [0, 1] CHW grid on the CPU."""
-    n = images.shape[0]
-    nrow = max(1, int(round(n**0.5)))
-    return make_grid(images.detach().float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
+def _to_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """[-1, 1] NCHW images -> one [0, 1] CHW grid of `columns` columns on the CPU."""
+    return make_grid(images.detach().float().cpu(), nrow=columns, normalize=True, value_range=(-1, 1))
+
+
+def sample_grid_inputs(
+    cfg: DictConfig, latent_dim: int, classes: ClassLabels | None
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The sample grids' fixed latents, their classes and the grid's number of columns.
+
+    Unconditional: log.grid_size latents in a square-ish grid. Conditional: one class per row (every class, or
+    log.grid_classes of them evenly spread) and round(sqrt(grid_size)) columns, each column one latent shared
+    by all the rows, so a row shows its class and a column what the class changes for one latent.
+    """
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    size = int(cfg.log.grid_size)
+    columns = max(1, round(size**0.5))
+    if classes is None:
+        return torch.randn(size, latent_dim, generator=generator), None, columns
+    rows = grid_classes(classes.num_classes, int(cfg.log.grid_classes))
+    z = torch.randn(columns, latent_dim, generator=generator).repeat(len(rows), 1)
+    return z, rows.repeat_interleave(columns), columns
+
+
+def real_grid_images(
+    dataset: Dataset, size: int, classes: ClassLabels | None, grid_labels: torch.Tensor | None, columns: int
+) -> torch.Tensor:
+    """The real images shown at a stage's start: the first `size` items, or for a conditional run, row by row
+    the first `columns` items of each grid row's class (fewer when a class has fewer)."""
+    if classes is None:
+        return next(iter(DataLoader(dataset, batch_size=size, generator=_private_generator(0))))
+    rows = grid_labels.cpu()[::columns].tolist()
+    indices = [i for c in rows for i in np.flatnonzero(classes.labels == c)[:columns].tolist()]
+    return torch.stack([dataset[i] for i in indices])
+
+
+def to_device_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A loader batch on `device`: the images (see to_device_images) and, for a conditional run, the labels."""
+    images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+    return to_device_images(images, device), None if labels is None else labels.to(device, non_blocking=True)

@@ -37,9 +37,14 @@ def d_step(
     fakes: Tensor | None = None,
     eager_D: nn.Module | None = None,
     augment: Augment | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Update D once on `reals` and G(z) (or the given detached `fakes`); returns detached scalars (no host
     sync) for logging.
+
+    `labels` (class-conditional models): the reals' classes, which the fakes are generated with too, so D
+    judges every real and fake image against its own class, and WGAN-GP's interpolate between a real and a
+    fake image of the same class has that class.
 
     `augment`: D sees augment(reals) and augment(fakes) (each image its own random transform, the same
     pipeline for both). The penalties follow: R1 is the gradient w.r.t. the un-augmented reals through the
@@ -57,15 +62,15 @@ def d_step(
     eager_D = eager_D or D
     if fakes is None:
         with torch.no_grad(), autocast:
-            fakes = G(z, alpha)
+            fakes = G(z, alpha, labels)
     penalty_kind = loss.penalty if with_penalty else "none"
     if penalty_kind == "r1":
         reals = reals.detach().requires_grad_(True)
     d_reals = reals if augment is None else augment(reals)
     d_fakes = fakes if augment is None else augment(fakes)
     with autocast:
-        real_scores = at_least_fp32((eager_D if penalty_kind == "r1" else D)(d_reals, alpha))
-        fake_scores = at_least_fp32(D(d_fakes, alpha))
+        real_scores = at_least_fp32((eager_D if penalty_kind == "r1" else D)(d_reals, alpha, labels))
+        fake_scores = at_least_fp32(D(d_fakes, alpha, labels))
     d_loss = loss.d_loss(real_scores, fake_scores)
     weight = loss.penalty_weight * loss.penalty_every
     if penalty_kind == "gp":
@@ -73,7 +78,7 @@ def d_step(
         eps = draw_for_rank(torch.rand, reals.shape[0], 1, 1, 1, device=reals.device).to(reals.dtype)
         mixed = torch.lerp(d_reals, d_fakes.to(d_reals.dtype), eps).requires_grad_(True)
         with autocast:
-            mixed_scores = at_least_fp32(eager_D(mixed, alpha))
+            mixed_scores = at_least_fp32(eager_D(mixed, alpha, labels))
         penalty = gradient_penalty(mixed_scores, mixed, weight, loss.gp_target)
     elif penalty_kind == "r1":
         penalty = r1_penalty(real_scores, reals, weight)
@@ -110,16 +115,18 @@ def g_step(
     *,
     fakes: Tensor | None = None,
     augment: Augment | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Update G once through a frozen D (skipped on a non-finite loss or gradient); returns the detached G loss.
     `fakes`: G(z) computed earlier with its graph (reused from the D step), instead of a new forward pass.
-    `augment`: D sees augment(G(z)), differentiated through, as in the D step."""
+    `augment`: D sees augment(G(z)), differentiated through, as in the D step. `labels`: the classes G(z) is
+    generated with and D judges it against (class-conditional models)."""
     autocast = autocast or contextlib.nullcontext()
     D.requires_grad_(False)  # D's gradients are not needed here: skip computing them
     try:
         with autocast:
-            images = G(z, alpha) if fakes is None else fakes
-            fake_scores = at_least_fp32(D(images if augment is None else augment(images), alpha))
+            images = G(z, alpha, labels) if fakes is None else fakes
+            fake_scores = at_least_fp32(D(images if augment is None else augment(images), alpha, labels))
         g_loss = loss.g_loss(fake_scores)
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -160,6 +167,7 @@ def train_step(
     eager_D: nn.Module | None = None,
     reuse_fakes: bool = False,
     augment: Augment | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """One training iteration, as the loop (and pgan-bench) runs it: reals faded by alpha, a D step with its
     penalty (on the steps `step_index` makes due under lazy regularisation) on fresh latents, a G step on
@@ -170,6 +178,8 @@ def train_step(
     in between, so its graph is still the right one; D is re-evaluated after its update, as it must be).
     `augment` (pgan.augment.AugmentPipe, applied outside the compiled networks) augments every image D sees,
     real or fake, in both steps; its random numbers come from the same stream as the latents, after them.
+    `labels` (class-conditional models): the reals' classes; both steps generate their fakes with them, so the
+    fakes' classes follow the data's class frequencies and no random number is drawn for them.
     """
     reals = fade_reals(reals, alpha)
     latent_dim = G.latent_dim
@@ -178,13 +188,25 @@ def train_step(
     fakes = None
     if reuse_fakes:
         with autocast or contextlib.nullcontext():
-            fakes = G(z, alpha)
+            fakes = G(z, alpha, labels)
     detached = None if fakes is None else fakes.detach()
     stats = d_step(
-        G, D, opt_D, loss, reals, z, alpha, autocast, with_penalty, fakes=detached, eager_D=eager_D, augment=augment
+        G,
+        D,
+        opt_D,
+        loss,
+        reals,
+        z,
+        alpha,
+        autocast,
+        with_penalty,
+        fakes=detached,
+        eager_D=eager_D,
+        augment=augment,
+        labels=labels,
     )
     if not reuse_fakes:
         z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)
-    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes, augment=augment)
+    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes, augment=augment, labels=labels)
     ema_update(G_ema, G, ema_beta)
     return stats

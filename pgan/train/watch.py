@@ -34,7 +34,7 @@ from pgan.metrics.diversity import (
 )
 from pgan.metrics.modes import ModeClassifier, mode_classifier_for, mode_coverage
 from pgan.monitor import Monitor
-from pgan.networks import Generator
+from pgan.networks import Generator, generate_chunks
 from pgan.schedule import Stage, alpha_at
 from pgan.train.step import fade_reals
 
@@ -95,13 +95,13 @@ def evaluation_samples(
     G: Generator, z: torch.Tensor, alpha: float, autocast: contextlib.AbstractContextManager
 ) -> torch.Tensor:
     """G's images for latents `z` in eval mode, float32 on G's device, in chunks that bound memory at high
-    resolution; G's train/eval mode is restored (what the collapse watch and the metrics evaluate)."""
+    resolution; G's train/eval mode is restored (what the collapse watch and the metrics evaluate). A
+    class-conditional G generates sample i in class i mod num_classes (pgan.networks.cycle_labels)."""
     was_training = G.training
     G.eval()
-    device = next(G.parameters()).device
     chunk = max(4, 2**21 // (G.resolution * G.resolution))
     with autocast:
-        images = torch.cat([G(part.to(device), alpha).float() for part in z.split(chunk)])
+        images = torch.cat([part.float() for part in generate_chunks(G, z, alpha, chunk)])
     G.train(was_training)
     return images
 
