@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ TINY = [
     "diversity.num_samples=16",
     "diversity.num_real=32",
     "diversity.mode_coverage=false",
-    "device=cpu",
+    # PGAN_TEST_DEVICE=cuda runs the training tests on a GPU (experiments/cuda); CI has none: cpu.
+    f"device={os.environ.get('PGAN_TEST_DEVICE', 'cpu')}",
 ]
 
 
