@@ -193,3 +193,35 @@ def test_class_accuracy_counts_samples_read_back_as_their_class() -> None:
 
     result = class_accuracy(torch.tensor([0, 1, 1, 2, 2, 0]), torch.tensor([0, 1, 2, 2, 2, 1]))
     assert result == {"class_accuracy": pytest.approx(4 / 6), "class_accuracy_worst": 0.5}  # class 1: 1 of 2
+
+
+def test_an_export_of_a_conditional_run_keeps_its_class_names(conditional_run: Path, tmp_path: Path) -> None:
+    import json
+
+    from pgan.export import CONFIG, export_safetensors, load_generator
+
+    G, alpha = load_generator(conditional_run / "stage-0016" / "final.pt")
+    export_safetensors(G, alpha, tmp_path / "x")
+    assert json.loads((tmp_path / "x" / CONFIG).read_text())["classes"] == list(MODE_NAMES)
+    H, _ = load_generator(tmp_path / "x")
+    assert H.class_names == MODE_NAMES
+    z, y = torch.randn(3, 16), torch.tensor([0, 7, 15])
+    with torch.no_grad():
+        assert torch.equal(H(z, alpha, y), G(z, alpha, y))
+
+
+def test_the_reals_grid_shows_each_rows_class_and_blanks_where_a_class_has_too_few() -> None:
+    from pgan.data import ShapesDataset, class_labels
+    from pgan.train.loop import real_grid_images
+
+    dataset = ShapesDataset(8, size=12, seed=0)
+    classes = class_labels(dataset)
+    _, grid_labels, columns = sample_grid_inputs(compose_config(*CONDITIONAL), 16, classes)
+    images = real_grid_images(dataset, 4, classes, grid_labels, columns)
+    assert images.shape == (16 * columns, 3, 8, 8)
+    for row, c in enumerate(grid_labels[::columns].tolist()):
+        members = np.flatnonzero(classes.labels == c)[:columns].tolist()
+        for k in range(columns):
+            expected = dataset[members[k]] if k < len(members) else torch.zeros(3, 8, 8)
+            assert torch.equal(images[row * columns + k], expected), (c, k)
+    assert (classes.counts() < columns).any()  # the case the test is about: some rows are (partly) blank

@@ -315,11 +315,7 @@ def stage_classes(cfg: DictConfig, dataset: Dataset) -> ClassLabels | None:
     """The dataset's classes when the model is class-conditional (a UserError when it has none), else None."""
     if not cfg.model.get("conditional", False):
         return None
-    labels = class_labels(dataset)
-    empty = [name for name, count in zip(labels.names, labels.counts()) if count == 0]
-    if empty:  # G still learns an embedding for it, from nothing: its samples show what the other classes share
-        warn(f"model.conditional=true: {len(empty)} of {labels.num_classes} classes have no images (e.g. {empty[0]!r})")
-    return labels
+    return class_labels(dataset)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> Path:
@@ -379,6 +375,11 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     )
     dataset = stage_dataset(cfg, plan[0], run_dir, device)
     classes = stage_classes(cfg, dataset)
+    empty = [name for name, count in zip(classes.names, classes.counts()) if count == 0] if classes else []
+    if empty:  # G still learns an embedding for it, from nothing: its samples show what the other classes share
+        warn(
+            f"model.conditional=true: {len(empty)} of {classes.num_classes} classes have no images (e.g. {empty[0]!r})"
+        )
     for state, what in ((resume_state, f"the run in {run_dir}"), (init, "the checkpoint this stage grows from")):
         if state is not None:
             check_same_classes(state, classes, what)
@@ -1000,12 +1001,15 @@ def real_grid_images(
     dataset: Dataset, size: int, classes: ClassLabels | None, grid_labels: torch.Tensor | None, columns: int
 ) -> torch.Tensor:
     """The real images shown at a stage's start: the first `size` items, or for a conditional run, row by row
-    the first `columns` items of each grid row's class (fewer when a class has fewer)."""
+    the first `columns` items of each grid row's class (mid-grey where a class has fewer)."""
     if classes is None:
         return next(iter(DataLoader(dataset, batch_size=size, generator=_private_generator(0))))
-    rows = grid_labels.cpu()[::columns].tolist()
-    indices = [i for c in rows for i in np.flatnonzero(classes.labels == c)[:columns].tolist()]
-    return torch.stack([dataset[i] for i in indices])
+    blank = torch.zeros_like(dataset[0])
+    images = []
+    for c in grid_labels.cpu()[::columns].tolist():
+        row = [dataset[i] for i in np.flatnonzero(classes.labels == c)[:columns].tolist()]
+        images += row + [blank] * (columns - len(row))
+    return torch.stack(images)
 
 
 def to_device_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
