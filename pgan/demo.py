@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 
 from pgan.errors import UserError
 from pgan.networks import Generator
-from pgan.sample import class_index, generate, seeded_latents
+from pgan.sample import class_choice_labels, generate, seeded_latents
 
 if TYPE_CHECKING:
     import gradio
@@ -45,8 +45,8 @@ def grid_for(
     conditional G's class, by name or index, None or EVERY_CLASS for every class in turn), as pgan-sample
     writes it for the same seed, n, psi and class."""
     z = seeded_latents(int(seed), int(n), G.latent_dim, psi_from_slider(psi))
-    chosen = class_index(G, None if class_choice == EVERY_CLASS else class_choice)
-    images = (generate(G, z, alpha, labels=None if chosen is None else torch.full((len(z),), chosen)) + 1) / 2
+    labels = class_choice_labels(G, None if class_choice == EVERY_CLASS else class_choice, len(z))
+    images = (generate(G, z, alpha, labels=labels) + 1) / 2
     grid = make_grid(images, nrow=math.ceil(math.sqrt(n)), padding=2, pad_value=1.0)
     # save_image's conversion (round to nearest); torchvision's to_pil_image truncates instead, which would
     # make the app's pixels differ by one level from pgan-sample's PNG.

@@ -70,6 +70,12 @@ def class_index(G: Generator, choice: int | str | None) -> int | None:
     return index
 
 
+def class_choice_labels(G: Generator, choice: int | str | None, n: int) -> torch.Tensor | None:
+    """Labels [n] all of the class `choice` names (see `class_index`), or None: every class in turn."""
+    index = class_index(G, choice)
+    return None if index is None else torch.full((n,), index)
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation from `a` to `b` ([latent_dim] each) at the fractions `t` ([k]): [k, latent_dim].
 

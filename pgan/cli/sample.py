@@ -23,7 +23,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     from torchvision.utils import make_grid, save_image
 
     from pgan.export import load_generator
-    from pgan.sample import class_index, generate, seeded_latents, slerp
+    from pgan.sample import class_choice_labels, generate, seeded_latents, slerp
     from pgan.train.loop import resolve_device
 
     for key in ("ckpt", "out"):
@@ -44,14 +44,13 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise UserError(f"out={cfg.out}: expected {allowed}")
     G, alpha = load_generator(str(Path(str(cfg.ckpt)).expanduser()), str(cfg.which))
     G = G.to(resolve_device(cfg.device))
-    chosen = class_index(G, cfg.get("class"))
     if walk:
         start = seeded_latents(int(cfg.seed), 1, G.latent_dim, psi)[0]
         end = seeded_latents(int(cfg.to_seed), 1, G.latent_dim, psi)[0]
         z = slerp(start, end, torch.linspace(0, 1, steps))
     else:
         z = seeded_latents(int(cfg.seed), n, G.latent_dim, psi)
-    labels = None if chosen is None else torch.full((len(z),), chosen)  # None: image i in class i mod num_classes
+    labels = class_choice_labels(G, cfg.get("class"), len(z))  # None: image i in class i mod num_classes
     images = (generate(G, z, alpha, labels=labels) + 1) / 2  # [0, 1] for save_image / PIL
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
