@@ -304,10 +304,10 @@ def check_same_classes(state: dict, classes: ClassLabels | None, what: str) -> N
     ours = classes.names if classes is not None else ()
     if theirs != ours:
         added, gone = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-        change = (f"new: {', '.join(added[:3])}" if added else "") + (f" gone: {', '.join(gone[:3])}" if gone else "")
+        changes = [f"{label}: {', '.join(names[:3])}" for label, names in (("new", added), ("gone", gone)) if names]
         raise UserError(
-            f"{what} was trained on {len(theirs)} classes, the data has {len(ours)}"
-            + (f" ({change.strip()})" if change.strip() else " (in another order)")
+            f"{what} was trained on {len(theirs)} classes, the data has {len(ours)} "
+            f"({' '.join(changes) or 'in another order'})"
         )
 
 
