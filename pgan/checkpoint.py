@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from pgan.errors import UserError, first_line
-from pgan.networks import Generator, model_kwargs_from, networks_from
+from pgan.networks import Generator, generator_from_config, networks_from
 from pgan.schedule import Stage, alpha_at
 
 FORMAT = "pgan-checkpoint"
@@ -306,9 +306,8 @@ def checkpoint_classes(state: dict[str, Any]) -> tuple[str, ...]:
 def generator_from_checkpoint(state: dict[str, Any], which: str = "G_ema") -> tuple[Generator, float]:
     """The generator `which` (G_ema or G) of a loaded checkpoint, in eval mode on the CPU, and the alpha it was
     at (1.0 unless the checkpoint was written during a fade-in)."""
-    m = state["config"]["model"]
     classes = checkpoint_classes(state)
-    G = Generator(int(state["resolution"]), latent_dim=int(m["latent_dim"]), **model_kwargs_from(m, len(classes)))
+    G = generator_from_config(state["config"]["model"], int(state["resolution"]), len(classes))
     G.load_state_dict(state[which])
     G.class_names = classes
     info = state.get("stage_info")

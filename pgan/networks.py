@@ -195,12 +195,13 @@ def model_kwargs_from(model: Mapping[str, Any], num_classes: int | None = None) 
     classes come from the data (the checkpoint records them); without it, the section's own `num_classes`
     (an exported generator's config.json), else 0."""
     channels = model.get("channels")
+    table = {int(k): int(v) for k, v in channels.items()} if channels else None
+    # With a width table the fmap_* rule is unused, and an export's config.json records only the table.
+    rule = {k: int(model[k]) for k in ("fmap_base", "fmap_max", "fmap_min") if table is None or k in model}
     return dict(
         image_channels=int(model["image_channels"]),
-        fmap_base=int(model["fmap_base"]),
-        fmap_max=int(model["fmap_max"]),
-        fmap_min=int(model["fmap_min"]),
-        channels={int(k): int(v) for k, v in channels.items()} if channels else None,
+        **rule,
+        channels=table,
         num_classes=int(num_classes if num_classes is not None else model.get("num_classes") or 0),
     )
 
@@ -370,14 +371,22 @@ class Discriminator(nn.Module):
         return self.blocks["4"](x, projection)
 
 
+def generator_from_config(model: Mapping[str, Any], resolution: int, num_classes: int | None = None) -> Generator:
+    """A fresh Generator at `resolution` from a model config section: a training config's `model`, a checkpoint's
+    config["model"] or an export's config.json. The one place a generator is built from a config; `num_classes`
+    as in model_kwargs_from (None: the section's own num_classes, else 0)."""
+    return Generator(resolution, latent_dim=int(model["latent_dim"]), **model_kwargs_from(model, num_classes))
+
+
 def networks_from(
     model: Mapping[str, Any], resolution: int, num_classes: int | None = None
 ) -> tuple[Generator, Discriminator]:
     """Fresh G and D at `resolution` from a model config section (a DictConfig or a checkpoint's dict), with
     `num_classes` classes (see model_kwargs_from)."""
-    kwargs = model_kwargs_from(model, num_classes)
-    G = Generator(resolution, latent_dim=int(model["latent_dim"]), **kwargs)
-    D = Discriminator(resolution, mbstd_group_size=int(model["mbstd_group_size"]), **kwargs)
+    G = generator_from_config(model, resolution, num_classes)
+    D = Discriminator(
+        resolution, mbstd_group_size=int(model["mbstd_group_size"]), **model_kwargs_from(model, num_classes)
+    )
     return G, D
 
 
