@@ -1,5 +1,5 @@
 """`pgan-export ckpt=PATH format=safetensors|onnx out=DIR`: a generator as safetensors weights + config.json
-(rebuilt by `pgan.export.load_generator` without the training code), or as an ONNX graph checked against
+(rebuilt by `pgan.load.load_generator` without the training code), or as an ONNX graph checked against
 PyTorch with onnxruntime when it is installed. The last line of stdout is one JSON object naming what was
 written; exit 2 with one line `error: ...` on a bad checkpoint, path or setting, or a failed ONNX check."""
 
@@ -24,7 +24,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from pgan.export import (
-        ONNX,
         ONNX_INPUT,
         ONNX_LABELS,
         ONNX_OUTPUT,
@@ -32,10 +31,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         export_config,
         export_onnx,
         export_safetensors,
-        load_generator_with_source,
         onnx_opset,
         write_config,
     )
+    from pgan.load import ONNX, load_generator_with_source
 
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
