@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from pgan.data.folder import pil_mode
 from pgan.data.labels import ClassLabels
+from pgan.data.pil import pil_mode
 from pgan.errors import UserError
 
 NUM_DIGITS = 1797  # images in sklearn.datasets.load_digits

@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from pgan.data.folder import pil_mode, to_signed_tensor
 from pgan.data.labels import ClassLabels
+from pgan.data.pil import pil_mode, to_signed_tensor
 
 SHAPES = ("circle", "square", "triangle", "cross")
 

@@ -11,8 +11,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from pgan.data.folder import pil_mode, square_resize, to_signed_tensor
 from pgan.data.labels import ClassLabels
+from pgan.data.pil import pil_mode, square_resize, to_signed_tensor
 from pgan.errors import UserError
 
 # Where torchvision datasets keep their integer class per image (MNIST/CIFAR: targets, SVHN/STL10: labels,
