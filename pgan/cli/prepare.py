@@ -1,5 +1,7 @@
 """`pgan-prepare`: make the prepared stores (uint8, memory-mapped, one per resolution) of a dataset ahead of
-training. One line per resolution on stdout; exit 2 with one line `error: ...` when the data is unusable."""
+training. Every resolution is checked first (usable images at each, the classes with model.conditional=true,
+the disk space of all stores together), so a dataset that fails anywhere writes nothing. One line per
+resolution on stdout; exit 2 with one line `error: ...` when the data is unusable."""
 
 from __future__ import annotations
 
@@ -7,15 +9,14 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
 
 
-def prepare_all(cfg: DictConfig) -> list[dict]:
-    """Prepare (or find up to date) the store of cfg.data at every resolution in cfg.resolutions."""
-    from pgan.data import make_dataset
-    from pgan.data.prepared import prepare
+def checked_resolutions(cfg: DictConfig) -> list[int]:
+    """cfg.resolutions as a list of valid resolutions in px, else a UserError."""
     from pgan.networks import check_resolution
 
     resolutions = OmegaConf.to_container(cfg.resolutions, resolve=True)
@@ -26,11 +27,62 @@ def prepare_all(cfg: DictConfig) -> list[dict]:
             check_resolution(int(res))
         except (TypeError, ValueError) as exc:
             raise UserError(f"resolutions: {exc}") from exc
+    return [int(res) for res in resolutions]
+
+
+def sources_at(data_cfg: DictConfig, resolutions: list[int]) -> dict[int, Dataset]:
+    """The dataset at each resolution, smallest first, writing nothing (a folder is scanned once). A failure
+    that only a larger resolution has (its images are too small) is a UserError naming that resolution."""
+    from pgan.data import make_dataset
+
+    sources: dict[int, Dataset] = {}
+    for res in sorted(set(resolutions)):
+        try:
+            sources[res] = make_dataset(data_cfg, res)
+        except UserError as exc:
+            if not sources:  # fails at the smallest resolution: the data or a setting, not the resolution
+                raise
+            smaller = max(sources)
+            raise UserError(
+                f"{res} px: {exc}; {smaller} px keeps {len(sources[smaller])} images; nothing was prepared"
+            ) from exc
+    return sources
+
+
+def check_classes_kept(sources: dict[int, Dataset]) -> None:
+    """A UserError unless every resolution keeps images of every class (what conditional training needs): a
+    class whose images are all smaller than a resolution is gone there."""
+    from pgan.data import class_labels
+
+    names = {res: class_labels(source).names for res, source in sources.items()}
+    smallest = min(names)
+    for res, kept in sorted(names.items()):
+        gone = [name for name in names[smallest] if name not in kept]
+        if gone:
+            shown = ", ".join(gone[:3]) + (", ..." if len(gone) > 3 else "")
+            raise UserError(
+                f"model.conditional=true needs every class at every resolution, but at {res} px {len(gone)} of the "
+                f"{len(names[smallest])} classes have no usable image ({shown}: smaller than {res} px); "
+                "data.small_images=upscale keeps them; nothing was prepared"
+            )
+
+
+def prepare_all(cfg: DictConfig) -> list[dict]:
+    """Prepare (or find up to date) the store of cfg.data at every resolution in cfg.resolutions, after
+    checking all of them."""
+    from pgan.data.prepared import build_store, check_space, plan_store
+
+    resolutions = checked_resolutions(cfg)
     workers = None if cfg.workers is None else max(0, int(cfg.workers))
+    sources = sources_at(cfg.data, resolutions)
+    if cfg.model.conditional:
+        check_classes_kept(sources)
+    plans = {res: plan_store(cfg.data, res, source, force=bool(cfg.force)) for res, source in sources.items()}
+    check_space(list(plans.values()))
     infos = []
     for res in resolutions:
-        source = make_dataset(cfg.data, int(res))
-        info = prepare(cfg.data, int(res), source, workers=workers, force=bool(cfg.force)).info
+        info = build_store(cfg.data, plans[res], sources[res], workers=workers).info
+        plans[res].build = False  # a resolution listed twice is then up to date
         done = f"prepared in {info['seconds']:.1f} s" if info["built"] else "already up to date"
         print(f"{res} px: {info['count']} images, {info['mib']} MiB, {done}: {info['path']}", flush=True)
         infos.append(info)

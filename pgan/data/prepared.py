@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +171,6 @@ def _valid_store(npy: Path, meta: Path, key: str, shape: tuple[int, ...]) -> boo
 
 def _write_store(source: Dataset, npy: Path, shape: tuple[int, ...], workers: int, label: str) -> None:
     """Decode every item of `source` into a new .npy at `npy` (temporary file, flush, fsync, rename)."""
-    needed = int(np.prod(shape))
-    free = shutil.disk_usage(npy.parent).free
-    if needed > free:
-        raise UserError(
-            f"not enough space for the prepared {label} in {npy.parent}: it needs {needed / 2**20:.0f} MiB, "
-            f"{free / 2**20:.0f} MiB are free; set data.cache_dir=DIR elsewhere or data.prepare=false"
-        )
     tmp = npy.with_name(f"{npy.name}.tmp-{os.getpid()}")
     array = None
     try:
@@ -203,44 +197,97 @@ def _write_store(source: Dataset, npy: Path, shape: tuple[int, ...], workers: in
         raise
 
 
+@dataclass
+class StorePlan:
+    """Where the store of one source at one resolution goes, and whether it has to be built (it is missing,
+    stale or damaged, or a rebuild was forced)."""
+
+    npy: Path
+    meta: Path
+    key: str
+    shape: tuple[int, ...]  # [count, resolution, resolution, channels]
+    label: str  # "folder at 64 px (1200 images)", for messages
+    build: bool
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the store's array."""
+        return int(np.prod(self.shape))
+
+
+def plan_store(data_cfg: Mapping, resolution: int, source: Dataset, force: bool = False) -> StorePlan:
+    """The store of `source` (the dataset `data_cfg` builds at `resolution`): where, and whether to build it.
+    Writes nothing."""
+    count = len(source)
+    shape = (count, resolution, resolution, int(source[0].shape[0]))
+    key = store_key(data_cfg, resolution, source)
+    name = f"{data_cfg.get('source')}-{resolution}px-{key}"
+    root = cache_root(data_cfg)
+    npy, meta = root / f"{name}.npy", root / f"{name}.json"
+    label = f"{data_cfg.get('source')} at {resolution} px ({count} images)"
+    return StorePlan(npy, meta, key, shape, label, force or not _valid_store(npy, meta, key, shape))
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free space where `folder` is (or would be created: its nearest existing ancestor)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_space(plans: Sequence[StorePlan]) -> None:
+    """A UserError when the stores `plans` would build need more space than is free where they go."""
+    by_folder: dict[Path, list[StorePlan]] = {}
+    for plan in plans:
+        if plan.build:
+            by_folder.setdefault(plan.npy.parent, []).append(plan)
+    for folder, builds in by_folder.items():
+        needed, free = sum(plan.nbytes for plan in builds), _free_bytes(folder)
+        if needed > free:
+            raise UserError(
+                f"not enough space for the prepared {' and '.join(plan.label for plan in builds)} in {folder}: "
+                f"it needs {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; set data.cache_dir=DIR "
+                "elsewhere or data.prepare=false"
+            )
+
+
+def build_store(data_cfg: Mapping, plan: StorePlan, source: Dataset, workers: int | None = None) -> PreparedImages:
+    """The store `plan` describes, built first if `plan.build`; its `info` says where it is, its size and
+    whether it was built just now."""
+    start = time.perf_counter()
+    if plan.build:
+        check_space([plan])
+        root = plan.npy.parent
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            plan.meta.unlink(missing_ok=True)  # the store is incomplete from here until the new .json is written
+            workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+            _write_store(source, plan.npy, plan.shape, workers, plan.label)
+            info = {"key": plan.key, "format": FORMAT_VERSION, "shape": list(plan.shape)}
+            info["seconds"] = round(time.perf_counter() - start, 2)
+            info["data"] = {k: v for k, v in dict(data_cfg).items() if k not in _NOT_PIXELS}
+            tmp_meta = plan.meta.with_name(f"{plan.meta.name}.tmp-{os.getpid()}")
+            tmp_meta.write_text(json.dumps(info, indent=2, default=str) + "\n")
+            os.replace(tmp_meta, plan.meta)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write the prepared {plan.label} under {root}: {first_line(exc)}; set data.cache_dir=DIR "
+                "to a writable folder, or data.prepare=false"
+            ) from exc
+    info = {
+        "path": str(plan.npy),
+        "resolution": plan.shape[1],
+        "count": plan.shape[0],
+        "mib": round(plan.npy.stat().st_size / 2**20, 1),
+        "seconds": round(time.perf_counter() - start, 2),
+        "built": plan.build,
+    }
+    return PreparedImages(plan.npy, source, info)
+
+
 def prepare(
     data_cfg: Mapping, resolution: int, source: Dataset, workers: int | None = None, force: bool = False
 ) -> PreparedImages:
     """The prepared store of `source` (the dataset `data_cfg` builds at `resolution`), made if it is missing,
     stale or damaged (or `force`); its `info` says where it is, its size and whether it was built just now."""
-    count = len(source)
-    first = source[0]
-    channels = int(first.shape[0])
-    shape = (count, resolution, resolution, channels)
-    key = store_key(data_cfg, resolution, source)
-    root = cache_root(data_cfg)
-    name = f"{data_cfg.get('source')}-{resolution}px-{key}"
-    npy, meta = root / f"{name}.npy", root / f"{name}.json"
-    label = f"{data_cfg.get('source')} at {resolution} px ({count} images)"
-    built, start = False, time.perf_counter()
-    if force or not _valid_store(npy, meta, key, shape):
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            meta.unlink(missing_ok=True)  # the store is incomplete from here until the new .json is written
-            _write_store(source, npy, shape, workers if workers is not None else min(os.cpu_count() or 1, 8), label)
-            seconds = time.perf_counter() - start
-            info = {"key": key, "format": FORMAT_VERSION, "shape": list(shape), "seconds": round(seconds, 2)}
-            info["data"] = {k: v for k, v in dict(data_cfg).items() if k not in _NOT_PIXELS}
-            tmp_meta = meta.with_name(f"{meta.name}.tmp-{os.getpid()}")
-            tmp_meta.write_text(json.dumps(info, indent=2, default=str) + "\n")
-            os.replace(tmp_meta, meta)
-        except OSError as exc:
-            raise UserError(
-                f"cannot write the prepared {label} under {root}: {first_line(exc)}; set data.cache_dir=DIR "
-                "to a writable folder, or data.prepare=false"
-            ) from exc
-        built = True
-    info = {
-        "path": str(npy),
-        "resolution": resolution,
-        "count": count,
-        "mib": round(npy.stat().st_size / 2**20, 1),
-        "seconds": round(time.perf_counter() - start, 2),
-        "built": built,
-    }
-    return PreparedImages(npy, source, info)
+    return build_store(data_cfg, plan_store(data_cfg, resolution, source, force), source, workers)

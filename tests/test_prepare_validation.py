@@ -1,0 +1,98 @@
+"""pgan-prepare checks every resolution before it writes anything: images too small for one resolution, a class
+lost at one resolution, or too little disk space for all the stores end in one line, exit 2, and no store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import compose_config
+from PIL import Image
+
+from pgan.cli.prepare import prepare_all
+from pgan.data import prepared as prepared_module
+from pgan.data.prepared import CACHE_DIRNAME
+from pgan.data.scan import forget_scans
+from pgan.errors import UserError
+
+PGAN_PREPARE = str(Path(sys.executable).with_name("pgan-prepare"))
+
+
+def write_images(folder: Path, count: int, side: int) -> None:
+    """`count` noise PNGs of `side` x `side` px in `folder` (created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(side)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def listing(root: Path) -> list[str]:
+    """Every path under `root`, hidden ones included, relative and sorted."""
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def run_prepare(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PGAN_PREPARE, "data=folder", *overrides], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_scans():
+    """In-process scans are remembered per folder; each test starts without them."""
+    forget_scans()
+    yield
+    forget_scans()
+
+
+def test_images_too_small_for_the_largest_resolution_write_nothing(tmp_path: Path) -> None:
+    write_images(tmp_path / "images", 5, 80)
+    before = listing(tmp_path)
+    result = run_prepare(f"data.path={tmp_path / 'images'}", "resolutions=[32,64,128]")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: 128 px: no usable images under data.path {tmp_path / 'images'}: ")
+    assert "5 too_small" in lines[0] and "64 px keeps 5 images" in lines[0] and "nothing was prepared" in lines[0]
+    assert result.stdout == ""
+    assert not (tmp_path / "images" / CACHE_DIRNAME).exists()
+    assert listing(tmp_path) == before
+
+
+def test_a_class_lost_at_one_resolution_writes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "classes"
+    write_images(data / "big", 2, 140)
+    write_images(data / "small", 2, 80)
+    before = listing(tmp_path)
+    result = run_prepare(f"data.path={data}", "resolutions=[32,128]", "model.conditional=true")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: model.conditional=true needs every class at every resolution, but at 128 px 1 of the 2 classes "
+        "have no usable image (small: smaller than 128 px); data.small_images=upscale keeps them; nothing was prepared"
+    )
+    assert listing(tmp_path) == before
+    # Unconditional, the same folder prepares: 4 images at 32 px, the 2 big ones at 128 px.
+    assert run_prepare(f"data.path={data}", "resolutions=[32,128]").returncode == 0
+
+
+def test_resolutions_are_checked_smallest_first_whatever_their_order(tmp_path: Path) -> None:
+    write_images(tmp_path / "images", 3, 40)
+    cfg = compose_config(f"data.path={tmp_path / 'images'}", "resolutions=[64,16,32]", config_name="prepare")
+    with pytest.raises(UserError, match=r"^64 px: no usable images .* 32 px keeps 3 images; nothing was prepared$"):
+        prepare_all(cfg)
+    assert not (tmp_path / "images" / CACHE_DIRNAME).exists()
+
+
+def test_too_little_space_for_all_the_stores_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_images(tmp_path / "images", 4, 32)
+    cache = tmp_path / "cache"
+    cfg = compose_config(
+        f"data.path={tmp_path / 'images'}", f"data.cache_dir={cache}", "resolutions=[16,32]", config_name="prepare"
+    )
+    usage = prepared_module.shutil.disk_usage(tmp_path)
+    # Room for the 32 px store alone (4 x 32 x 32 x 3 bytes), not for both.
+    monkeypatch.setattr(prepared_module.shutil, "disk_usage", lambda _path: usage._replace(free=4 * 32 * 32 * 3))
+    with pytest.raises(UserError, match=r"not enough space for the prepared folder at 16 px .* and folder at 32 px"):
+        prepare_all(cfg)
+    assert not cache.exists()
