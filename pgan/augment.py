@@ -258,8 +258,10 @@ class AugmentPipe:
             "nimg": self._nimg,
         }
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Continue from `state_dict()`; None (or a fixed p) starts afresh at the configured p."""
+    def load_state_dict(self, state: dict[str, Any] | None, new_stage: bool = False) -> None:
+        """Continue from `state_dict()`; None (or a fixed p) starts afresh at the configured p. A new stage
+        carries p on too (`new_stage` changes nothing), as ADA's p runs on through a whole training run: the
+        amount of augmentation D needs reflects the dataset's size, not the resolution."""
         self.reset()
         if not self.adaptive or state is None:
             return

@@ -35,20 +35,12 @@ from pgan.data import InfiniteSampler, make_dataset, wants_prepared
 from pgan.errors import UserError
 from pgan.losses import make_loss
 from pgan.networks import channels_for, check_resolution, model_kwargs_from, resolutions_up_to
+from pgan.runtime import autocast_for, configure_backends, resolve_device, resolve_precision
 from pgan.schedule import ema_beta
-from pgan.train.loop import (
-    autocast_for,
-    build_models,
-    build_optimizers,
-    check_speed_config,
-    configure_backends,
-    fast_networks,
-    make_loader,
-    resolve_device,
-    resolve_precision,
-    to_device_images,
-)
-from pgan.train.step import train_step
+from pgan.train.feed import make_loader, to_device_images
+from pgan.train.options import check_speed
+from pgan.train.state import build_models, build_optimizers
+from pgan.train.step import fast_networks, train_step
 
 
 class IterationFlops(TorchDispatchMode):
@@ -239,7 +231,7 @@ def check_bench_config(cfg: DictConfig) -> list[int]:
 def run_bench(cfg: DictConfig) -> list[BenchResult]:
     """Measure every resolution x alpha of the bench config (see conf/bench.yaml)."""
     resolutions = check_bench_config(cfg)
-    check_speed_config(cfg)
+    check_speed(cfg.speed)
     device = resolve_device(cfg.device)
     use_bf16 = resolve_precision(cfg.precision, device)
     try:
@@ -262,7 +254,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
         }
         for alpha in cfg.alphas:
             torch.manual_seed(int(cfg.seed))
-            G, D = build_models(cfg, res, device)
+            G, D = build_models(cfg.model, res, device)
             G_ema = copy.deepcopy(G).requires_grad_(False)
             opt_G, opt_D = build_optimizers(G, D, float(cfg.lr))
             reals = (torch.rand(batch, int(m.image_channels), res, res, device=device) * 2 - 1).contiguous(
@@ -270,7 +262,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
             )
             beta = ema_beta(batch, 10.0)
 
-            G_fast, D_fast = fast_networks(cfg, G, D)
+            G_fast, D_fast = fast_networks(G, D, bool(cfg.speed.compile), str(cfg.speed.compile_mode))
             options = {"eager_D": D, "reuse_fakes": bool(cfg.speed.reuse_fakes)}
             fixed = (G_ema, opt_G, opt_D, loss, reals, float(alpha), beta, autocast)
             step = _counting(partial(train_step, G_fast, D_fast, *fixed, **options))  # step_index 0, 1, 2, ...

@@ -39,18 +39,9 @@ from pgan.layers import (
     pixel_norm,
     upsample_2x,
 )
+from pgan.schedule import MAX_RESOLUTION, MIN_RESOLUTION, check_resolution  # noqa: F401 (re-exported)
 
-MIN_RESOLUTION = 4
-MAX_RESOLUTION = 1024
 LABELS_DTYPES = (torch.int64, torch.int32)  # what F.embedding accepts
-
-
-def check_resolution(resolution: int, minimum: int = MIN_RESOLUTION) -> int:
-    """Return log2(resolution); raise ValueError unless it is a power of two in [minimum, 1024]."""
-    log2 = int(math.log2(resolution)) if resolution > 0 else -1
-    if resolution < minimum or resolution > MAX_RESOLUTION or 2**log2 != resolution:
-        raise ValueError(f"resolution must be a power of two in [{minimum}, {MAX_RESOLUTION}], got {resolution}")
-    return log2
 
 
 def resolutions_up_to(resolution: int) -> list[int]:

@@ -23,8 +23,7 @@ from omegaconf import OmegaConf
 
 from pgan.errors import UserError
 from pgan.metrics.collapse import STATES
-from pgan.schedule import Stage, alpha_at
-from pgan.train.loop import stages_from_config
+from pgan.schedule import DEFAULT_KEY, Stage, alpha_at, stages_from_config
 
 # collapse.jsonl keys that are not metrics.
 _EVALUATION_KEYS = ("step", "kimg", "stage", "resolution", "alpha", "state", "previous", "in_grace", "n_fake", "n_real")
@@ -117,7 +116,10 @@ def run_stages(run_dir: Path) -> list[Stage]:
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
         raise UserError(f"run={run_dir}: not a pgan run directory (no config.yaml)")
-    return stages_from_config(OmegaConf.load(config))
+    try:
+        return stages_from_config(OmegaConf.load(config))
+    except ValueError as exc:
+        raise UserError(f"run={run_dir}: {exc}") from exc
 
 
 def load_table(run_dir: Path) -> RunTable:
@@ -414,7 +416,7 @@ def config_highlights(cfg: Mapping[str, Any]) -> list[str]:
 
 def _per_resolution(value: Any) -> str:
     if isinstance(value, Mapping):
-        return ", ".join(f"{v} at {k} px" for k, v in value.items())
+        return ", ".join(f"{v} at {k} px" if str(k) != DEFAULT_KEY else f"{v} elsewhere" for k, v in value.items())
     return str(value)
 
 

@@ -14,7 +14,8 @@ from test_train import PGAN_TRAIN
 
 from pgan.checkpoint import load_checkpoint
 from pgan.errors import UserError
-from pgan.train.loop import CollapseStop, stages_from_config, train
+from pgan.schedule import stages_from_config
+from pgan.train.loop import CollapseStop, train
 
 # One 8 px stage of 0.2 kimg: evaluations every 32 images, checkpoints every 56, grace for the first 60.
 ONE_STAGE = [*TINY, "schedule.resolutions=[8]", "schedule.stable_kimg=0.2", "diversity.grace_kimg=0.06"]

@@ -21,7 +21,10 @@ from pgan.errors import UserError
 from pgan.losses import make_loss
 from pgan.networks import Discriminator, Generator
 from pgan.sample import generate
-from pgan.train.loop import build_optimizers, sample_grid_inputs, train
+from pgan.train.feed import sample_grid_inputs
+from pgan.train.loop import train
+from pgan.train.options import TrainOptions
+from pgan.train.state import build_optimizers
 from pgan.train.step import train_step
 from pgan.train.watch import evaluation_samples
 
@@ -53,7 +56,7 @@ def test_conditional_sample_grids_show_one_class_per_row(conditional_run: Path) 
     assert Image.open(grids[-1]).size == (2 + 2 * 18, 2 + 16 * 18)
     fewer = compose_config(*CONDITIONAL, "log.grid_classes=5")
     classes = ClassLabels(tuple(str(i) for i in range(16)), np.arange(16))
-    z, labels, columns = sample_grid_inputs(fewer, 16, classes)
+    z, labels, columns = sample_grid_inputs(TrainOptions.from_config(fewer), classes)
     assert columns == 2 and labels.tolist() == grid_classes(16, 5).repeat_interleave(2).tolist()
     assert torch.equal(z[0], z[2]) and not torch.equal(z[0], z[1])  # one latent per column, shared by the rows
 
@@ -212,11 +215,11 @@ def test_an_export_of_a_conditional_run_keeps_its_class_names(conditional_run: P
 
 def test_the_reals_grid_shows_each_rows_class_and_blanks_where_a_class_has_too_few() -> None:
     from pgan.data import ShapesDataset, class_labels
-    from pgan.train.loop import real_grid_images
+    from pgan.train.feed import real_grid_images
 
     dataset = ShapesDataset(8, size=12, seed=0)
     classes = class_labels(dataset)
-    _, grid_labels, columns = sample_grid_inputs(compose_config(*CONDITIONAL), 16, classes)
+    _, grid_labels, columns = sample_grid_inputs(TrainOptions.from_config(compose_config(*CONDITIONAL)), classes)
     images = real_grid_images(dataset, 4, classes, grid_labels, columns)
     assert images.shape == (16 * columns, 3, 8, 8)
     for row, c in enumerate(grid_labels[::columns].tolist()):

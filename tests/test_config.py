@@ -9,8 +9,9 @@ from conftest import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
 from pgan.errors import UserError
-from pgan.networks import Discriminator, Generator
-from pgan.train.loop import model_kwargs, stages_from_config
+from pgan.networks import Discriminator, Generator, model_kwargs_from
+from pgan.schedule import stages_from_config
+from pgan.train.options import TrainOptions
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((Path(CONF_DIR) / group).glob("*.yaml"))]
@@ -49,10 +50,10 @@ def test_paper256_is_the_paper_configuration() -> None:
     assert [s.batch_size for s in stages] == [16] * 6 + [14]
     assert {s.lr for s in stages} == {0.001}
     assert cfg.model.latent_dim == 512
-    G = Generator(256, latent_dim=cfg.model.latent_dim, **model_kwargs(cfg))
+    G = Generator(256, latent_dim=cfg.model.latent_dim, **model_kwargs_from(cfg.model))
     assert G.blocks["32"].conv1.weight.shape[0] == 512 and G.blocks["256"].conv1.weight.shape[0] == 64
     # The paper's generator and discriminator have 23.1 M parameters each at 1024 px; at 256 px about 22 M.
-    D = Discriminator(256, **model_kwargs(cfg))
+    D = Discriminator(256, **model_kwargs_from(cfg.model))
     n_g = sum(p.numel() for p in G.parameters())
     n_d = sum(p.numel() for p in D.parameters())
     assert 21e6 < n_g < 23.1e6 and 21e6 < n_d < 23.1e6
@@ -61,7 +62,7 @@ def test_paper256_is_the_paper_configuration() -> None:
 def test_paper_schedule_with_group_of_4_is_refused_clearly() -> None:
     """Batch 14 with minibatch-stddev groups of 4 is a config error that names both keys."""
     with pytest.raises(UserError, match=r"schedule.batch_size at 256 px is 14.*model.mbstd_group_size=4"):
-        stages_from_config(compose_config("schedule=paper"))
+        TrainOptions.from_config(compose_config("schedule=paper"))
 
 
 def test_scalar_overrides_replace_per_resolution_maps() -> None:

@@ -25,7 +25,7 @@ from pgan.train.loop import train
         (["schedule.lr=nan"], "schedule.lr at 8 px must be finite"),
         (["schedule.stable_kimg=inf"], "schedule.stable_kimg at 8 px must be finite"),
         (["schedule.fade_kimg=-1"], "schedule.fade_kimg at 16 px must be >= 0"),
-        (["schedule.batch_size={8: 8}"], "schedule.batch_size has no entry for resolution 16"),
+        (["schedule.batch_size={}"], "schedule.batch_size is an empty map"),
         (["model.channels={8: 16}"], "cannot build the 16 px networks: model.channels has no entry for resolution 4"),
         (["model.latent_dim=0"], "model.latent_dim must be a positive integer"),
         (["data.source=imagenet"], "unknown data.source='imagenet'"),

@@ -15,9 +15,9 @@ from test_train import _stats, assert_same_state
 
 from pgan.checkpoint import load_checkpoint
 from pgan.data import InfiniteSampler
-from pgan.dist import Ranks
 from pgan.errors import UserError
-from pgan.train.loop import check_rank_batches, stages_from_config, train
+from pgan.train.loop import train
+from pgan.train.options import TrainOptions
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # Minibatch-stddev groups are per rank (as in the official multi-GPU code); with groups of 1 the statistic is
@@ -123,12 +123,11 @@ SPLITS = [(8, 1, True), (8, 2, True), (8, 3, False), (8, 16, False), (24, 2, Fal
 def test_the_global_batch_must_split_into_groupable_rank_batches(batch: int, world: int, ok: bool) -> None:
     """Per-rank batches: whole, at least one image, and in whole minibatch-stddev groups (12 is not 3 groups of 8)."""
     cfg = compose_config(*TINY, f"schedule.batch_size={batch}", "model.mbstd_group_size=8")
-    stages = stages_from_config(cfg)
     if ok:
-        check_rank_batches(cfg, stages, Ranks(0, world, 0))
+        TrainOptions.from_config(cfg, world_size=world)
     else:
         with pytest.raises(UserError, match=f"does not split into {world} per-rank batches"):
-            check_rank_batches(cfg, stages, Ranks(0, world, 0))
+            TrainOptions.from_config(cfg, world_size=world)
 
 
 def _sync_check(rank: int, port: int, result_dir: str) -> None:

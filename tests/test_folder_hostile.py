@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import pgan.data.folder as folder
+import pgan.data.scan as scan
 from pgan.data import FolderDataset, make_dataset
 from pgan.data.folder import CONVERSION_RULES, SKIP_REASONS, forget_scans
 from pgan.errors import UserError
@@ -287,7 +288,7 @@ def test_dataset_with_a_report_pickles(hostile: Path) -> None:
 def test_process_pool_scan_gives_the_same_report(hostile: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serial = FolderDataset(hostile, RES).report.to_dict()
     forget_scans()
-    monkeypatch.setattr(folder, "_POOL_MIN_FILES", 0)
+    monkeypatch.setattr(scan, "_POOL_MIN_FILES", 0)
     pooled = FolderDataset(hostile, RES, scan_workers=2).report.to_dict()
     assert pooled == serial
 

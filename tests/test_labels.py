@@ -15,7 +15,7 @@ from pgan.data.labels import ClassLabels, class_labels, grid_classes, labels_fro
 from pgan.data.sampler import InfiniteSampler
 from pgan.data.shapes import MODE_NAMES
 from pgan.errors import UserError
-from pgan.train.loop import make_loader, to_device_batch
+from pgan.train.feed import make_loader, to_device_batch
 
 
 def test_shapes_classes_are_the_modes() -> None:

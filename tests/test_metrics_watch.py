@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pgan.checkpoint import load_checkpoint
 from pgan.errors import UserError
-from pgan.schedule import alpha_at
-from pgan.train.loop import stages_from_config, train
+from pgan.schedule import alpha_at, stages_from_config
+from pgan.train.loop import train
 
 METRICS = [
     "metrics.every_kimg=0.048",

@@ -21,7 +21,8 @@ from pgan.data import FolderDataset, InfiniteSampler, PreparedImages, ShapesData
 from pgan.data import prepared as prepared_module
 from pgan.data.prepared import CACHE_DIRNAME, prepare, signed_to_uint8, uint8_to_signed
 from pgan.errors import UserError
-from pgan.train.loop import make_loader, to_device_images, train
+from pgan.train.feed import make_loader, to_device_images
+from pgan.train.loop import train
 
 PGAN_PREPARE = str(Path(sys.executable).with_name("pgan-prepare"))
 CPU = torch.device("cpu")

@@ -18,7 +18,8 @@ from PIL import Image
 from pgan.cli.report import report
 from pgan.errors import UserError
 from pgan.report import load_table, stage_boundaries, stage_summaries, summary_markdown, write_report
-from pgan.train.loop import stages_from_config, train
+from pgan.schedule import stages_from_config
+from pgan.train.loop import train
 
 PGAN_REPORT = str(Path(sys.executable).with_name("pgan-report"))
 STAGES = stages_from_config(compose_config(*TINY))

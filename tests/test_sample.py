@@ -19,7 +19,8 @@ from PIL import Image
 from pgan.cli.sample import sample, timelapse
 from pgan.errors import UserError
 from pgan.sample import HOLD_LAST, mp4_codec, run_frames, save_timelapse, seeded_latents, slerp, timelapse_images
-from pgan.train.loop import stages_from_config, train
+from pgan.schedule import stages_from_config
+from pgan.train.loop import train
 
 PGAN_SAMPLE = str(Path(sys.executable).with_name("pgan-sample"))
 

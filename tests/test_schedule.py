@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pgan.schedule import Stage, alpha_at, build_stages, ema_beta
+from pgan.schedule import Stage, alpha_at, build_stages, ema_beta, filled_settings, setting_at
 
 # ---------------------------------------------------------------- build_stages
 
@@ -76,13 +76,40 @@ def test_num_steps_counts_fade_and_stable_images_together():
     assert stages[1].start_nimg == 16
 
 
-@pytest.mark.parametrize("missing", ["fade_kimg", "stable_kimg", "batch_size", "lr"])
-def test_build_stages_missing_map_entry_raises(missing):
-    """A map without an entry for a used resolution raises ValueError naming the setting."""
+@pytest.mark.parametrize("key", ["fade_kimg", "stable_kimg", "batch_size", "lr"])
+def test_map_gaps_take_the_nearest_smaller_resolution_then_the_smallest(key):
+    """A map that does not name a resolution gives it the value of the nearest smaller one it names; below all
+    of them, the value of the smallest; filled_settings says which rule filled what."""
     settings = {"fade_kimg": 1.0, "stable_kimg": 1.0, "batch_size": 16, "lr": 1e-3}
-    settings[missing] = {4: settings[missing], "16": settings[missing]}  # no entry for 8
-    with pytest.raises(ValueError, match=rf"{missing}.*8"):
-        build_stages([4, 8, 16], **settings)
+    settings[key] = {"16": 32, 64: 48}  # nothing for 8 and 32; a string key counts like an int
+    stages = build_stages([8, 16, 32, 64, 128], fade_first=True, **settings)
+    assert [getattr(s, key) for s in stages] == [32, 32, 32, 48, 48]
+    schedule = {k: settings[k] for k in settings}
+    assert [filled_settings(schedule, s).get(key) for s in stages] == [
+        "from 16 px",
+        None,
+        "from 16 px",
+        None,
+        "from 64 px",
+    ]
+
+
+def test_a_default_entry_fills_every_gap_and_a_named_resolution_wins():
+    """`default` applies to every resolution the map does not name; a named one keeps its own value."""
+    assert setting_at({"default": 0.5, 32: 0.1}, 64, "lr") == (0.5, "default")
+    assert setting_at({"default": 0.5, 32: 0.1}, 32, "lr") == (0.1, None)
+    assert setting_at({"default": 0.5}, 8, "lr") == (0.5, "default")
+    assert setting_at(0.3, 8, "lr") == (0.3, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [({}, "schedule.lr is an empty map"), ({"big": 1.0}, "schedule.lr has the key 'big': keys are resolutions")],
+)
+def test_a_map_without_a_rule_names_the_setting(value, message):
+    """Only a map with no entry at all has no rule; a key that is neither a resolution nor default is refused."""
+    with pytest.raises(ValueError, match=message):
+        build_stages([8, 16], 1.0, 1.0, 16, value)
 
 
 def test_stage_name():

@@ -14,8 +14,8 @@ from torch._dynamo.utils import counters
 from pgan.errors import UserError
 from pgan.losses import make_loss
 from pgan.networks import Discriminator, Generator
-from pgan.train.loop import fast_networks, train
-from pgan.train.step import train_step
+from pgan.train.loop import train
+from pgan.train.step import fast_networks, train_step
 
 SMALL = {"fmap_base": 64, "fmap_max": 16, "fmap_min": 4}
 
@@ -44,7 +44,7 @@ def test_compiled_step_matches_the_eager_step_and_does_not_recompile_per_alpha()
     alphas = [0.3, 0.4, 0.5, 0.6]
     G, D = _networks()
     eager_G, eager_D, eager_stats = _run(*_networks(), 4, alphas)
-    G_fast, D_fast = fast_networks(cfg, G, D)
+    G_fast, D_fast = fast_networks(G, D, cfg.speed.compile, cfg.speed.compile_mode)
     assert G_fast is not G and D_fast is not D
     _run(G_fast, D_fast, 2, alphas, eager_D=D)
     graphs = counters["stats"]["unique_graphs"]
@@ -52,7 +52,7 @@ def test_compiled_step_matches_the_eager_step_and_does_not_recompile_per_alpha()
     assert counters["stats"]["unique_graphs"] == graphs
     # Fresh networks to compare the whole 4-step trajectory with eager.
     G2, D2 = _networks()
-    G2_fast, D2_fast = fast_networks(cfg, G2, D2)
+    G2_fast, D2_fast = fast_networks(G2, D2, cfg.speed.compile, cfg.speed.compile_mode)
     _, _, compiled_stats = _run(G2_fast, D2_fast, 4, alphas, eager_D=D2)
     for a, b in zip(eager_G.parameters(), G2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -63,7 +63,7 @@ def test_compiled_step_matches_the_eager_step_and_does_not_recompile_per_alpha()
 
 def test_without_compile_the_networks_are_used_as_they_are() -> None:
     G, D = _networks()
-    assert fast_networks(compose_config(*TINY), G, D) == (G, D)
+    assert fast_networks(G, D, compose_config(*TINY).speed.compile) == (G, D)
 
 
 def test_reuse_fakes_runs_g_forward_once_per_iteration_and_the_g_step_still_learns() -> None:

@@ -21,8 +21,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from pgan.checkpoint import load_checkpoint
 from pgan.errors import UserError
-from pgan.schedule import alpha_at
-from pgan.train.loop import stages_from_config, train
+from pgan.schedule import alpha_at, stages_from_config
+from pgan.train.loop import train
 
 PGAN_TRAIN = str(Path(sys.executable).with_name("pgan-train"))
 STATE_KEYS = ("G", "D", "G_ema", "opt_G", "opt_D")

@@ -29,7 +29,7 @@ def serve(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     from pgan.export import load_generator
-    from pgan.train.loop import resolve_device
+    from pgan.runtime import resolve_device
 
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError("ckpt= is required, e.g. pgan-demo ckpt=runs/x/stage-0256/final.pt")

@@ -56,8 +56,8 @@ def evaluate(cfg: DictConfig) -> dict:
     from pgan.metrics.collapse import STATES, severity
     from pgan.metrics.diversity import RandomEmbedding, diversity_metrics, real_reference, sample_dataset
     from pgan.networks import cycle_labels
+    from pgan.runtime import resolve_device
     from pgan.sample import generate, seeded_latents
-    from pgan.train.loop import resolve_device
     from pgan.train.watch import thresholds_from_config
 
     names = check_metric_names(cfg.metrics, METRICS)

@@ -23,8 +23,8 @@ def sample(cfg: DictConfig) -> list[Path]:
     from torchvision.utils import make_grid, save_image
 
     from pgan.export import load_generator
+    from pgan.runtime import resolve_device
     from pgan.sample import class_choice_labels, generate, seeded_latents, slerp
-    from pgan.train.loop import resolve_device
 
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
@@ -81,7 +81,7 @@ def timelapse(cfg: DictConfig) -> list[Path]:
     from omegaconf import OmegaConf
 
     from pgan.sample import run_frames, save_timelapse, timelapse_images
-    from pgan.train.loop import stages_from_config
+    from pgan.schedule import stages_from_config
 
     if cfg.run is None or OmegaConf.is_missing(cfg, "out"):
         raise UserError("run= and out= are required, e.g. pgan-sample timelapse run=runs/my-run out=progress.gif")
@@ -92,7 +92,11 @@ def timelapse(cfg: DictConfig) -> list[Path]:
         raise UserError(f"frame_ms must be >= 1, got {cfg.frame_ms}")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"run={cfg.run}: not a pgan run directory (no config.yaml)")
-    frames = run_frames(run_dir, stages_from_config(OmegaConf.load(run_dir / "config.yaml")))
+    try:
+        stages = stages_from_config(OmegaConf.load(run_dir / "config.yaml"))
+    except ValueError as exc:
+        raise UserError(f"run={cfg.run}: {exc}") from exc
+    frames = run_frames(run_dir, stages)
     if not frames:
         raise UserError(f"run={cfg.run}: no sample grids in {run_dir / 'samples'}")
     images = timelapse_images(frames)

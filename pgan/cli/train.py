@@ -47,15 +47,21 @@ def with_saved_overrides(args: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     # Imported here so that `--help` stays fast.
+    from pgan import dist
     from pgan.train.guard import GuardGaveUp
     from pgan.train.interrupt import Interrupted, pass_on
     from pgan.train.loop import CollapseStop, train
+    from pgan.train.rundir import discard_unstarted
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         join_slurm_tasks(cfg)
         train(cfg, run_dir)
     except UserError as exc:
+        # A user error before the run began (a bad setting, a missing dataset): nothing is left behind, not
+        # even the .hydra/ and train.log Hydra wrote before the trainer ran.
+        if dist.current().is_main:
+            discard_unstarted(run_dir)
         exit_with_user_error(exc)
     except CollapseStop as exc:
         print(
@@ -129,6 +135,17 @@ def join_ranks(args: list[str]) -> list[str]:
     return args
 
 
+def refuse_held_run_dir(args: list[str]) -> None:
+    """A UserError naming the holder when another live trainer holds the run directory `hydra.run.dir=` names:
+    checked before Hydra writes its .hydra/ and train.log there (the trainer then takes the lock itself)."""
+    from pgan import dist
+    from pgan.train.rundir import check_free
+
+    run_dir = next((a.split("=", 1)[1] for a in args if _override_key(a) == "hydra.run.dir"), None)
+    if run_dir is not None and dist.current().is_main:  # under torchrun rank 0 alone holds the lock
+        check_free(Path(run_dir))
+
+
 def main() -> None:
     """Console entry point of `pgan-train` (also under `torchrun --nproc_per_node=N -m pgan.train`)."""
     from pgan import dist
@@ -136,6 +153,7 @@ def main() -> None:
     exit_on_bad_overrides("train", sys.argv[1:])
     try:
         args = join_ranks(sys.argv[1:])
+        refuse_held_run_dir(args)
         sys.argv = [sys.argv[0], *with_saved_overrides(args)]
         _hydra_main()
     except UserError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -57,9 +58,14 @@ class MetricsWatch:
     """Evaluates the configured quality metrics of G_ema at a stage's resolution and logs them."""
 
     def __init__(
-        self, cfg: DictConfig, device: torch.device, autocast: contextlib.AbstractContextManager, monitor: Monitor
+        self,
+        cfg: DictConfig,
+        names: Sequence[str],
+        device: torch.device,
+        autocast: contextlib.AbstractContextManager,
+        monitor: Monitor,
     ) -> None:
-        self.names = check_metrics_config(cfg)
+        self.names = list(names)  # check_metrics_config(cfg)'s result
         m = cfg.metrics
         self.cfg, self.device, self.autocast, self.monitor = m, device, autocast, monitor
         self.seed = int(cfg.seed)

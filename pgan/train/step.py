@@ -1,9 +1,11 @@
-"""One discriminator step and one generator step. The loop in `loop.py` calls them in turn."""
+"""One discriminator step and one generator step, and `TrainStep`, the two bound to a stage's state for the loop."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +13,12 @@ from torch import Tensor, nn
 from pgan.dist import average_gradients, draw_for_rank
 from pgan.layers import at_least_fp32, downsample_2x, upsample_2x
 from pgan.losses import Loss, gradient_penalty, r1_penalty
+from pgan.schedule import alpha_at
+from pgan.schedule import ema_beta as ema_beta_for
 from pgan.train.guard import guarded_step, nonfinite
+
+if TYPE_CHECKING:
+    from pgan.train.state import TrainState
 
 Augment = Callable[[Tensor], Tensor]  # D's input augmentation (pgan.augment.AugmentPipe), applied to reals and fakes
 
@@ -210,3 +217,68 @@ def train_step(
     stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes, augment=augment, labels=labels)
     ema_update(G_ema, G, ema_beta)
     return stats
+
+
+def fast_networks(G: nn.Module, D: nn.Module, compile: bool, mode: str = "default") -> tuple[nn.Module, nn.Module]:
+    """G and D as the training step calls them: torch.compile'd with `compile` (same parameters), else as is."""
+    if not compile:
+        return G, D
+    # alpha changes every step of a fade: a symbolic float, not one compilation per value.
+    torch._dynamo.config.specialize_float = False
+    # Compiled graphs are cached per code object (Generator.forward), across instances: the previous stage's
+    # graphs would count towards the recompile limit (8), after which dynamo silently runs eager.
+    torch._dynamo.reset()
+    return torch.compile(G, mode=mode), torch.compile(D, mode=mode)
+
+
+class TrainStep:
+    """`train_step` bound to one stage's state: the loop calls `step(reals, labels)` and nothing more.
+
+    With `compile`, G and D run torch.compile'd (the penalty's double backward through the eager D); the first
+    step of each phase (fading, stable) compiles its graphs, and says what that cost.
+    """
+
+    def __init__(
+        self,
+        state: TrainState,
+        loss: Loss,
+        autocast: contextlib.AbstractContextManager,
+        ema_kimg: float,
+        compile: bool = False,
+        compile_mode: str = "default",
+        reuse_fakes: bool = False,
+    ) -> None:
+        self.state, self.loss, self.autocast, self.reuse_fakes = state, loss, autocast, reuse_fakes
+        self.G, self.D = fast_networks(state.G, state.D, compile, compile_mode)
+        self.ema_beta = ema_beta_for(state.stage.batch_size, ema_kimg)
+        self.compile_pending = {False, True} if compile else set()  # phases (alpha >= 1) not compiled yet
+
+    def __call__(self, reals: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """One iteration at the state's image count (alpha and the lazy penalty's phase follow from it)."""
+        s = self.state
+        alpha = alpha_at(s.stage, s.nimg)
+        start_s = time.perf_counter()
+        stats = train_step(
+            self.G,
+            self.D,
+            s.G_ema,
+            s.opt_G,
+            s.opt_D,
+            self.loss,
+            reals,
+            alpha,
+            self.ema_beta,
+            self.autocast,
+            s.nimg // s.stage.batch_size,  # lazy regularisation resumes in phase
+            eager_D=s.D,
+            reuse_fakes=self.reuse_fakes,
+            augment=s.augment if s.augment.enabled else None,
+            labels=labels,
+        )
+        if (alpha >= 1.0) in self.compile_pending:
+            self.compile_pending.discard(alpha >= 1.0)
+            seconds = time.perf_counter() - start_s
+            print(f"torch.compile: {'stable' if alpha >= 1.0 else 'fade-in'} step compiled in {seconds:.1f} s")
+        if s.augment.adaptive:
+            s.augment.observe(stats["Augment/rt"], s.stage.batch_size)  # every augment.interval steps, p moves
+        return stats

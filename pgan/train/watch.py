@@ -112,8 +112,7 @@ class CollapseWatch:
     def __init__(
         self, cfg: DictConfig, device: torch.device, autocast: contextlib.AbstractContextManager, monitor: Monitor
     ) -> None:
-        check_diversity_config(cfg)
-        d = cfg.diversity
+        d = cfg.diversity  # checked by pgan.train.options (check_diversity_config)
         self.cfg = d
         self.device = device
         self.autocast = autocast

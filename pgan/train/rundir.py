@@ -1,0 +1,139 @@
+"""One trainer per run directory, and nothing left behind by a run that never started.
+
+`RunDirLock` is a file `<run>/trainer.lock` created atomically (O_CREAT | O_EXCL) by the trainer that owns the
+directory, holding its host, pid, process start time and the time it took the directory. A second trainer
+pointed at the same directory (a job resubmitted while the old one runs, a second terminal) ends at once with
+one line naming the holder. A holder that died on this host (its pid gone, or reused by another process) is
+taken over with a warning. A holder on another host (a shared file system) cannot be checked from here: the
+directory stays refused until that job ends, or until the user deletes the lock file after making sure it
+has. Under torchrun rank 0 alone holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from pgan.errors import UserError
+from pgan.monitor import warn
+
+LOCK_NAME = "trainer.lock"
+# What Hydra writes into a run directory before pgan-train's own code runs (its job log and saved config).
+HYDRA_ONLY = {".hydra", "train.log"}
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of stat; the command name may contain spaces
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the holder (on this host) still runs: its pid exists and, where known, started when it said."""
+    pid = int(holder.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    started = holder.get("start_time")
+    return started is None or _start_time(pid) in (None, started)
+
+
+def _describe(holder: dict, path: Path) -> str:
+    since = holder.get("since", "an unknown time")
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {since} (lock file {path})"
+
+
+def read_holder(run_dir: Path) -> dict | None:
+    """The lock's holder as written, or None when the directory has no lock (an unreadable lock: pid -1)."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"pid": -1, "host": socket.gethostname()}  # a lock cut short by a crash while writing it
+
+
+def check_free(run_dir: Path) -> None:
+    """A UserError naming the holder when another live trainer holds `run_dir` (the lock is not taken)."""
+    holder = read_holder(run_dir)
+    if holder is None or holder.get("pid") == os.getpid():
+        return
+    if holder.get("host") != socket.gethostname():
+        raise UserError(
+            f"run directory {run_dir} is in use by pgan-train {_describe(holder, Path(run_dir) / LOCK_NAME)}; "
+            "another host holds it, so pgan cannot tell whether it still runs: delete the lock file once that "
+            "job has ended"
+        )
+    if _alive(holder):
+        raise UserError(
+            f"run directory {run_dir} is in use by pgan-train {_describe(holder, Path(run_dir) / LOCK_NAME)}: "
+            "wait for it to end, stop it, or train in another directory"
+        )
+
+
+class RunDirLock:
+    """The run directory's lock, held for the life of a `with` block (see the module docstring)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.held = self.created = False
+
+    def __enter__(self) -> RunDirLock:
+        self.created = not self.path.parent.exists()  # then an error before the run began leaves nothing
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # a second try after taking over a dead holder's lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                check_free(self.path.parent)  # a live holder: a UserError naming it
+                holder = read_holder(self.path.parent) or {}
+                warn(
+                    f"taking over run directory {self.path.parent}: its trainer {_describe(holder, self.path)} is gone"
+                )
+                self.path.unlink(missing_ok=True)
+                continue
+            me = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "start_time": _start_time(os.getpid()),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            }
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+            self.held = True
+            return self
+        check_free(self.path.parent)  # another trainer took it over between our two tries
+        raise UserError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc: object) -> None:
+        holder = read_holder(self.path.parent) if self.held else None
+        if holder is not None and holder.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+            if self.created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
+        self.held = False
+
+
+def written_by_hydra_only(run_dir: Path) -> bool:
+    """Whether `run_dir` holds nothing but what Hydra writes before the trainer starts (a run not begun)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return False
+    return {p.name for p in run_dir.iterdir()} <= HYDRA_ONLY
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove a run directory that holds only Hydra's files (a user error stopped the run before it began)."""
+    if written_by_hydra_only(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,146 @@
+"""One trainer per run directory (the lock), nothing left behind by a user error, and the stage line's story:
+what a per-resolution map filled in, and which checkpoint a stage grew from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_config
+
+from pgan.errors import UserError
+from pgan.train.loop import train
+from pgan.train.rundir import LOCK_NAME, RunDirLock, check_free
+
+PGAN_TRAIN = str(Path(sys.executable).with_name("pgan-train"))
+BOUND_S = 300  # generous: a loaded 2-core machine starts a trainer in seconds, this bounds a hang
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `root` with its size and modification time (to see that nothing was written)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + BOUND_S
+    while not condition():
+        assert proc.poll() is None, f"the trainer exited before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {BOUND_S} s"
+        time.sleep(0.01)
+
+
+def test_a_second_trainer_is_refused_and_a_killed_holder_is_taken_over(tmp_path: Path) -> None:
+    """While one pgan-train trains in DIR, a second one exits 2 at once with one line naming the holder and
+    writes nothing (not even Hydra's files); after the holder is SIGKILLed, the next one takes over with a
+    warning and finishes the run."""
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "schedule.stable_kimg=0.8", "checkpoint.every_kimg=0.04"]
+    holder = subprocess.Popen(
+        [PGAN_TRAIN, *overrides, f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: (run_dir / "stage-0008" / "latest.pt").exists(), holder, "checkpoint")
+        lock = json.loads((run_dir / LOCK_NAME).read_text())
+        assert lock["pid"] == holder.pid and lock["host"] == socket.gethostname()
+        os.kill(holder.pid, signal.SIGSTOP)  # hold still: nothing of the holder's may change the tree meanwhile
+        before = _tree(run_dir)
+        second = subprocess.run(
+            [PGAN_TRAIN, *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=BOUND_S
+        )
+        after = _tree(run_dir)
+        os.kill(holder.pid, signal.SIGCONT)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {holder.pid} on host {socket.gethostname()} since" in lines[0], lines
+        assert after == before, "the refused trainer wrote into the run directory"
+        os.killpg(holder.pid, signal.SIGKILL)
+        assert holder.wait() == -signal.SIGKILL
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+    assert (run_dir / LOCK_NAME).exists(), "a SIGKILLed trainer cannot remove its lock"
+    resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=BOUND_S)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"taking over run directory {run_dir}" in resumed.stderr and f"pid {holder.pid}" in resumed.stderr
+    assert (run_dir / "stage-0016" / "final.pt").is_file()
+    assert not (run_dir / LOCK_NAME).exists(), "the lock outlived the trainer that held it"
+
+
+def test_a_live_holder_blocks_train_and_a_dead_or_reused_pid_does_not(tmp_path: Path) -> None:
+    """In-process: a lock naming a live process (here: a sleeping child) refuses train(); one whose pid has
+    gone, or whose pid now belongs to a process started at another time, is taken over."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = {"host": socket.gethostname(), "pid": sleeper.pid, "since": "2026-01-01 00:00:00 UTC"}
+        (run_dir / LOCK_NAME).write_text(json.dumps(live))
+        with pytest.raises(UserError, match=f"in use by pgan-train pid {sleeper.pid} on host .* since 2026-01-01"):
+            train(compose_config(*TINY), run_dir)
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
+        (run_dir / LOCK_NAME).write_text(json.dumps(live | {"start_time": "1"}))  # the pid, reused since
+        check_free(run_dir)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (run_dir / LOCK_NAME).write_text(json.dumps(live))  # the sleeper is gone now
+    check_free(run_dir)
+    with RunDirLock(run_dir):
+        assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_a_holder_on_another_host_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A lock written on another host (a shared file system) cannot be checked: refused, saying so."""
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "elsewhere-42", "pid": 1, "since": "then"}))
+    with pytest.raises(UserError, match="host elsewhere-42.*delete the lock file once that job has ended"):
+        with RunDirLock(tmp_path):
+            pass
+    assert (tmp_path / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("with_run_dir", [True, False])
+def test_a_bad_setting_leaves_no_run_directory(tmp_path: Path, with_run_dir: bool) -> None:
+    """`pgan-train 'schedule.resolutions=[16,48]'` exits 2 with one line and leaves nothing: neither the named
+    run directory nor a runs/<time>/ with Hydra's .hydra/ and train.log."""
+    args = [PGAN_TRAIN, *TINY, "schedule.resolutions=[16,48]"]
+    if with_run_dir:
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=BOUND_S, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: schedule.resolutions: resolution must be a power of two in [4, 1024], got 48"
+    ]
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers
+
+
+def test_per_resolution_maps_fill_their_gaps_and_the_stage_line_says_how(tmp_path: Path, capsys) -> None:
+    """The default schedule names 32-256 px; at 8 and 16 px every map falls back to its smallest entry (and
+    fade_kimg to 64 px's), printed in the stage line; a grown stage names the checkpoint it grew from."""
+    small = [o for o in TINY if not o.startswith(("schedule.fade_kimg", "schedule.stable_kimg", "schedule.lr"))]
+    fills = ["schedule.stable_kimg={32: 0.016}", "schedule.fade_kimg={64: 0.064}", "+schedule.fade_kimg.default=0.032"]
+    cfg = compose_config(*small, *fills)
+    train(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert (
+        "stage 0: 8 px, fade 0.0 + stable 0.016 kimg, batch 8, lr 0.001 (stable_kimg from 32 px, lr from 32 px)" in out
+    )
+    assert (
+        "stage 1: 16 px, fade 0.032 + stable 0.016 kimg, batch 8, lr 0.001 "
+        "(fade_kimg default, stable_kimg from 32 px, lr from 32 px)" in out
+    )
+    assert f"stage 1: growing 16 px from {tmp_path / 'run' / 'stage-0008' / 'final.pt'}" in out
+    cfg = compose_config(*TINY, "stage=16", f"init_from={tmp_path / 'run' / 'stage-0008' / 'final.pt'}")
+    train(cfg, tmp_path / "grown")
+    assert f"growing 16 px from {tmp_path / 'run' / 'stage-0008' / 'final.pt'}" in capsys.readouterr().out
