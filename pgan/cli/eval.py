@@ -53,12 +53,11 @@ def evaluate(cfg: DictConfig) -> dict:
     """Compute the requested metrics; the dict printed as JSON."""
     from pgan.data import FolderDataset, make_dataset
     from pgan.export import load_generator
-    from pgan.metrics.collapse import STATES, severity
+    from pgan.metrics.collapse import STATES, severity, thresholds_from_config
     from pgan.metrics.diversity import RandomEmbedding, diversity_metrics, real_reference, sample_dataset
     from pgan.networks import cycle_labels
     from pgan.runtime import resolve_device
     from pgan.sample import generate, seeded_latents
-    from pgan.train.watch import thresholds_from_config
 
     names = check_metric_names(cfg.metrics, METRICS)
     if (cfg.fake is None) == (cfg.ckpt is None):

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pgan.errors import UserError
 
 STATES = ("ok", "warning", "collapsed")
 
@@ -123,3 +128,12 @@ def in_grace_window(nimg_in_stage: int, fade_nimg: int, grace_kimg: float, grace
     if nimg_in_stage < grace_kimg * 1000:
         return True
     return fade_nimg > 0 and nimg_in_stage < grace_fade_fraction * fade_nimg
+
+
+def thresholds_from_config(cfg: Any) -> Thresholds:
+    """The detector thresholds from `diversity.thresholds`, with a user error naming a bad key."""
+    values = OmegaConf.to_container(cfg.diversity.thresholds, resolve=True)
+    try:
+        return Thresholds(**values)
+    except (TypeError, ValueError) as exc:  # an unknown key, or inconsistent values
+        raise UserError(f"diversity.thresholds: {exc}") from exc

@@ -83,20 +83,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         metrics = None
         if options.intervals.metrics_nimg and ranks.is_main:
             metrics = MetricsWatch(cfg, options.metric_names, device, autocast, monitor)
+        guard = Guard(options.guard, device)
         try:
             with StopFlag() as stop:
-                ctx = RunContext(
-                    options,
-                    run_dir,
-                    device,
-                    autocast,
-                    monitor,
-                    Guard(options.guard, device),
-                    watch,
-                    metrics,
-                    stop,
-                    ranks,
-                )
+                ctx = RunContext(options, run_dir, device, autocast, monitor, guard, watch, metrics, stop, ranks)
                 final = train_stages(ctx, plan, init, dataset)
         finally:
             monitor.close()

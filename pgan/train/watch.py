@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pgan.errors import UserError
-from pgan.metrics.collapse import STATES, DetectorState, Thresholds, in_grace_window, update
+from pgan.metrics.collapse import STATES, DetectorState, in_grace_window, thresholds_from_config, update
 from pgan.metrics.diversity import (
     RandomEmbedding,
     RealReference,
@@ -61,15 +61,6 @@ class Evaluation:
     def entered_collapse(self) -> bool:
         """Whether this evaluation moved the state to collapsed."""
         return self.changed and self.state == "collapsed"
-
-
-def thresholds_from_config(cfg: DictConfig) -> Thresholds:
-    """The detector thresholds from `diversity.thresholds`, with a user error naming a bad key."""
-    values = OmegaConf.to_container(cfg.diversity.thresholds, resolve=True)
-    try:
-        return Thresholds(**values)
-    except (TypeError, ValueError) as exc:  # an unknown key, or inconsistent values
-        raise UserError(f"diversity.thresholds: {exc}") from exc
 
 
 def check_diversity_config(cfg: DictConfig) -> None:
