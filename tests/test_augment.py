@@ -3,16 +3,14 @@ ADA's adaptive p on scripted D outputs, and the trainer with augmentation on (lo
 
 from __future__ import annotations
 
-import json
 import shutil
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import SAME_FUNCTION, TINY, TOLERANCE, assert_same_state, compose_config, stats_rows, torchrun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import assert_same_state
 
 from pgan import dist
 from pgan.augment import (
@@ -271,13 +269,9 @@ def test_the_adaptive_pipe_adjusts_every_interval_on_scripted_d_outputs() -> Non
 # --- the trainer ------------------------------------------------------------------------------------------------
 
 
-def _stats(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-
-
 def test_a_run_with_augmentation_trains_and_logs_p(tmp_path: Path) -> None:
     train(compose_config(*TINY, *FAST, f"augment.policy=[{ALL}]", "augment.p=0.5"), tmp_path)
-    rows = _stats(tmp_path)
+    rows = stats_rows(tmp_path)
     assert all(r["Augment/p"] == 0.5 and -1 <= r["Augment/rt"] <= 1 for r in rows)
     assert all(torch.isfinite(torch.tensor([r["Loss/D"], r["Loss/G"], r["Loss/gp"]])).all() for r in rows)
     events = EventAccumulator(str(tmp_path))
@@ -294,9 +288,9 @@ def test_p_zero_changes_nothing(tmp_path: Path) -> None:
     final = "stage-0008/final.pt"
     assert_same_state(load_checkpoint(tmp_path / "p0" / final), load_checkpoint(tmp_path / "off" / final))
     logged = [
-        {k: v for k, v in r.items() if not k.startswith(("Speed/", "Resources/"))} for r in _stats(tmp_path / "p0")
+        {k: v for k, v in r.items() if not k.startswith(("Speed/", "Resources/"))} for r in stats_rows(tmp_path / "p0")
     ]
-    assert logged == [{k: v for k, v in r.items() if k in logged[0]} for r in _stats(tmp_path / "off")]
+    assert logged == [{k: v for k, v in r.items() if k in logged[0]} for r in stats_rows(tmp_path / "off")]
     assert not any(k.startswith("Augment/") for k in logged[0])
 
 
@@ -318,7 +312,7 @@ def test_adaptive_p_is_carried_across_stages_saved_and_resumed_bit_identically(t
     final = load_checkpoint(full / "stage-0016" / "final.pt")
     # 20 steps: 5 adjustments of +-0.032 (r_t, a multiple of 1/32, is never the target 0.6): p has moved.
     assert final["augment"]["p"] != 0.5 and 0 <= float(final["augment"]["p"]) <= 1
-    ps = [r["Augment/p"] for r in _stats(full)]
+    ps = [r["Augment/p"] for r in stats_rows(full)]
     assert len(set(ps)) > 1 and all(abs(round((p - 0.5) / 0.032) * 0.032 + 0.5 - p) < 1e-6 for p in ps)
     # The 16 px stage starts where the 8 px stage ended (its first snapshot is taken before any step).
     first16 = load_checkpoint(full / "stage-0016" / "ckpt-0000000000.pt")["augment"]
@@ -337,8 +331,8 @@ def test_adaptive_p_is_carried_across_stages_saved_and_resumed_bit_identically(t
     assert_same_state(again, final)
     for key, value in final["augment"].items():
         assert torch.equal(torch.as_tensor(again["augment"][key]), torch.as_tensor(value)), key
-    rows = {r["step"]: r for r in _stats(full)}
-    for row in _stats(resumed):
+    rows = {r["step"]: r for r in stats_rows(full)}
+    for row in stats_rows(resumed):
         assert row["Augment/p"] == rows[row["step"]]["Augment/p"] and row["Loss/D"] == rows[row["step"]]["Loss/D"]
 
 
@@ -371,8 +365,6 @@ def test_bad_augment_settings_are_one_line_user_errors(overrides: list[str], mes
 def test_two_ranks_augment_and_adapt_p_like_one_process(tmp_path: Path) -> None:
     """torchrun with 2 ranks: each augments its chunk with its rows of the global batch's random numbers, r_t is
     averaged across the ranks, so p and the weights are those of one process with the same global batch."""
-    from test_distributed import SAME_FUNCTION, TOLERANCE, torchrun
-
     overrides = [*ADAPTIVE, *SAME_FUNCTION]
     (tmp_path / "ddp").mkdir()
     result = torchrun(tmp_path / "ddp" / "run", *overrides)

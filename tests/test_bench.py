@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from pgan.bench import IterationFlops

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import PGAN_TRAIN, TINY, TRAIN_TIMEOUT_S, compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import PGAN_TRAIN
 
 from pgan.checkpoint import load_checkpoint
 from pgan.errors import UserError
@@ -27,12 +26,11 @@ def _collapse_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "collapse.jsonl").read_text().splitlines()]
 
 
-def test_every_evaluation_is_logged(tmp_path: Path) -> None:
+def test_every_evaluation_is_logged(tiny_run: Path) -> None:
     """collapse.jsonl gets a line per evaluation (every 32 images and at each stage end), TensorBoard the
     Diversity/* and Collapse/* scalars, and the checkpoints the detector state."""
     cfg = compose_config(*TINY)
-    train(cfg, tmp_path)
-    rows = _collapse_rows(tmp_path)
+    rows = _collapse_rows(tiny_run)
     stages = stages_from_config(cfg)
     expected = [s.start_nimg + n for s in stages for n in range(32, s.num_images + 32, 32) if n <= s.num_images]
     expected += [s.start_nimg + s.num_images for s in stages if s.num_images % 32]
@@ -42,12 +40,12 @@ def test_every_evaluation_is_logged(tmp_path: Path) -> None:
         assert row["n_fake"] == 16 and row["n_real"] == 32 and row["state"] in ("ok", "warning", "collapsed")
     assert {r["resolution"] for r in rows} == {8, 16}
     assert any(0 < r["alpha"] < 1 for r in rows) and all(r["in_grace"] for r in rows)  # grace_kimg 0.256 > run
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(tiny_run), size_guidance={"scalars": 0})
     events.Reload()
     for tag in ("msssim_fake", "msssim_real", "excess_pair", "vendi_ratio", "std_ratio"):
         assert len(events.Scalars(f"Diversity/{tag}")) == len(rows)
     assert [e.value for e in events.Scalars("Collapse/state")] == [0.0] * len(rows)
-    state = load_checkpoint(tmp_path / "stage-0016" / "final.pt")["collapse"]
+    state = load_checkpoint(tiny_run / "stage-0016" / "final.pt")["collapse"]
     assert state["detector"]["evaluations"] == len(rows) and state["rollbacks"] == 0
 
 
@@ -137,7 +135,7 @@ def test_cli_stop_exits_3_with_one_error_line(tmp_path: Path) -> None:
         [PGAN_TRAIN, *ONE_STAGE, *ALWAYS_COLLAPSED, "diversity.on_collapse=stop", f"hydra.run.dir={run_dir}"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=TRAIN_TIMEOUT_S,
     )
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()

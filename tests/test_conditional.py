@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from helpers import compose_config
 
 from pgan.checkpoint import checkpoint_problem, generator_from_checkpoint
 from pgan.export import CONFIG, check_onnx, export_onnx, export_safetensors, generator_kwargs, load_generator

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import TINY, assert_same_state, compose_config
 from PIL import Image
-from test_train import assert_same_state
 
 from pgan.checkpoint import load_checkpoint
 from pgan.cli.sample import sample
@@ -140,10 +139,11 @@ def test_pgan_sample_class_takes_a_name_or_an_index(conditional_run: Path, tmp_p
         _sample_dir(final, tmp_path / "bad", "class=16")
 
 
-def test_pgan_sample_class_on_an_unconditional_generator_is_a_user_error(tmp_path: Path) -> None:
-    final = train(compose_config(*TINY, "schedule.resolutions=[8]", "diversity.enabled=false"), tmp_path / "run")
+def test_pgan_sample_class_on_an_unconditional_generator_is_a_user_error(
+    tiny_checkpoint_8px: Path, tmp_path: Path
+) -> None:
     with pytest.raises(UserError, match="class=1: this generator is unconditional"):
-        _sample_dir(final, tmp_path / "x", "class=1")
+        _sample_dir(tiny_checkpoint_8px, tmp_path / "x", "class=1")
 
 
 def test_the_demo_has_a_class_selector_that_matches_pgan_sample(conditional_run: Path, tmp_path: Path) -> None:

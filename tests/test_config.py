@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, compose_config
+from helpers import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
 from pgan.errors import UserError

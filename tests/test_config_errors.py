@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
-from test_train import PGAN_TRAIN
+from helpers import PGAN_TRAIN, TINY, compose_config
 
 from pgan.cli import user_error_line
 from pgan.errors import UserError
@@ -49,12 +48,10 @@ def test_device_cuda_without_cuda_is_refused(tmp_path: Path) -> None:
         train(compose_config(*TINY, "device=cuda"), tmp_path / "run")
 
 
-@pytest.fixture(scope="module")
-def run_8px(tmp_path_factory) -> Path:
-    """A finished one-stage 8 px run of the tiny model."""
-    run_dir = tmp_path_factory.mktemp("run8")
-    train(compose_config(*TINY, "schedule.resolutions=[8]"), run_dir)
-    return run_dir
+@pytest.fixture
+def run_8px(tiny_run_8px: Path) -> Path:
+    """A finished one-stage 8 px run of the tiny model (the session's)."""
+    return tiny_run_8px
 
 
 def test_init_from_another_architecture_names_the_differing_keys(run_8px: Path, tmp_path: Path) -> None:

@@ -4,10 +4,10 @@ import itertools
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DATA_CONF_DIR, load_conf
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -15,8 +15,6 @@ from torch.utils.data import DataLoader, Dataset
 from pgan.data import FolderDataset, InfiniteSampler, ShapesDataset, TorchvisionDataset, make_dataset
 from pgan.data.shapes import COLOUR_RGB, COLOURS, NUM_MODES, SHAPES
 from pgan.errors import UserError
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
 def assert_image(item: torch.Tensor, channels: int, resolution: int) -> None:
@@ -27,20 +25,12 @@ def assert_image(item: torch.Tensor, channels: int, resolution: int) -> None:
     assert item.max() - item.min() > 0.1  # not a blank image
 
 
-def load_conf(group: str, **overrides: object):
-    """conf/data/<group>.yaml with `overrides` applied, as the trainer would see cfg.data."""
-    cfg = OmegaConf.load(CONF_DIR / f"{group}.yaml")
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
-
-
 # ---------------------------------------------------------------- configs
 
 
 @pytest.mark.parametrize("name, workers", [("shapes", 1), ("folder", 4), ("torchvision", 4)])
 def test_config_files_name_their_source(name: str, workers: int) -> None:
-    cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    cfg = OmegaConf.load(DATA_CONF_DIR / f"{name}.yaml")
     assert cfg.source == name
     assert cfg.channels == 3
     assert cfg.num_workers == workers
@@ -274,36 +264,6 @@ def test_folder_of_only_corrupt_images_is_a_user_error(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- torchvision
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array in the IDX format MNIST uses: magic 0x08 (uint8) + ndim, big-endian sizes, data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(size).to_bytes(4, "big") for size in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's bundled 8x8 digits as 28x28 uint8 MNIST-like images (3x nearest upscale, 2 px border), labels."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = np.round(bunch.images[:60] * (255 / 16)).astype(np.uint8)
-    images = np.pad(images.repeat(3, axis=1).repeat(3, axis=2), ((0, 0), (2, 2), (2, 2)))
-    return images, bunch.target[:60].astype(np.uint8)
-
-
-@pytest.fixture
-def mnist_root(tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> Path:
-    """A root folder holding MNIST's four raw IDX files, as torchvision.datasets.MNIST(root) expects."""
-    images, labels = digits
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    write_idx(raw / "train-images-idx3-ubyte", images[:50])
-    write_idx(raw / "train-labels-idx1-ubyte", labels[:50])
-    write_idx(raw / "t10k-images-idx3-ubyte", images[50:])
-    write_idx(raw / "t10k-labels-idx1-ubyte", labels[50:])
-    return tmp_path
 
 
 def test_torchvision_mnist_from_disk_matches_the_digits(mnist_root: Path, digits) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, compose_config
+from helpers import WAIT_TIMEOUT_S, compose_config
 from PIL import Image
 
 pytest.importorskip("gradio")
@@ -24,21 +24,17 @@ from pgan.checkpoint import generator_from_checkpoint, load_checkpoint  # noqa: 
 from pgan.cli.demo import serve  # noqa: E402
 from pgan.demo import grid_for  # noqa: E402
 from pgan.errors import UserError  # noqa: E402
-from pgan.train.loop import train  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PGAN_DEMO, PGAN_SAMPLE = str(BIN / "pgan-demo"), str(BIN / "pgan-sample")
-STARTUP_TIMEOUT_S = 90  # importing torch + gradio on a busy 2-core machine
 # Nothing may reach the network: gradio's telemetry and version check, huggingface_hub's telemetry.
 OFFLINE = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny 8 px generator, trained for a few steps."""
-    return train(
-        compose_config(*TINY, "schedule.resolutions=[8]", "diversity.enabled=false"), tmp_path_factory.mktemp("demo")
-    )
+@pytest.fixture
+def checkpoint(tiny_checkpoint_8px: Path) -> Path:
+    """A tiny 8 px generator, trained for a few steps (the session's)."""
+    return tiny_checkpoint_8px
 
 
 def _pixels(path_or_image: Path | str | Image.Image) -> np.ndarray:
@@ -86,7 +82,7 @@ def test_the_apps_grid_is_pgan_samples_grid(checkpoint: Path, tmp_path: Path) ->
 
 
 def _wait_for_url(proc: subprocess.Popen, stdout: Path, stderr: Path) -> str:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    deadline = time.monotonic() + WAIT_TIMEOUT_S  # importing torch + gradio on a busy 2-core machine
     while time.monotonic() < deadline:
         match = re.search(r"serving .* on (http://\S+)", stdout.read_text())
         if match:
@@ -94,7 +90,7 @@ def _wait_for_url(proc: subprocess.Popen, stdout: Path, stderr: Path) -> str:
         if proc.poll() is not None:
             pytest.fail(f"pgan-demo exited with {proc.returncode}: {stderr.read_text()}")
         time.sleep(0.1)
-    pytest.fail(f"pgan-demo printed no URL within {STARTUP_TIMEOUT_S} s: {stderr.read_text()}")
+    pytest.fail(f"pgan-demo printed no URL within {WAIT_TIMEOUT_S} s: {stderr.read_text()}")
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -109,14 +105,14 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory) -> Iterator[str]:
+def server(tiny_checkpoint_8px: Path, tmp_path_factory) -> Iterator[str]:
     """A real `pgan-demo` on a free port of 127.0.0.1 (port=0): its URL. Killed however the tests end."""
     logs = tmp_path_factory.mktemp("server")
     env = {**os.environ, **OFFLINE, "GRADIO_TEMP_DIR": str(logs / "gradio")}
     stdout, stderr = logs / "stdout.txt", logs / "stderr.txt"
     with stdout.open("w") as out, stderr.open("w") as err:
         proc = subprocess.Popen(
-            [PGAN_DEMO, f"ckpt={checkpoint}", "port=0", "device=cpu", "max_images=16"],
+            [PGAN_DEMO, f"ckpt={tiny_checkpoint_8px}", "port=0", "device=cpu", "max_images=16"],
             stdout=out,
             stderr=err,
             env=env,

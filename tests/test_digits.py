@@ -2,18 +2,16 @@
 
 import pickle
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers import DATA_CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
 from pgan.data import DigitsDataset, StackedDigitsDataset, make_dataset
 from pgan.data.digits import NUM_DIGITS, downsample, load_digit_images, upsample, upsample_matrix
 from pgan.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 RESOLUTIONS = [8, 32, 64]
 
 
@@ -36,7 +34,7 @@ def bundled(index: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name, size", [("digits", NUM_DIGITS), ("stacked_digits", 50000)])
 def test_config_files_name_their_source(name: str, size: int) -> None:
-    cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    cfg = OmegaConf.load(DATA_CONF_DIR / f"{name}.yaml")
     assert (cfg.source, cfg.channels, cfg.size, cfg.seed, cfg.num_workers) == (name, 3, size, 0, 1)
 
 

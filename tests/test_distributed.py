@@ -5,35 +5,27 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
-from test_train import _stats, assert_same_state
+from helpers import (
+    SAME_FUNCTION,
+    TINY,
+    TOLERANCE,
+    TORCHRUN,
+    TRAIN_TIMEOUT_S,
+    assert_same_state,
+    compose_config,
+    stats_rows,
+    torchrun,
+)
 
 from pgan.checkpoint import load_checkpoint
 from pgan.data import InfiniteSampler
 from pgan.errors import UserError
 from pgan.train.loop import train
 from pgan.train.options import TrainOptions
-
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-# Minibatch-stddev groups are per rank (as in the official multi-GPU code); with groups of 1 the statistic is
-# the same constant in both layouts, so 2 ranks and 1 process compute the same function. At TINY's lr of 1e-3
-# the tiny GAN's last steps can amplify rounding chaotically (seen: 3e-6 apart after 14 steps, 9e-4 after 20,
-# once the initial weights changed), which would test the dynamics, not the data parallelism: lr 3e-4 here.
-SAME_FUNCTION = ["model.mbstd_group_size=1", "schedule.lr=0.0003"]
-# Float sums in another order (the gradient all-reduce) over the 20 steps of TINY, through Adam;
-TOLERANCE = {"rtol": 1e-4, "atol": 5e-5}  # measured: at most 3.6e-7 apart
-
-
-def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=nproc -m pgan.train` on the CPU with the tiny config, in run_dir's parent."""
-    args = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "pgan.train"]
-    args += [*TINY, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=run_dir.parent)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +45,7 @@ def test_two_ranks_compute_what_one_process_with_the_same_global_batch_computes(
         for name, value in ours[key].items():
             torch.testing.assert_close(value, theirs[key][name], **TOLERANCE, msg=f"{key}.{name}")
     # The logged losses are averages over both ranks' halves: those of the one process.
-    for a, b in zip(_stats(run_dir), _stats(tmp_path / "single"), strict=True):
+    for a, b in zip(stats_rows(run_dir), stats_rows(tmp_path / "single"), strict=True):
         assert a["step"] == b["step"]
         assert a["Loss/D"] == pytest.approx(b["Loss/D"], rel=1e-3, abs=1e-4)
 
@@ -75,7 +67,7 @@ def test_a_conditional_two_rank_run_computes_what_one_process_computes(tmp_path:
 def test_only_rank_0_writes_and_prints(two_rank_run) -> None:
     run_dir, result = two_rank_run
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer
-    steps = [row["step"] for row in _stats(run_dir)]
+    steps = [row["step"] for row in stats_rows(run_dir)]
     assert steps == sorted(set(steps))  # no line logged twice
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "config.yaml").is_file()
     assert not (run_dir.parent / "runs").exists()  # no second run directory from the other rank
@@ -158,9 +150,14 @@ def _sync_check(rank: int, port: int, result_dir: str) -> None:
 
 
 def test_ranks_out_of_sync_are_caught(tmp_path: Path) -> None:
+    import socket
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_sync_check, args=(29533, str(tmp_path)), nprocs=2)
+    with socket.socket() as free:  # a port no other test run on this machine holds (a fixed one could be taken)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    mp.spawn(_sync_check, args=(port, str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         assert "the ranks' weights differ (1 tensors)" in (tmp_path / f"rank{rank}").read_text()
 
@@ -169,7 +166,7 @@ def test_without_a_run_directory_the_ranks_agree_on_one(tmp_path: Path) -> None:
     """Hydra would resolve runs/${now:...} in each process; the ranks use rank 0's."""
     args = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pgan.train", *TINY]
     args += ["schedule.resolutions=[8]", "diversity.enabled=false"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "stage-0008" / "final.pt").is_file()

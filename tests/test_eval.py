@@ -8,13 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_config
-from torchvision.utils import save_image
+from helpers import run_eval
 
-from pgan.cli.eval import evaluate
-from pgan.data import ShapesDataset
 from pgan.errors import UserError
-from pgan.train.loop import train
 
 PGAN_EVAL = str(Path(sys.executable).with_name("pgan-eval"))
 KEYS = {
@@ -30,59 +26,34 @@ KEYS = {
 }
 
 
-def _write(folder: Path, images) -> Path:
-    folder.mkdir(parents=True)
-    for i, image in enumerate(images):
-        save_image(image * 0.5 + 0.5, folder / f"{i:04d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    """Real shapes, other healthy shapes, and a set collapsed onto 2 of them, as 32 px PNG folders."""
-    root = tmp_path_factory.mktemp("images")
-    ds = ShapesDataset(32, size=1000, seed=0)
-    healthy = [ds[i] for i in range(500, 628)]
-    return {
-        "real": _write(root / "real", [ds[i] for i in range(128)]),
-        "healthy": _write(root / "healthy", healthy),
-        "collapsed": _write(root / "collapsed", [healthy[i % 2] for i in range(128)]),
-    }
-
-
-def _eval(*overrides: str) -> dict:
-    return evaluate(compose_config(*overrides, config_name="eval"))
-
-
 def test_healthy_folder_is_ok(folders) -> None:
-    result = _eval(f"real={folders['real']}", f"fake={folders['healthy']}", "device=cpu")
+    result = run_eval(f"real={folders['real']}", f"fake={folders['healthy']}", "device=cpu")
     assert KEYS <= result.keys()
     assert result["state"] == "ok" and result["n_fake"] == result["n_real"] == 128 and result["resolution"] == 32
     assert abs(result["excess_pair"]) < 0.15 and result["vendi_ratio"] > 0.8
 
 
 def test_collapsed_folder_is_flagged(folders) -> None:
-    result = _eval(f"real={folders['real']}", f"fake={folders['collapsed']}", "device=cpu")
+    result = run_eval(f"real={folders['real']}", f"fake={folders['collapsed']}", "device=cpu")
     assert result["state"] == "collapsed" and result["excess_pair"] > 0.3 and result["vendi_ratio"] < 0.4
 
 
 def test_resolution_follows_the_fakes_and_can_be_set(folders) -> None:
-    assert _eval(f"real={folders['real']}", f"fake={folders['healthy']}", "resolution=16")["resolution"] == 16
+    assert run_eval(f"real={folders['real']}", f"fake={folders['healthy']}", "resolution=16")["resolution"] == 16
 
 
-def test_checkpoint_against_a_dataset_config(tmp_path: Path) -> None:
+def test_checkpoint_against_a_dataset_config(tiny_run_8px: Path, tmp_path: Path) -> None:
     from pgan.export import export_safetensors, load_generator
 
-    final = tmp_path / "stage-0008" / "final.pt"
-    train(compose_config(*TINY, "schedule.resolutions=[8]"), tmp_path)
-    result = _eval(f"ckpt={final}", "data=shapes", "num_fake=64", "num_real=64")
+    final = tiny_run_8px / "stage-0008" / "final.pt"
+    result = run_eval(f"ckpt={final}", "data=shapes", "num_fake=64", "num_real=64")
     assert result["resolution"] == 8 and result["n_fake"] == 64 and result["n_real"] == 64
     assert 0 <= result["msssim_fake"] <= 1 and result["state"] in ("ok", "warning", "collapsed")
     # An export of the same G_ema gives the same images (pgan-sample's latents for the seed): the same numbers.
     export_safetensors(*load_generator(final), tmp_path / "export")
-    assert _eval(f"ckpt={tmp_path / 'export'}", "data=shapes", "num_fake=64", "num_real=64") == result
+    assert run_eval(f"ckpt={tmp_path / 'export'}", "data=shapes", "num_fake=64", "num_real=64") == result
     with pytest.raises(UserError, match="num_fake must be >= 1"):
-        _eval(f"ckpt={final}", "num_fake=0")
+        run_eval(f"ckpt={final}", "num_fake=0")
 
 
 def test_cli_prints_json_last_and_exits_0_whatever_the_verdict(folders) -> None:
@@ -108,7 +79,7 @@ def test_cli_prints_json_last_and_exits_0_whatever_the_verdict(folders) -> None:
 )
 def test_bad_inputs_are_one_line_errors(overrides: list[str], message: str, folders) -> None:
     with pytest.raises(UserError, match=message.replace("[", r"\[")):
-        _eval(*overrides)
+        run_eval(*overrides)
 
 
 def test_cli_error_is_one_line_and_exit_2(folders, tmp_path: Path) -> None:

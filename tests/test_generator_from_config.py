@@ -4,7 +4,7 @@ section, a checkpoint's or an export's config.json (which records a width table 
 from __future__ import annotations
 
 import torch
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 
 from pgan.export import export_config
 from pgan.networks import Generator, generator_from_config, networks_from

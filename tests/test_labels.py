@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_conf
 from PIL import Image
-from test_data import digits, load_conf, mnist_root  # noqa: F401  (the fixtures)
 
 from pgan.data import DigitsDataset, ShapesDataset, StackedDigitsDataset, make_dataset
 from pgan.data.labels import ClassLabels, class_labels, grid_classes, labels_from_names
@@ -64,7 +64,7 @@ def test_folder_images_outside_a_class_folder_are_a_user_error(tmp_path: Path) -
         class_labels(dataset)
 
 
-def test_torchvision_classes_are_its_targets(mnist_root: Path) -> None:  # noqa: F811
+def test_torchvision_classes_are_its_targets(mnist_root: Path) -> None:
     from torchvision.datasets import MNIST
 
     dataset = make_dataset(load_conf("torchvision", path=str(mnist_root)), 8)

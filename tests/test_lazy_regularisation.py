@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
-from test_train import _stats, assert_same_state
+from helpers import TINY, assert_same_state, compose_config, stats_rows
 
 from pgan.checkpoint import load_checkpoint
 from pgan.losses import make_loss
@@ -48,7 +47,7 @@ def test_lazy_run_trains_and_resumes_exactly(tmp_path: Path) -> None:
     index is a function of the image counter)."""
     overrides = [*TINY, "loss.penalty_every=2"]
     train(compose_config(*overrides), tmp_path / "full")
-    rows = _stats(tmp_path / "full")
+    rows = stats_rows(tmp_path / "full")
     assert all(r["Loss/gp"] > 0 for r in rows)
     # Resume a copy of the finished run from its snapshot at 56 images: step index 7, mid lazy cycle.
     cut = tmp_path / "cut"

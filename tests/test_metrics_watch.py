@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pgan.checkpoint import load_checkpoint
@@ -26,12 +26,17 @@ METRICS = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """The tiny 8 -> 16 px run with metrics on, and the same run with them off."""
-    root = tmp_path_factory.mktemp("metrics")
-    for name, extra in (("on", METRICS), ("off", [])):
-        train(compose_config(*TINY, *extra), root / name)
-    return {"on": root / "on", "off": root / "off"}
+def metrics_on(tmp_path_factory) -> Path:
+    """The tiny 8 -> 16 px run with metrics on."""
+    run_dir = tmp_path_factory.mktemp("metrics") / "on"
+    train(compose_config(*TINY, *METRICS), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def runs(metrics_on: Path, tiny_run: Path) -> dict[str, Path]:
+    """The tiny 8 -> 16 px run with metrics on, and the same run with them off (the session's tiny run)."""
+    return {"on": metrics_on, "off": tiny_run}
 
 
 def _records(run: Path) -> list[dict]:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 
 from pgan.data import DigitsDataset, ShapesDataset, StackedDigitsDataset, make_dataset
 from pgan.errors import UserError

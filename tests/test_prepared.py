@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import TINY, assert_same_state, compose_config
 from PIL import Image
-from test_train import assert_same_state
 
 from pgan.checkpoint import load_checkpoint
 from pgan.data import FolderDataset, InfiniteSampler, PreparedImages, ShapesDataset, make_dataset, wants_prepared

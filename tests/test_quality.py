@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
-from test_eval import folders  # noqa: F401 - a fixture: real / healthy / collapsed 32 px shapes as PNG folders
+from helpers import compose_config
 
 from pgan.cli.eval import evaluate
 from pgan.data import ShapesDataset
@@ -157,7 +156,7 @@ def test_missing_or_bad_inception_weights_are_one_line_errors(tmp_path: Path, mo
         feature_space("inception", str(garbage), CPU)
 
 
-def test_pgan_eval_reports_every_metric_as_json(folders, tmp_path: Path) -> None:  # noqa: F811 - fixture
+def test_pgan_eval_reports_every_metric_as_json(folders, tmp_path: Path) -> None:
     run = subprocess.run(
         [
             PGAN_EVAL,
@@ -188,7 +187,7 @@ def test_pgan_eval_reports_every_metric_as_json(folders, tmp_path: Path) -> None
         (["metrics=[fid]", "features=imagenet"], "features=imagenet: unknown"),
     ],
 )
-def test_metric_misuse_is_a_one_line_error(overrides, message, folders, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+def test_metric_misuse_is_a_one_line_error(overrides, message, folders, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(UserError, match=message):
         overrides = [o.replace("REAL", str(folders["real"])) for o in overrides]

@@ -8,13 +8,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
-from test_train import PGAN_TRAIN, _stats, assert_same_state
+from helpers import (
+    LONG,
+    PGAN_TRAIN,
+    STAGE,
+    TINY,
+    TRAIN_TIMEOUT_S,
+    assert_same_state,
+    compose_config,
+    start_and_wait_for_stage_16,
+    stats_rows,
+    wait_for,
+)
 
 from pgan.checkpoint import (
     FORMAT,
@@ -34,15 +43,11 @@ from pgan.train.guard import GuardGaveUp
 from pgan.train.loop import train
 from pgan.train.step import d_step
 
-STAGE = "stage-0016"
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """One uninterrupted tiny run (snapshots of stage 16 at 0, 56 and 112 images)."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    train(compose_config(*TINY), run_dir)
-    return run_dir
+@pytest.fixture
+def reference(tiny_run: Path) -> Path:
+    """One uninterrupted tiny run (the session's; snapshots of stage 16 at 0, 56 and 112 images)."""
+    return tiny_run
 
 
 def _final(run_dir: Path) -> dict:
@@ -198,9 +203,6 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
 
 
 # --- stop signals ---------------------------------------------------------------------------------------
-LONG = [*TINY, "schedule.stable_kimg=1.0", "checkpoint.every_kimg=10", "diversity.enabled=false"]
-
-
 @pytest.fixture(scope="module")
 def long_reference(tmp_path_factory) -> Path:
     """An uninterrupted run of LONG (a stage 16 long enough to be signalled mid-stage)."""
@@ -209,35 +211,22 @@ def long_reference(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _start_and_wait_for_stage_16(run_dir: Path, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [PGAN_TRAIN, *LONG, *extra, f"hydra.run.dir={run_dir}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not (run_dir / STAGE / "latest.pt").exists():  # the snapshot every stage starts with
-        assert proc.poll() is None and time.monotonic() < deadline, "no stage-16 snapshot"
-        time.sleep(0.005)
-    time.sleep(0.2)
-    return proc
-
-
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(long_reference: Path, tmp_path: Path) -> None:
     """SIGTERM mid-stage: exit 143 after writing a snapshot at the current step (not a periodic one: those
     are 10 kimg apart here); the resumed run is bit-identical to an uninterrupted one."""
     run_dir = tmp_path / "run"
-    proc = _start_and_wait_for_stage_16(run_dir)
+    proc = start_and_wait_for_stage_16(run_dir)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 143, stderr
     assert "received SIGTERM: finishing the current step" in stderr
     assert f"checkpoint written: {run_dir / STAGE}/ckpt-" in stderr
     assert f"resume with: pgan-train hydra.run.dir={run_dir}" in stderr and "Traceback" not in stderr
     written = load_checkpoint(run_dir / STAGE / "latest.pt")
     assert 0 < written["nimg"] < 1128 and not written["done"]
-    resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert_same_state(_final(run_dir), _final(long_reference))
 
@@ -246,11 +235,13 @@ def test_crashed_loader_worker_is_reported_and_the_run_goes_on(long_reference: P
     """SIGKILL a DataLoader worker: the trainer reports it, continues from the newest snapshot and ends
     bit-identical to an uninterrupted run."""
     run_dir = tmp_path / "run"
-    proc = _start_and_wait_for_stage_16(run_dir, "data.num_workers=1")
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    assert children, "no DataLoader worker process found"
+    proc = start_and_wait_for_stage_16(run_dir, "data.num_workers=1")
+    # The 16 px stage's loader starts its worker when the stage starts iterating: wait for it, however long.
+    children = wait_for(
+        lambda: Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split(), "DataLoader worker", proc
+    )
     os.kill(int(children[0]), signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 0, stderr
     assert "DataLoader worker" in stderr and f"resuming from {run_dir / STAGE}" in stderr
     assert_same_state(_final(run_dir), _final(long_reference))
@@ -283,7 +274,7 @@ def _inject(steps: int, times: int) -> str:
 def test_a_few_non_finite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
     """3 poisoned steps (fewer than guard.max_bad_steps in a row): skipped, counted, no rollback."""
     train(compose_config(*TINY, _inject(3, 1)), tmp_path)
-    rows = _stats(tmp_path)
+    rows = stats_rows(tmp_path)
     assert rows[-1]["Guard/skipped_total"] == 3 and sum(r["Guard/skipped_steps"] for r in rows) == 3
     assert all(torch.isfinite(torch.tensor(r["Loss/D"])) for r in rows if "Loss/D" in r)
     final = _final(tmp_path)
@@ -311,7 +302,10 @@ def test_persistent_non_finite_steps_give_up_with_exit_code_4(tmp_path: Path) ->
         train(compose_config(*TINY, *overrides), tmp_path / "in-process")
     run_dir = tmp_path / "cli"
     result = subprocess.run(
-        [PGAN_TRAIN, *TINY, *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120
+        [PGAN_TRAIN, *TINY, *overrides, f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT_S,
     )
     assert result.returncode == 4, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: 4 non-finite steps in a row again")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 from PIL import Image
 
 from pgan.cli.report import report
@@ -30,19 +30,17 @@ def _report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([PGAN_REPORT, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """The tiny 8 -> 16 px run, with diversity evaluations (collapse.jsonl)."""
-    run_dir = tmp_path_factory.mktemp("report") / "run"
-    train(compose_config(*TINY), run_dir)
-    return run_dir
+@pytest.fixture
+def run_dir(tiny_run: Path) -> Path:
+    """The tiny 8 -> 16 px run, with diversity evaluations (collapse.jsonl): the session's."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
-def written(run_dir: Path, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def written(tiny_run: Path, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """`pgan-report run=... out=...` on the tiny run."""
     out = tmp_path_factory.mktemp("out") / "report"
-    return _report(f"run={run_dir}", f"out={out}", cwd=out.parent), out
+    return _report(f"run={tiny_run}", f"out={out}", cwd=out.parent), out
 
 
 def test_the_cli_writes_a_png_and_markdown_and_prints_their_paths_and_a_json_line(written) -> None:

@@ -9,31 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_config
+from helpers import PGAN_TRAIN, TINY, compose_config, file_listing, wait_for
 
 from pgan.errors import UserError
 from pgan.train.loop import train
 from pgan.train.rundir import LOCK_NAME, RunDirLock, check_free
 
-PGAN_TRAIN = str(Path(sys.executable).with_name("pgan-train"))
 BOUND_S = 300  # generous: a loaded 2-core machine starts a trainer in seconds, this bounds a hang
-
-
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `root` with its size and modification time (to see that nothing was written)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
-
-
-def _wait_for(condition, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + BOUND_S
-    while not condition():
-        assert proc.poll() is None, f"the trainer exited before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {BOUND_S} s"
-        time.sleep(0.01)
 
 
 def test_a_second_trainer_is_refused_and_a_killed_holder_is_taken_over(tmp_path: Path) -> None:
@@ -49,15 +34,15 @@ def test_a_second_trainer_is_refused_and_a_killed_holder_is_taken_over(tmp_path:
         start_new_session=True,
     )
     try:
-        _wait_for(lambda: (run_dir / "stage-0008" / "latest.pt").exists(), holder, "checkpoint")
+        wait_for(lambda: (run_dir / "stage-0008" / "latest.pt").exists(), "checkpoint", holder)
         lock = json.loads((run_dir / LOCK_NAME).read_text())
         assert lock["pid"] == holder.pid and lock["host"] == socket.gethostname()
         os.kill(holder.pid, signal.SIGSTOP)  # hold still: nothing of the holder's may change the tree meanwhile
-        before = _tree(run_dir)
+        before = file_listing(run_dir)
         second = subprocess.run(
             [PGAN_TRAIN, *overrides, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=BOUND_S
         )
-        after = _tree(run_dir)
+        after = file_listing(run_dir)
         os.kill(holder.pid, signal.SIGCONT)
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()

@@ -13,7 +13,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 from PIL import Image
 
 from pgan.cli.sample import sample, timelapse
@@ -58,11 +58,10 @@ def test_slerp_follows_the_great_circle_between_its_ends() -> None:
     torch.testing.assert_close(angles.sum(), total)  # on the great circle, not a shortcut
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny 8 px generator, trained for a few steps."""
-    run_dir = tmp_path_factory.mktemp("sample")
-    return train(compose_config(*TINY, "schedule.resolutions=[8]", "diversity.enabled=false"), run_dir)
+@pytest.fixture
+def checkpoint(tiny_checkpoint_8px: Path) -> Path:
+    """A tiny 8 px generator, trained for a few steps (the session's)."""
+    return tiny_checkpoint_8px
 
 
 def _sample(checkpoint: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -7,13 +7,20 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import CONF_DIR, TINY
+from helpers import (
+    CONF_DIR,
+    LONG,
+    STAGE,
+    TINY,
+    TORCHRUN,
+    TRAIN_TIMEOUT_S,
+    start_and_wait_for_stage_16,
+    wait_for,
+    wait_until_training_stage_16,
+)
 from hydra import compose, initialize_config_dir
-from test_distributed import TORCHRUN
-from test_reliability import LONG, STAGE, _start_and_wait_for_stage_16
 
 from pgan.checkpoint import load_checkpoint, snapshots
 
@@ -53,13 +60,9 @@ def test_sigusr1_writes_a_checkpoint_hands_the_signal_on_and_exits_138(tmp_path:
     proc = subprocess.Popen(
         [*args, f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 120
-    while not (run_dir / STAGE / "latest.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no stage-16 snapshot"
-        time.sleep(0.005)
-    time.sleep(0.2)
+    wait_until_training_stage_16(proc, run_dir)
     proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 138, stderr
     assert "received SIGUSR1: finishing the current step" in stderr and "Traceback" not in stderr
     written = load_checkpoint(run_dir / STAGE / "latest.pt")
@@ -70,9 +73,9 @@ def test_sigusr1_writes_a_checkpoint_hands_the_signal_on_and_exits_138(tmp_path:
 
 def test_plain_pgan_train_exits_138_on_sigusr1(tmp_path: Path) -> None:
     """Without a previous handler (SIGUSR1's default would kill the process) nothing is handed on."""
-    proc = _start_and_wait_for_stage_16(tmp_path / "run")
+    proc = start_and_wait_for_stage_16(tmp_path / "run")
     proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 138, stderr
     assert f"resume with: pgan-train hydra.run.dir={tmp_path / 'run'}" in stderr
 
@@ -82,16 +85,13 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_next_tick(t
     args = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pgan.train", *TINY]
     args += ["schedule.stable_kimg=1.0", "diversity.enabled=false", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    deadline = time.monotonic() + 120
-    while not (run_dir / "stage-0016" / "latest.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no stage-16 snapshot"
-        time.sleep(0.005)
+    wait_for(lambda: (run_dir / "stage-0016" / "latest.pt").exists(), "stage-16 snapshot", proc)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2
     # The workers are started in rank order; signal the second one only.
     rank_1 = max(int(pid) for pid in workers)
     subprocess.run(["kill", "-USR1", str(rank_1)], check=True)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode != 0  # torchrun reports the workers' exit code 138 as a failure
     assert stderr.count("stopped by SIGUSR1 after the current step") == 2, stderr[-3000:]  # both ranks
     stopped = load_checkpoint(run_dir / "stage-0016" / "latest.pt")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 from torch._dynamo.utils import counters
 
 from pgan.errors import UserError

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_eval import _eval, folders  # noqa: F401 - the fixture
+from helpers import run_eval
 
 from pgan.data import ShapesDataset
 from pgan.metrics.swd import laplacian_pyramid, pyramid_up, swd
@@ -48,10 +48,10 @@ def test_swd_is_deterministic_for_a_seed_and_checks_its_inputs(shapes: torch.Ten
         swd(shapes, shapes[:, :1])
 
 
-def test_pgan_eval_reports_swd_per_level_and_mean(folders) -> None:  # noqa: F811 - the imported fixture
-    result = _eval(f"real={folders['real']}", f"fake={folders['healthy']}", "metrics=[swd]", "device=cpu")
+def test_pgan_eval_reports_swd_per_level_and_mean(folders) -> None:
+    result = run_eval(f"real={folders['real']}", f"fake={folders['healthy']}", "metrics=[swd]", "device=cpu")
     assert set(result) == {"swd_32", "swd_16", "swd"} and result["swd"] > 0
-    collapsed = _eval(f"real={folders['real']}", f"fake={folders['collapsed']}", "metrics=[swd]", "device=cpu")
+    collapsed = run_eval(f"real={folders['real']}", f"fake={folders['collapsed']}", "metrics=[swd]", "device=cpu")
     assert collapsed["swd"] > 1.5 * result["swd"]
-    both = _eval(f"real={folders['real']}", f"fake={folders['healthy']}", "metrics=[diversity,swd]", "device=cpu")
+    both = run_eval(f"real={folders['real']}", f"fake={folders['healthy']}", "metrics=[diversity,swd]", "device=cpu")
     assert {"swd", "vendi_ratio", "state"} <= both.keys()

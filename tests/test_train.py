@@ -7,14 +7,22 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TINY, compose_config
+from helpers import (
+    PGAN_TRAIN,
+    TINY,
+    TRAIN_TIMEOUT_S,
+    assert_same_state,
+    compose_config,
+    jsonl_rows,
+    stats_rows,
+    wait_for,
+    wait_until_training_stage_16,
+)
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -24,49 +32,11 @@ from pgan.errors import UserError
 from pgan.schedule import alpha_at, stages_from_config
 from pgan.train.loop import train
 
-PGAN_TRAIN = str(Path(sys.executable).with_name("pgan-train"))
-STATE_KEYS = ("G", "D", "G_ema", "opt_G", "opt_D")
 
-
-def assert_same_state(a: dict, b: dict) -> None:
-    """Every tensor of the networks and optimizers is bit-identical."""
-    for key in STATE_KEYS:
-        flat_a, flat_b = _flatten(a[key]), _flatten(b[key])
-        assert flat_a.keys() == flat_b.keys(), key
-        for name, value in flat_a.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, flat_b[name]), f"{key}.{name} differs"
-            else:
-                assert value == flat_b[name], f"{key}.{name} differs"
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out |= _flatten(v, f"{prefix}{k}.")
-        return out
-    if isinstance(tree, (list, tuple)):
-        return _flatten(dict(enumerate(tree)), prefix)
-    return {prefix: tree}
-
-
-def _jsonl(run_dir: Path, name: str) -> list[dict]:
-    """The rows of a run's <name>.jsonl."""
-    return [json.loads(line) for line in (run_dir / f"{name}.jsonl").read_text().splitlines()]
-
-
-def _stats(run_dir: Path) -> list[dict]:
-    """The rows of a run's stats.jsonl."""
-    return _jsonl(run_dir, "stats")
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> Path:
-    """One uninterrupted tiny 8 -> 16 px run, shared by the tests that compare against it."""
-    run_dir = tmp_path_factory.mktemp("full")
-    train(compose_config(*TINY), run_dir)
-    return run_dir
+@pytest.fixture
+def full_run(tiny_run: Path) -> Path:
+    """One uninterrupted tiny 8 -> 16 px run (the session's), shared by the tests that compare against it."""
+    return tiny_run
 
 
 def test_run_directory_layout(full_run: Path) -> None:
@@ -99,7 +69,7 @@ def test_final_checkpoint_contents(full_run: Path) -> None:
 
 def test_stats_cover_the_fade(full_run: Path) -> None:
     """stats.jsonl logs alpha rising 0 -> 1 in the second stage and a continuous, increasing step."""
-    rows = _stats(full_run)
+    rows = stats_rows(full_run)
     steps = [r["step"] for r in rows]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     alphas = [r["Progress/alpha"] for r in rows if r["Progress/resolution"] == 16]
@@ -155,15 +125,15 @@ def test_resume_mid_fade_is_bit_identical(full_run: Path, tmp_path: Path) -> Non
         load_checkpoint(tmp_path / "stage-0016" / "final.pt"), load_checkpoint(full_run / "stage-0016" / "final.pt")
     )
     # The logged averages after the resume, the partial tick included, are those of the uninterrupted run.
-    full = {r["step"]: r for r in _stats(full_run)}
-    resumed = _stats(tmp_path)
+    full = {r["step"]: r for r in stats_rows(full_run)}
+    resumed = stats_rows(tmp_path)
     assert resumed and resumed[0]["step"] > latest["total_nimg"]
     for row in resumed:
         for key in ("Loss/D", "Loss/G", "Loss/gp", "Scores/real", "Scores/fake", "Progress/alpha"):
             assert row[key] == full[row["step"]][key], (row["step"], key)
     # So are the diversity evaluations and the collapse detector's states (diversity metrics included).
-    kept = [r for r in _jsonl(full_run, "collapse") if r["step"] > latest["total_nimg"]]
-    assert kept and _jsonl(tmp_path, "collapse") == kept
+    kept = [r for r in jsonl_rows(full_run, "collapse") if r["step"] > latest["total_nimg"]]
+    assert kept and jsonl_rows(tmp_path, "collapse") == kept
 
 
 def test_init_from_grows_the_first_stage_with_a_fade_and_resumes_across_stages(full_run: Path, tmp_path: Path) -> None:
@@ -173,7 +143,7 @@ def test_init_from_grows_the_first_stage_with_a_fade_and_resumes_across_stages(f
     train(compose_config(*overrides), tmp_path / "full")
     first = load_checkpoint(tmp_path / "full" / "stage-0016" / "final.pt")
     assert first["stage_info"]["fade_kimg"] == 0.128
-    assert _stats(tmp_path / "full")[0]["Progress/alpha"] < 1
+    assert stats_rows(tmp_path / "full")[0]["Progress/alpha"] < 1
     shutil.copytree(tmp_path / "full" / "stage-0016", tmp_path / "killed" / "stage-0016")  # killed at the boundary
     train(compose_config(*overrides), tmp_path / "killed")
     assert_same_state(
@@ -218,7 +188,7 @@ def test_every_loss_trains(loss: str, tmp_path: Path) -> None:
         compose_config(*TINY, f"loss={loss}", *extra, "schedule.resolutions=[8]", "schedule.stable_kimg=0.032"),
         tmp_path,
     )
-    rows = _stats(tmp_path)
+    rows = stats_rows(tmp_path)
     assert all(torch.isfinite(torch.tensor([r["Loss/D"], r["Loss/G"]])).all() for r in rows)
     assert (rows[-1]["Loss/gp"] > 0) == (loss != "hinge")
 
@@ -264,7 +234,7 @@ def test_bf16_autocast_path_trains(loss: str, tmp_path: Path) -> None:
     """precision=bf16 runs the autocast path CUDA uses (here on the CPU), penalties included, across a fade."""
     extra = ["loss.r1_gamma=1.0"] if loss == "logistic" else []
     train(compose_config(*TINY, "precision=bf16", f"loss={loss}", *extra), tmp_path)
-    rows = _stats(tmp_path)
+    rows = stats_rows(tmp_path)
     assert any(0 < r["Progress/alpha"] < 1 for r in rows)
     assert all(torch.isfinite(torch.tensor([r["Loss/D"], r["Loss/G"], r["Loss/gp"]])).all() for r in rows)
     assert all(r["Loss/gp"] > 0 for r in rows)
@@ -335,19 +305,17 @@ def test_cli_killed_and_resumed_matches_uninterrupted(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    while not (run_dir / "stage-0016" / "latest.pt").exists():
-        assert proc.poll() is None, "the trainer exited before it could be killed"
-        assert time.monotonic() < deadline, "the trainer never wrote a stage-16 checkpoint"
-        time.sleep(0.005)
+    wait_for(lambda: (run_dir / "stage-0016" / "latest.pt").exists(), "stage-16 checkpoint to kill it at", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (run_dir / "stage-0016" / "final.pt").exists()
     # The saved overrides (the tiny model and schedule) must be re-applied from the run directory.
-    resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "tensorboard --logdir" in resumed.stdout
-    steps = [row["step"] for row in _stats(run_dir)]
+    steps = [row["step"] for row in stats_rows(run_dir)]
     assert steps == sorted(set(steps)), "stats.jsonl repeats what the killed run logged after its checkpoint"
     assert_same_state(
         load_checkpoint(run_dir / "stage-0016" / "final.pt"),
@@ -364,14 +332,11 @@ def test_cli_ctrl_c_exits_130_with_the_resume_command(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
     # Mid-stage, not at the stage boundary: once in a full-suite run (not reproduced since) a SIGINT sent
     # the moment stage-0008/final.pt appeared was lost and the run finished with 0.
-    while not (run_dir / "stage-0016" / "latest.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until_training_stage_16(proc, run_dir)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 130, stderr
     assert "stopped by SIGINT after the current step; checkpoint written:" in stderr
     assert f"resume with: pgan-train hydra.run.dir={run_dir}" in stderr
