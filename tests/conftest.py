@@ -3,13 +3,21 @@ test files. A test that changes a shared run trains, resumes or writes in its ow
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
-from helpers import CONF_DIR, TINY, TINY_8PX, compose_config, file_listing, write_idx, write_images  # noqa: F401
-from omegaconf import DictConfig
+# torch on one thread unless OMP_NUM_THREADS says otherwise: the tiny networks gain nothing from a second one, and
+# on a busy 2-core machine OpenMP threads waiting for each other made training ~10x slower (test_train.py: 177 s
+# with 2 threads, 18 s with 1, at a load of 4). Set before torch is imported; the pgan-* and torchrun processes
+# the tests start inherit it, so a run in this process and one in a CLI compute alike (bit for bit).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from helpers import CONF_DIR, TINY, TINY_8PX, compose_config, file_listing, write_idx, write_images  # noqa: E402, F401
+from omegaconf import DictConfig  # noqa: E402
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ and `pgan-eval metrics=[...]` with them. Known answers on the offline random emb
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +171,8 @@ def test_pgan_eval_reports_every_metric_as_json(folders, tmp_path: Path) -> None
         capture_output=True,
         text=True,
         timeout=300,
-        env={"TORCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        # A bare environment (no cached weights, no venv on PATH), with the suite's torch threads (conftest.py).
+        env={"TORCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]},
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
