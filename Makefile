@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: help install train test bench lint test-all clean
+.PHONY: help install train test test-quick bench lint test-all clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ train: $(STAMP) ## the default multi-stage run (32 -> 256 px, procedural shapes,
 
 test: $(STAMP) ## the fast test suite (no GPU, no network)
 	$(PY) -m pytest -q
+
+test-quick: $(STAMP) ## the in-process tests only, for a quick loop (no torchrun, servers or pgan-* processes)
+	$(PY) -m pytest -q -m 'not slow and not distributed and not server and not subprocess'
 
 bench: $(STAMP) ## pgan-bench: img/s, FLOPs, MFU, memory, loader speed of the training step (small model, 32-128 px); extra overrides in ARGS="..."
 	$(VENV)/bin/pgan-bench $(ARGS)

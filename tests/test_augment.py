@@ -362,6 +362,7 @@ def test_bad_augment_settings_are_one_line_user_errors(overrides: list[str], mes
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ranks_augment_and_adapt_p_like_one_process(tmp_path: Path) -> None:
     """torchrun with 2 ranks: each augments its chunk with its rows of the global batch's random numbers, r_t is
     averaged across the ranks, so p and the weights are those of one process with the same global batch."""

@@ -63,6 +63,7 @@ def bench_lines() -> tuple[list[dict], str]:
     return [json.loads(line) for line in result.stdout.splitlines()], result.stderr
 
 
+@pytest.mark.subprocess
 def test_one_json_line_per_resolution_and_alpha_with_the_fields(bench_lines) -> None:
     lines, table = bench_lines
     assert [(r["resolution"], r["alpha"]) for r in lines] == [(8, 0.5), (8, 1.0), (16, 0.5), (16, 1.0)]
@@ -105,6 +106,7 @@ def _assert_rounded(r: dict, key: str, interval: tuple[float, float]) -> None:
     assert interval[0] - half <= r[key] <= interval[1] + half, (key, r[key], interval)
 
 
+@pytest.mark.subprocess
 def test_channels_map_every_resolution_from_4_up(bench_lines) -> None:
     lines, _ = bench_lines
     for r in lines:
@@ -112,6 +114,7 @@ def test_channels_map_every_resolution_from_4_up(bench_lines) -> None:
         assert r["channels"] == expected
 
 
+@pytest.mark.subprocess
 def test_flops_grow_with_resolution(bench_lines) -> None:
     """Four times the pixels: the 16 px iteration costs more FLOPs per image than the 8 px one."""
     lines, _ = bench_lines
@@ -157,6 +160,7 @@ def test_iteration_flops_count_the_gradient_penalty() -> None:
     ("override", "message"),
     [("resolutions=[24]", "error: resolutions:"), ("loss.penalty_every=0", "error: loss.penalty_every must be")],
 )
+@pytest.mark.subprocess
 def test_bad_settings_are_one_line_exit_2(override: str, message: str) -> None:
     result = subprocess.run([PGAN_BENCH, override], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr

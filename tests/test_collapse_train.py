@@ -129,6 +129,7 @@ def test_rollback_before_any_periodic_checkpoint_goes_back_to_the_stage_start(tm
     assert [r["kimg"] for r in rows if r.get("event") == "rollback"] == [0.0, 0.0]
 
 
+@pytest.mark.subprocess
 def test_cli_stop_exits_3_with_one_error_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = subprocess.run(

@@ -146,6 +146,7 @@ def test_pgan_sample_class_on_an_unconditional_generator_is_a_user_error(
         _sample_dir(tiny_checkpoint_8px, tmp_path / "x", "class=1")
 
 
+@pytest.mark.server
 def test_the_demo_has_a_class_selector_that_matches_pgan_sample(conditional_run: Path, tmp_path: Path) -> None:
     """A conditional G's app takes (seed, n, psi, class) at /generate, classes by name from a selector; the
     grid is pgan-sample's for the same class."""

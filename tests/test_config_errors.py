@@ -76,6 +76,7 @@ def test_init_from_the_wrong_resolution_is_refused(run_8px: Path, tmp_path: Path
         ("schedule.batch_size=abc", "error: schedule.batch_size at 32 px must be an integer, got 'abc'"),
     ],
 )
+@pytest.mark.subprocess
 def test_cli_config_mistakes_are_one_line_exit_2(override: str, expected: str, tmp_path: Path) -> None:
     """Typos in keys, unknown options and unparsable overrides: one line naming the culprit, exit 2."""
     result = subprocess.run(

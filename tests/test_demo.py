@@ -65,6 +65,7 @@ def _grid_size(n: int, resolution: int, padding: int = 2) -> tuple[int, int]:
     return cols * resolution + (cols + 1) * padding, rows * resolution + (rows + 1) * padding
 
 
+@pytest.mark.subprocess
 def test_the_apps_grid_is_pgan_samples_grid(checkpoint: Path, tmp_path: Path) -> None:
     G, alpha = generator_from_checkpoint(load_checkpoint(checkpoint))
     grid = grid_for(G, alpha, seed=3, n=5, psi=0.7)
@@ -142,6 +143,7 @@ def client(server: str, tmp_path: Path) -> Iterator[gradio_client.Client]:
         client.close()
 
 
+@pytest.mark.server
 def test_the_server_answers_through_gradio_client(server: str, client, checkpoint: Path) -> None:
     assert server.startswith("http://127.0.0.1:")  # the default host: this machine only
     port = int(re.search(r":(\d+)/?$", server).group(1))
@@ -162,6 +164,7 @@ def test_the_server_answers_through_gradio_client(server: str, client, checkpoin
         client.predict(1, 17, 0.0, api_name="/generate")
 
 
+@pytest.mark.subprocess
 def test_a_missing_checkpoint_is_one_line_before_gradio_is_imported(tmp_path: Path) -> None:
     # With gradio unimportable: an error about gradio instead would mean it was imported first.
     (tmp_path / "gradio").mkdir()

@@ -37,6 +37,7 @@ def two_rank_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return run_dir, result
 
 
+@pytest.mark.distributed
 def test_two_ranks_compute_what_one_process_with_the_same_global_batch_computes(two_rank_run, tmp_path: Path) -> None:
     run_dir, _ = two_rank_run
     single = train(compose_config(*TINY, *SAME_FUNCTION), tmp_path / "single")
@@ -50,6 +51,7 @@ def test_two_ranks_compute_what_one_process_with_the_same_global_batch_computes(
         assert a["Loss/D"] == pytest.approx(b["Loss/D"], rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.distributed
 def test_a_conditional_two_rank_run_computes_what_one_process_computes(tmp_path: Path) -> None:
     """Each rank's images come with their own labels (the sampler's chunks), so the class-conditional step
     is data parallel too."""
@@ -64,6 +66,7 @@ def test_a_conditional_two_rank_run_computes_what_one_process_computes(tmp_path:
             torch.testing.assert_close(value, single[key][name], **TOLERANCE, msg=f"{key}.{name}")
 
 
+@pytest.mark.distributed
 def test_only_rank_0_writes_and_prints(two_rank_run) -> None:
     run_dir, result = two_rank_run
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer
@@ -82,6 +85,7 @@ def test_only_rank_0_writes_and_prints(two_rank_run) -> None:
     ]
 
 
+@pytest.mark.distributed
 def test_a_two_rank_run_resumes_bit_identically(two_rank_run, tmp_path: Path) -> None:
     """Killed mid-fade (final.pt and the newest snapshots gone), resumed on 2 ranks: the same weights. The
     save before it also checked that both ranks held the same weights (pgan.dist.check_in_sync)."""
@@ -149,6 +153,7 @@ def _sync_check(rank: int, port: int, result_dir: str) -> None:
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_ranks_out_of_sync_are_caught(tmp_path: Path) -> None:
     import socket
 
@@ -162,6 +167,7 @@ def test_ranks_out_of_sync_are_caught(tmp_path: Path) -> None:
         assert "the ranks' weights differ (1 tensors)" in (tmp_path / f"rank{rank}").read_text()
 
 
+@pytest.mark.distributed
 def test_without_a_run_directory_the_ranks_agree_on_one(tmp_path: Path) -> None:
     """Hydra would resolve runs/${now:...} in each process; the ranks use rank 0's."""
     args = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pgan.train", *TINY]

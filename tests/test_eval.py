@@ -56,6 +56,7 @@ def test_checkpoint_against_a_dataset_config(tiny_run_8px: Path, tmp_path: Path)
         run_eval(f"ckpt={final}", "num_fake=0")
 
 
+@pytest.mark.subprocess
 def test_cli_prints_json_last_and_exits_0_whatever_the_verdict(folders) -> None:
     run = subprocess.run(
         [PGAN_EVAL, f"real={folders['real']}", f"fake={folders['collapsed']}", "metrics=[diversity]", "device=cpu"],
@@ -82,6 +83,7 @@ def test_bad_inputs_are_one_line_errors(overrides: list[str], message: str, fold
         run_eval(*overrides)
 
 
+@pytest.mark.subprocess
 def test_cli_error_is_one_line_and_exit_2(folders, tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     run = subprocess.run(

@@ -66,6 +66,7 @@ def test_safetensors_round_trip_is_bit_exact(tmp_path: Path) -> None:
     assert not list((tmp_path / "x").glob(".*"))  # no temporary files left behind
 
 
+@pytest.mark.subprocess
 def test_the_config_describes_the_generator_and_where_it_came_from(checkpoint: Path, tmp_path: Path) -> None:
     state = load_checkpoint(checkpoint)
     result = _export(f"ckpt={checkpoint}", f"out={tmp_path / 'x'}", cwd=tmp_path)
@@ -120,6 +121,7 @@ assert not [m for m in sys.modules if m.startswith(("pgan.train", "pgan.checkpoi
 """
 
 
+@pytest.mark.subprocess
 def test_an_export_rebuilds_without_its_checkpoint_or_the_training_code(checkpoint: Path, tmp_path: Path) -> None:
     own = tmp_path / "final.pt"
     shutil.copy(checkpoint, own)
@@ -136,6 +138,7 @@ def test_an_export_rebuilds_without_its_checkpoint_or_the_training_code(checkpoi
     assert torch.equal(torch.load(tmp_path / "images.pt", weights_only=True), _images(G, alpha))
 
 
+@pytest.mark.subprocess
 def test_pgan_export_onnx_matches_pytorch_mid_fade_for_any_batch_size(tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     G = _fading_generator()
@@ -220,6 +223,7 @@ def test_damaged_files_in_an_export_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["dir", "ckpt"])
+@pytest.mark.subprocess
 def test_pgan_export_of_a_bad_source_exits_2_with_one_line(tmp_path: Path, bad: str) -> None:
     source = tmp_path / ("empty" if bad == "dir" else "other.pt")
     if bad == "dir":

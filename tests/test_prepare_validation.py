@@ -46,6 +46,7 @@ def _fresh_scans():
     forget_scans()
 
 
+@pytest.mark.subprocess
 def test_images_too_small_for_the_largest_resolution_write_nothing(tmp_path: Path) -> None:
     write_images(tmp_path / "images", 5, 80)
     before = listing(tmp_path)
@@ -60,6 +61,7 @@ def test_images_too_small_for_the_largest_resolution_write_nothing(tmp_path: Pat
     assert listing(tmp_path) == before
 
 
+@pytest.mark.subprocess
 def test_a_class_lost_at_one_resolution_writes_nothing(tmp_path: Path) -> None:
     data = tmp_path / "classes"
     write_images(data / "big", 2, 140)

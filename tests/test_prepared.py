@@ -181,6 +181,7 @@ def test_training_on_a_store_equals_training_on_the_fly(tmp_path: Path, capsys) 
     assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".json", ".npy", ".npy"]
 
 
+@pytest.mark.subprocess
 def test_pgan_prepare_makes_every_resolution_then_finds_them_up_to_date(image_folder: Path) -> None:
     args = [PGAN_PREPARE, "data=folder", f"data.path={image_folder}", "resolutions=[8,16]"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -199,6 +200,7 @@ def test_pgan_prepare_makes_every_resolution_then_finds_them_up_to_date(image_fo
         ("resolutions=[12]", "error: resolutions: resolution must be a power of two"),
     ],
 )
+@pytest.mark.subprocess
 def test_pgan_prepare_user_errors_are_one_line(tmp_path: Path, image_folder: Path, override: str, message: str) -> None:
     args = [PGAN_PREPARE, "data=folder", f"data.path={image_folder}", override.format(missing=tmp_path / "nope")]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)

@@ -157,6 +157,7 @@ def test_missing_or_bad_inception_weights_are_one_line_errors(tmp_path: Path, mo
         feature_space("inception", str(garbage), CPU)
 
 
+@pytest.mark.subprocess
 def test_pgan_eval_reports_every_metric_as_json(folders, tmp_path: Path) -> None:
     run = subprocess.run(
         [

@@ -180,6 +180,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.subprocess
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """A write that fails part-way (a file-size limit standing in for a full disk) leaves the old file
     intact and no temporary file behind."""
@@ -211,6 +212,7 @@ def long_reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.subprocess
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(long_reference: Path, tmp_path: Path) -> None:
     """SIGTERM mid-stage: exit 143 after writing a snapshot at the current step (not a periodic one: those
     are 10 kimg apart here); the resumed run is bit-identical to an uninterrupted one."""
@@ -231,6 +233,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(long_refere
     assert_same_state(_final(run_dir), _final(long_reference))
 
 
+@pytest.mark.subprocess
 def test_crashed_loader_worker_is_reported_and_the_run_goes_on(long_reference: Path, tmp_path: Path) -> None:
     """SIGKILL a DataLoader worker: the trainer reports it, continues from the newest snapshot and ends
     bit-identical to an uninterrupted run."""
@@ -295,6 +298,7 @@ def test_a_run_of_non_finite_steps_rolls_back_with_lower_learning_rates(tmp_path
     assert all(v.isfinite().all() for v in final["G"].values())
 
 
+@pytest.mark.subprocess
 def test_persistent_non_finite_steps_give_up_with_exit_code_4(tmp_path: Path) -> None:
     """When every retry is poisoned again the trainer gives up after guard.max_rollbacks: exit 4, one line."""
     overrides = [_inject(10, 99), "guard.max_bad_steps=4", "guard.max_rollbacks=1"]

@@ -43,6 +43,7 @@ def written(tiny_run: Path, tmp_path_factory) -> tuple[subprocess.CompletedProce
     return _report(f"run={tiny_run}", f"out={out}", cwd=out.parent), out
 
 
+@pytest.mark.subprocess
 def test_the_cli_writes_a_png_and_markdown_and_prints_their_paths_and_a_json_line(written) -> None:
     result, out = written
     assert result.returncode == 0, result.stderr
@@ -58,6 +59,7 @@ def test_the_cli_writes_a_png_and_markdown_and_prints_their_paths_and_a_json_lin
     assert pixels.std() > 10  # curves and text, not a blank canvas
 
 
+@pytest.mark.subprocess
 def test_the_markdown_lists_both_stages_with_their_time(written) -> None:
     text = (written[1] / "report.md").read_text()
     for stage in STAGES:
@@ -87,6 +89,7 @@ def test_the_table_spans_the_run_and_the_boundaries_are_the_schedules(run_dir: P
     assert all(s > 0 for s in seconds)
 
 
+@pytest.mark.subprocess
 def test_a_resumed_run_reports_each_kimg_once(run_dir: Path, tmp_path: Path, capsys) -> None:
     """Killed late in stage 16 (final.pt gone, its log ahead of the snapshot) and resumed: the default out= is the
     run directory, and the report's rows are the uninterrupted run's."""
@@ -141,6 +144,7 @@ def test_a_directory_that_is_not_a_run_is_named(run_dir: Path, tmp_path: Path, s
     assert not (run / "report.png").exists()
 
 
+@pytest.mark.subprocess
 def test_the_cli_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
     result = _report(f"run={tmp_path / 'nothing'}", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr == f"error: run={tmp_path / 'nothing'}: no such directory\n"

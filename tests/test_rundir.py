@@ -21,6 +21,7 @@ from pgan.train.rundir import LOCK_NAME, RunDirLock, check_free
 BOUND_S = 300  # generous: a loaded 2-core machine starts a trainer in seconds, this bounds a hang
 
 
+@pytest.mark.subprocess
 def test_a_second_trainer_is_refused_and_a_killed_holder_is_taken_over(tmp_path: Path) -> None:
     """While one pgan-train trains in DIR, a second one exits 2 at once with one line naming the holder and
     writes nothing (not even Hydra's files); after the holder is SIGKILLed, the next one takes over with a
@@ -61,6 +62,7 @@ def test_a_second_trainer_is_refused_and_a_killed_holder_is_taken_over(tmp_path:
     assert not (run_dir / LOCK_NAME).exists(), "the lock outlived the trainer that held it"
 
 
+@pytest.mark.subprocess
 def test_a_live_holder_blocks_train_and_a_dead_or_reused_pid_does_not(tmp_path: Path) -> None:
     """In-process: a lock naming a live process (here: a sleeping child) refuses train(); one whose pid has
     gone, or whose pid now belongs to a process started at another time, is taken over."""
@@ -95,6 +97,7 @@ def test_a_holder_on_another_host_is_refused_with_what_to_do(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("with_run_dir", [True, False])
+@pytest.mark.subprocess
 def test_a_bad_setting_leaves_no_run_directory(tmp_path: Path, with_run_dir: bool) -> None:
     """`pgan-train 'schedule.resolutions=[16,48]'` exits 2 with one line and leaves nothing: neither the named
     run directory nor a runs/<time>/ with Hydra's .hydra/ and train.log."""

@@ -82,6 +82,7 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+@pytest.mark.subprocess
 def test_a_grid_for_a_seed_and_a_count(checkpoint: Path, tmp_path: Path) -> None:
     result = _sample(checkpoint, "seed=3", "n=5", "out=a.png", cwd=tmp_path)  # the CLI itself, once
     assert result.returncode == 0, result.stderr
@@ -119,7 +120,9 @@ def test_a_latent_walk_as_a_strip_and_as_a_looping_gif(checkpoint: Path, tmp_pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["out=x.png", "ckpt=/no/such.pt"], "error: checkpoint not found: /no/such.pt"),
+        pytest.param(
+            ["out=x.png", "ckpt=/no/such.pt"], "error: checkpoint not found: /no/such.pt", marks=pytest.mark.subprocess
+        ),
         (["out=x.jpg"], "error: out=x.jpg: expected FILE.png (a grid) or DIR/"),
         (["out=x.png", "psi=-1"], "error: psi must be > 0"),
         (["out=x.png", "which=D"], "error: which must be G_ema or G"),
@@ -159,6 +162,7 @@ def test_the_frames_follow_the_run_with_resolution_and_alpha(two_stage_run: Path
     assert frames[-1].caption == f"{frames[-1].kimg:.3f} kimg   16 px   alpha 1.00"
 
 
+@pytest.mark.subprocess
 def test_pgan_sample_timelapse_writes_one_captioned_frame_per_grid(two_stage_run: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [PGAN_SAMPLE, "timelapse", f"run={two_stage_run}", "out=progress.gif"],

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import (
     CONF_DIR,
     LONG,
@@ -54,6 +55,7 @@ def test_the_slurm_launcher_preset_composes() -> None:
     assert launcher.signal_delay_s >= 120 and launcher.max_num_timeout > 0  # checkpoint, then requeue
 
 
+@pytest.mark.subprocess
 def test_sigusr1_writes_a_checkpoint_hands_the_signal_on_and_exits_138(tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
     args = [sys.executable, "-c", WITH_PREVIOUS_HANDLER, str(marker), str(run_dir / STAGE), *LONG]
@@ -71,6 +73,7 @@ def test_sigusr1_writes_a_checkpoint_hands_the_signal_on_and_exits_138(tmp_path:
     assert f"ckpt-{written['nimg']:010d}.pt" in marker.read_text().split()
 
 
+@pytest.mark.subprocess
 def test_plain_pgan_train_exits_138_on_sigusr1(tmp_path: Path) -> None:
     """Without a previous handler (SIGUSR1's default would kill the process) nothing is handed on."""
     proc = start_and_wait_for_stage_16(tmp_path / "run")
@@ -80,6 +83,7 @@ def test_plain_pgan_train_exits_138_on_sigusr1(tmp_path: Path) -> None:
     assert f"resume with: pgan-train hydra.run.dir={tmp_path / 'run'}" in stderr
 
 
+@pytest.mark.distributed
 def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_next_tick(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pgan.train", *TINY]

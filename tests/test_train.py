@@ -283,6 +283,7 @@ def _cli(run_dir: Path, *overrides: str) -> list[str]:
     return [PGAN_TRAIN, *TINY, f"hydra.run.dir={run_dir}", *overrides]
 
 
+@pytest.mark.subprocess
 def test_cli_user_error_is_one_line(tmp_path: Path) -> None:
     """`pgan-train` with a missing data folder exits 2 with one line naming the path, no traceback."""
     missing = tmp_path / "no-such-folder"
@@ -294,6 +295,7 @@ def test_cli_user_error_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.subprocess
 def test_cli_killed_and_resumed_matches_uninterrupted(tmp_path: Path) -> None:
     """SIGKILL `pgan-train` mid-stage, then `pgan-train hydra.run.dir=DIR` alone: bit-identical final weights."""
     overrides = [*TINY, "schedule.stable_kimg=0.4", "checkpoint.every_kimg=0.04"]  # long enough to kill mid-stage
@@ -323,6 +325,7 @@ def test_cli_killed_and_resumed_matches_uninterrupted(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.subprocess
 def test_cli_ctrl_c_exits_130_with_the_resume_command(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) mid-run writes a checkpoint, exits with 130 and says how to resume."""
     run_dir = tmp_path / "run"
