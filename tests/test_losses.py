@@ -287,6 +287,6 @@ def test_make_loss_unknown_name_lists_the_valid_ones():
         make_loss("lsgan")
     message = str(info.value)
     assert "lsgan" in message
-    assert set(LOSS_NAMES) == {"wgan_gp", "logistic", "hinge"}
+    assert set(LOSS_NAMES) == {"wgan_gp", "logistic", "hinge", "rpgan"}
     for name in LOSS_NAMES:
         assert name in message

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from pgan.dist import average_gradients, draw_for_rank
 from pgan.layers import at_least_fp32, downsample_2x, upsample_2x
-from pgan.losses import Loss, gradient_penalty, r1_penalty
+from pgan.losses import Loss, gradient_penalty, r1_penalty, zero_centred_penalty
 from pgan.schedule import alpha_at
 from pgan.schedule import ema_beta as ema_beta_for
 from pgan.train.guard import guarded_step, nonfinite
@@ -59,6 +59,9 @@ def d_step(
     fakes D just scored. `Augment/rt` (the mean of sign(D(augmented reals)), ADA's overfitting measure) is
     returned too.
 
+    With `loss.r2_gamma > 0` the zero-centred penalty on the fakes (R2) is added beside R1; the fakes are
+    detached first, so the double backward stays inside D.
+
     `with_penalty=False` leaves the penalty out (lazy regularisation: the steps in between); when it is in,
     it is scaled by `loss.penalty_every` so that its average weight stays the configured one. `D` may be a
     torch.compile'd module: the calls the penalty differentiates twice then go through `eager_D`, the same
@@ -71,13 +74,16 @@ def d_step(
         with torch.no_grad(), autocast:
             fakes = G(z, alpha, labels)
     penalty_kind = loss.penalty if with_penalty else "none"
+    r2 = with_penalty and loss.r2_gamma > 0
     if penalty_kind == "r1":
         reals = reals.detach().requires_grad_(True)
+    if r2:  # detached: the penalty's double backward stays inside D
+        fakes = fakes.detach().requires_grad_(True)
     d_reals = reals if augment is None else augment(reals)
     d_fakes = fakes if augment is None else augment(fakes)
     with autocast:
         real_scores = at_least_fp32((eager_D if penalty_kind == "r1" else D)(d_reals, alpha, labels))
-        fake_scores = at_least_fp32(D(d_fakes, alpha, labels))
+        fake_scores = at_least_fp32((eager_D if r2 else D)(d_fakes, alpha, labels))
     d_loss = loss.d_loss(real_scores, fake_scores)
     weight = loss.penalty_weight * loss.penalty_every
     if penalty_kind == "gp":
@@ -91,6 +97,8 @@ def d_step(
         penalty = r1_penalty(real_scores, reals, weight)
     else:
         penalty = torch.zeros((), device=reals.device)
+    if r2:
+        penalty = penalty + zero_centred_penalty(fake_scores, fakes, loss.r2_gamma * loss.penalty_every)
     total = d_loss + penalty
     opt_D.zero_grad(set_to_none=True)
     total.backward()
@@ -123,18 +131,24 @@ def g_step(
     fakes: Tensor | None = None,
     augment: Augment | None = None,
     labels: Tensor | None = None,
+    reals: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Update G once through a frozen D (skipped on a non-finite loss or gradient); returns the detached G loss.
     `fakes`: G(z) computed earlier with its graph (reused from the D step), instead of a new forward pass.
     `augment`: D sees augment(G(z)), differentiated through, as in the D step. `labels`: the classes G(z) is
-    generated with and D judges it against (class-conditional models)."""
+    generated with and D judges it against (class-conditional models). `reals` (faded like D's inputs): what
+    a relativistic G loss compares G(z) with, fake i paired with real i (augmented like the fakes)."""
     autocast = autocast or contextlib.nullcontext()
     D.requires_grad_(False)  # D's gradients are not needed here: skip computing them
     try:
         with autocast:
             images = G(z, alpha, labels) if fakes is None else fakes
             fake_scores = at_least_fp32(D(images if augment is None else augment(images), alpha, labels))
-        g_loss = loss.g_loss(fake_scores)
+            if loss.g_uses_reals:
+                with torch.no_grad():
+                    d_reals = reals if augment is None else augment(reals)
+                    real_scores = at_least_fp32(D(d_reals, alpha, labels))
+        g_loss = loss.g_loss(fake_scores, real_scores) if loss.g_uses_reals else loss.g_loss(fake_scores)
         opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
         params = list(G.parameters())
@@ -214,7 +228,7 @@ def train_step(
     )
     if not reuse_fakes:
         z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)
-    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes, augment=augment, labels=labels)
+    stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes, augment=augment, labels=labels, reals=reals)
     ema_update(G_ema, G, ema_beta)
     return stats
 
