@@ -54,6 +54,7 @@ class RunTable:
     columns: dict[str, np.ndarray]
     stages: list[Stage]  # the run's schedule, from its config.yaml
     events: list[dict] = field(default_factory=list)  # detector state changes and rollbacks, in the order logged
+    last_evaluation: dict | None = None  # the last diversity evaluation's record in collapse.jsonl
     superseded: int = 0  # records of an interrupted attempt that a later one replaced
     unreadable: int = 0  # lines that were not JSON (a write cut short by a kill)
 
@@ -147,6 +148,7 @@ def load_table(run_dir: Path) -> RunTable:
         if row.get("event") == "rollback" or (id(row) in kept_ids and row.get("state") != row.get("previous")):
             events.append(row)
     table.events = events
+    table.last_evaluation = kept_evals[-1] if kept_evals else None
     table.superseded = (
         len(stats) - len(kept_stats) + len(evaluations) - len(kept_evals) + len(quality) - len(kept_quality)
     )
@@ -445,7 +447,9 @@ def final_values_markdown(table: RunTable) -> list[str]:
             "| metric | |",
             "|---|---:|",
         ]
-        lines.append(f"| detector state | **{STATES[int(table['Collapse/level'][at])]}** |")
+        lines.append(f"| detector verdict | **{detector_verdict(table)}** |")
+        if table.last_evaluation is not None and "reading" in table.last_evaluation:
+            lines.append(f"| this evaluation alone reads | {table.last_evaluation['reading']} |")
         for name in (
             "excess_pair",
             "vendi_ratio",
@@ -464,6 +468,15 @@ def final_values_markdown(table: RunTable) -> list[str]:
     return lines
 
 
+def detector_verdict(table: RunTable) -> str:
+    """The collapse detector's last verdict: `pending` / `in grace` until it has judged (logs written before
+    verdicts were logged: the state)."""
+    last = table.last_evaluation or {}
+    if "verdict" in last:
+        return str(last["verdict"])
+    return STATES[int(last_value(table, "Collapse/level") or 0)]
+
+
 def collapse_markdown(cfg: Mapping[str, Any], table: RunTable) -> list[str]:
     """The detector's state changes and rollbacks, and the non-finite steps the guard skipped."""
     diversity = cfg.get("diversity") or {}
@@ -478,8 +491,7 @@ def collapse_markdown(cfg: Mapping[str, Any], table: RunTable) -> list[str]:
         if table.events:
             lines.append("")
         else:
-            state = STATES[int(last_value(table, "Collapse/level") or 0)]
-            lines.append(f"No state changes: {state} at every evaluation.")
+            lines.append(f"No state changes; the detector's verdict: {detector_verdict(table)}.")
         for e in table.events:
             if e.get("event") == "rollback":
                 lines.append(
@@ -540,7 +552,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
         "markdown": str(md),
         "kimg": float(table["kimg"][-1]),
         "stages": [{k: s[k] for k in ("resolution", "logged_kimg", "done", "seconds")} for s in stage_summaries(table)],
-        "collapse_state": None if level is None else STATES[int(level)],
+        "collapse_state": None if level is None else detector_verdict(table),
         "collapse_events": len(table.events),
         "final": {k: last_value(table, k) for k in ("Loss/D", "Loss/G", "Scores/real", "Scores/fake")},
     }

@@ -24,6 +24,9 @@ from omegaconf import OmegaConf
 from pgan.errors import UserError
 
 STATES = ("ok", "warning", "collapsed")
+# What the detector can say: a state it reached, or that it has not judged yet ("in grace": the last evaluation
+# fell in a grace window; "pending": fewer judged evaluations since the last grace window than `patience`).
+VERDICTS = (*STATES, "pending", "in grace")
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,21 @@ class DetectorState:
     levels: list[int] = field(default_factory=list)  # recent severity levels since the last grace window
     recovery_levels: list[int] = field(default_factory=list)  # the same with the hysteresis thresholds
     evaluations: int = 0
+    in_grace: bool = False  # whether the last evaluation fell in a grace window
 
     @property
     def state(self) -> str:
         """The state's name: ok, warning or collapsed."""
         return STATES[self.level]
+
+    def verdict(self, patience: int) -> str:
+        """What the detector can say: a warning or collapse it reached; `ok` only once `patience` judged
+        evaluations since the last grace window back it; else `in grace` or `pending` (unjudged is not ok)."""
+        if self.level > 0:
+            return self.state
+        if self.in_grace or self.evaluations == 0:
+            return "in grace" if self.in_grace else "pending"
+        return "ok" if len(self.levels) >= patience else "pending"
 
     def to_dict(self) -> dict:
         """A plain dict for checkpoints."""
@@ -94,6 +107,7 @@ class DetectorState:
             levels=[int(x) for x in d["levels"]],
             recovery_levels=[int(x) for x in d["recovery_levels"]],
             evaluations=int(d["evaluations"]),
+            in_grace=bool(d.get("in_grace", False)),  # absent in checkpoints written before it existed
         )
 
 
@@ -110,7 +124,7 @@ def update(
         raise ValueError("patience and recover_patience must be >= 1")
     if in_grace:
         # Logged, not judged; the history restarts so patience counts only post-grace evaluations.
-        return DetectorState(state.level, [], [], state.evaluations + 1)
+        return DetectorState(state.level, [], [], state.evaluations + 1, in_grace=True)
     keep = max(patience, recover_patience)
     levels = (state.levels + [severity(metrics, thresholds)])[-keep:]
     recovery = (state.recovery_levels + [severity(metrics, thresholds, recovering=True)])[-keep:]

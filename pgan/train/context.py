@@ -69,6 +69,10 @@ class Progress:
             alpha=f"{values['Progress/alpha']:.2f}",
         )
 
+    def write(self, line: str) -> None:
+        """A console line that does not break the bar."""
+        self.bar.write(line)
+
     def close(self) -> None:
         """Done with the stage (or interrupted)."""
         self.bar.close()

@@ -194,10 +194,13 @@ def train_stage(
         if due.grid and ctx.ranks.is_main:
             save_grid(ctx, state, grid)
         # 3. The collapse watch: a collapse warns, stops or rolls back (diversity.on_collapse).
-        if due.diversity and watch.evaluate(state.G_ema, state.G, stage, state.nimg).entered_collapse:
-            if options.on_collapse != "warn":
+        if due.diversity:
+            evaluation = watch.evaluate(state.G_ema, state.G, stage, state.nimg)
+            if evaluation.entered_collapse and options.on_collapse != "warn":
                 collapse_rollback(ctx, state, feed, progress, checkpointer)
                 continue
+            if due.finished:  # what the detector can say about the stage, judged or not
+                progress.write(watch.stage_summary(stage, evaluation.metrics))
         # 4. Quality metrics (logged, never acted on).
         if due.metrics and ctx.metrics is not None:
             ctx.metrics.evaluate(state.G_ema, stage, state.nimg)

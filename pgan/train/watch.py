@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pgan.errors import UserError
-from pgan.metrics.collapse import STATES, DetectorState, in_grace_window, thresholds_from_config, update
+from pgan.metrics.collapse import STATES, DetectorState, in_grace_window, severity, thresholds_from_config, update
 from pgan.metrics.diversity import (
     RandomEmbedding,
     RealReference,
@@ -184,6 +184,23 @@ class CollapseWatch:
         """The detector's current state."""
         return self.detector.state
 
+    @property
+    def verdict(self) -> str:
+        """What the detector can say (pgan.metrics.collapse.VERDICTS): pending / in grace until it has judged."""
+        return self.detector.verdict(int(self.cfg.patience))
+
+    def stage_summary(self, stage: Stage, metrics: dict[str, float]) -> str:
+        """The console line at a stage's end: the verdict, with the last evaluation's own reading beside it."""
+        m = metrics
+        reading = STATES[severity(m, self.thresholds)]
+        return (
+            f"collapse detector after stage {stage.resolution} px: {self.verdict} (last evaluation reads {reading}: "
+            f"excess_pair {m['excess_pair']:.3f} ± {m['excess_pair_se']:.3f}, vendi_ratio {m['vendi_ratio']:.3f}, "
+            f"std_ratio {m['std_ratio']:.3f}"
+            + (f", {m['modes_covered']:.0f} modes" if "modes_covered" in m else "")
+            + ")"
+        )
+
     # --- real images ------------------------------------------------------------------------------------
     def begin_stage(self, stage: Stage, dataset: Dataset) -> None:
         """Load the real images for this stage's resolution (the same seeded subset every time)."""
@@ -246,8 +263,11 @@ class CollapseWatch:
         if G is not None and self.cfg.raw_G:
             raw = diversity_metrics(self.samples(G, alpha), ref, self.embedding, seed=self.seed)
             scalars |= {f"Diversity/raw_G/{k}": raw[k] for k in LOGGED}
+        reading = STATES[severity(metrics, self.thresholds)]  # this evaluation alone, judged or not
         scalars |= {
             "Collapse/state": self.detector.level,
+            "Collapse/judged": float(self.verdict in STATES),  # 0 while the verdict is pending / in grace
+            "Collapse/reading": STATES.index(reading),
             "Collapse/grace": float(grace),
             "Collapse/rollbacks": self.rollbacks,
             "Diversity/eval_s": time.perf_counter() - start,
@@ -262,6 +282,8 @@ class CollapseWatch:
                 "resolution": stage.resolution,
                 "alpha": alpha,
                 "state": result.state,
+                "verdict": self.verdict,
+                "reading": reading,
                 "previous": previous,
                 "in_grace": grace,
                 **metrics,
