@@ -9,6 +9,7 @@ the penalty the trainer applies for `loss=<name>`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -83,6 +84,16 @@ def hinge_g_loss(fake_scores: Tensor) -> Tensor:
     return -fake_scores.mean()
 
 
+def gamma_scale_at(kimg: float, decay_kimg: float, final_scale: float) -> float:
+    """A cosine decay from 1 at kimg 0 to `final_scale` at `decay_kimg`, constant after (1 when decay_kimg is 0):
+    a large gamma early keeps D smooth while G is far off, a smaller one later lets D see details (R3GAN decays
+    gamma over training too)."""
+    if decay_kimg <= 0:
+        return 1.0
+    t = min(max(kimg / decay_kimg, 0.0), 1.0)
+    return final_scale + (1.0 - final_scale) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 @dataclass(frozen=True)
 class Loss:
     """The pieces the trainer needs for one `loss=` choice, with the config's constants bound."""
@@ -97,6 +108,13 @@ class Loss:
     penalty_every: int = 1
     r2_gamma: float = 0.0  # R2: the zero-centred penalty on detached fakes, beside R1 (0: off)
     g_uses_reals: bool = False  # the G loss compares D(G(z)) with D(reals) (relativistic pairing)
+    # R1 / R2's gamma decays (cosine) to gamma_final_scale times itself over the run's first gamma_decay_kimg.
+    gamma_decay_kimg: float = 0.0  # 0: constant gamma
+    gamma_final_scale: float = 0.1
+
+    def gamma_scale(self, kimg: float) -> float:
+        """The factor on R1 / R2's gamma after `kimg` thousand images of the run (see `gamma_scale_at`)."""
+        return gamma_scale_at(kimg, self.gamma_decay_kimg, self.gamma_final_scale)
 
     @property
     def penalised(self) -> bool:
@@ -115,6 +133,8 @@ def make_loss(
     r1_gamma: float = 0.0,
     r2_gamma: float = 0.0,
     penalty_every: int = 1,
+    gamma_decay_kimg: float = 0.0,
+    gamma_final_scale: float = 0.1,
 ) -> Loss:
     """Bundle the losses for `name` (wgan_gp | logistic | hinge | rpgan); R1 is used when r1_gamma > 0 and R2
     when r2_gamma > 0 (logistic, hinge, rpgan); the penalties are applied every `penalty_every` D steps,
@@ -128,7 +148,14 @@ def make_loss(
     for key, gamma in (("r1_gamma", r1_gamma), ("r2_gamma", r2_gamma)):
         if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 0:
             raise ValueError(f"loss.{key} must be a number >= 0, got {gamma!r}")
+    if not isinstance(gamma_decay_kimg, (int, float)) or not gamma_decay_kimg >= 0:
+        raise ValueError(f"loss.gamma_decay_kimg must be >= 0 (0: constant gamma), got {gamma_decay_kimg!r}")
+    if not isinstance(gamma_final_scale, (int, float)) or not 0 <= gamma_final_scale <= 1:
+        raise ValueError(f"loss.gamma_final_scale must be in [0, 1], got {gamma_final_scale!r}")
+    decay = {"gamma_decay_kimg": float(gamma_decay_kimg), "gamma_final_scale": float(gamma_final_scale)}
     if name == "wgan_gp":
+        if gamma_decay_kimg:
+            raise ValueError("loss.gamma_decay_kimg decays R1 / R2, which wgan_gp does not use")
         if r2_gamma:
             raise ValueError("loss.r2_gamma applies to logistic, hinge and rpgan, not to wgan_gp")
         return Loss(name, partial(wgan_d_loss, drift=drift), wgan_g_loss, "gp", gp_weight, gp_target, every)
@@ -141,4 +168,6 @@ def make_loss(
     if name not in losses:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
     d_loss, g_loss, uses_reals = losses[name]
-    return Loss(name, d_loss, g_loss, *r1, penalty_every=every, r2_gamma=float(r2_gamma), g_uses_reals=uses_reals)
+    return Loss(
+        name, d_loss, g_loss, *r1, penalty_every=every, r2_gamma=float(r2_gamma), g_uses_reals=uses_reals, **decay
+    )

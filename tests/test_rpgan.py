@@ -4,6 +4,7 @@ exact resume, 2 ranks) with it."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from helpers import SAME_FUNCTION, TINY, TOLERANCE, assert_same_state, compose_c
 from torch import nn
 
 from pgan.checkpoint import load_checkpoint
-from pgan.losses import make_loss, relativistic_d_loss, relativistic_g_loss, zero_centred_penalty
+from pgan.errors import UserError
+from pgan.losses import gamma_scale_at, make_loss, relativistic_d_loss, relativistic_g_loss, zero_centred_penalty
 from pgan.train.loop import train
 from pgan.train.step import d_step, g_step
 
@@ -131,8 +133,6 @@ def test_rpgan_g_step_compares_with_the_reals() -> None:
     ],
 )
 def test_bad_r2_settings_are_one_line_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
-    from pgan.errors import UserError
-
     with pytest.raises(UserError, match=message):
         train(compose_config(*TINY, *overrides), tmp_path / "run")
 
@@ -175,3 +175,43 @@ def test_two_rank_rpgan_computes_what_one_process_computes(tmp_path: Path) -> No
     for key in ("G", "D", "G_ema"):
         for name, value in ours[key].items():
             torch.testing.assert_close(value, single[key][name], **TOLERANCE, msg=f"{key}.{name}")
+
+
+def test_gamma_decays_by_a_cosine_from_one_to_the_final_scale() -> None:
+    """1 at the start, halfway between at half the decay, the final scale at its end and after; off: 1."""
+    assert gamma_scale_at(0.0, 10.0, 0.1) == 1.0
+    assert gamma_scale_at(5.0, 10.0, 0.1) == pytest.approx(0.55, abs=1e-12)
+    assert gamma_scale_at(2.5, 10.0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)), abs=1e-12)
+    assert gamma_scale_at(10.0, 10.0, 0.1) == pytest.approx(0.1) and gamma_scale_at(99.0, 10.0, 0.1) == 0.1
+    assert gamma_scale_at(3.0, 0.0, 0.1) == 1.0
+
+
+def test_d_step_scales_r1_and_r2_by_the_decay() -> None:
+    """The step's gamma_scale multiplies both penalties (a linear D: exactly)."""
+    reals = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    G, D = FixedG(torch.randn(4, 3, 4, 4, dtype=torch.float64)), LinearD((3, 4, 4))
+    loss = make_loss("rpgan", r1_gamma=0.5, r2_gamma=0.25, gamma_decay_kimg=1.0)
+    stats = d_step(G, D, frozen(D), loss, reals, torch.zeros(4, 4), 1.0, gamma_scale=0.2)
+    assert stats["Loss/gp"].item() == pytest.approx(0.2 * 0.375 * D.w.detach().square().sum().item(), rel=1e-9)
+
+
+def test_a_decaying_gamma_is_logged_and_follows_the_run_images(tmp_path: Path) -> None:
+    """Loss/gamma_scale falls over the run's images as the cosine says (the tick's mean), and the penalty with it."""
+    train(compose_config(*TINY, *RPGAN, "loss.gamma_decay_kimg=0.1", "loss.gamma_final_scale=0.2"), tmp_path)
+    rows = stats_rows(tmp_path)
+    scales = [r["Loss/gamma_scale"] for r in rows]
+    assert scales == sorted(scales, reverse=True) and scales[0] < 1 and scales[-1] == pytest.approx(0.2)
+    assert rows[-1]["step"] > 100 and all(r["Loss/gp"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss=rpgan", "loss.gamma_decay_kimg=-1"], "loss.gamma_decay_kimg must be >= 0"),
+        (["loss=rpgan", "loss.gamma_final_scale=2"], "loss.gamma_final_scale must be in"),
+        (["loss=wgan_gp", "+loss.gamma_decay_kimg=1"], "which wgan_gp does not use"),
+    ],
+)
+def test_bad_decay_settings_are_one_line_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=message):
+        train(compose_config(*TINY, *overrides), tmp_path / "run")

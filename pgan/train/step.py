@@ -45,6 +45,7 @@ def d_step(
     eager_D: nn.Module | None = None,
     augment: Augment | None = None,
     labels: Tensor | None = None,
+    gamma_scale: float = 1.0,
 ) -> dict[str, Tensor]:
     """Update D once on `reals` and G(z) (or the given detached `fakes`); returns detached scalars (no host
     sync) for logging.
@@ -86,6 +87,7 @@ def d_step(
         fake_scores = at_least_fp32((eager_D if r2 else D)(d_fakes, alpha, labels))
     d_loss = loss.d_loss(real_scores, fake_scores)
     weight = loss.penalty_weight * loss.penalty_every
+    r_scale = loss.penalty_every * gamma_scale  # R1 / R2: lazy, and decayed over the run (loss.gamma_decay_kimg)
     if penalty_kind == "gp":
         # One random interpolate per sample between its real and fake image (WGAN-GP).
         eps = draw_for_rank(torch.rand, reals.shape[0], 1, 1, 1, device=reals.device).to(reals.dtype)
@@ -94,11 +96,11 @@ def d_step(
             mixed_scores = at_least_fp32(eager_D(mixed, alpha, labels))
         penalty = gradient_penalty(mixed_scores, mixed, weight, loss.gp_target)
     elif penalty_kind == "r1":
-        penalty = r1_penalty(real_scores, reals, weight)
+        penalty = r1_penalty(real_scores, reals, loss.penalty_weight * r_scale)
     else:
         penalty = torch.zeros((), device=reals.device)
     if r2:
-        penalty = penalty + zero_centred_penalty(fake_scores, fakes, loss.r2_gamma * loss.penalty_every)
+        penalty = penalty + zero_centred_penalty(fake_scores, fakes, loss.r2_gamma * r_scale)
     total = d_loss + penalty
     opt_D.zero_grad(set_to_none=True)
     total.backward()
@@ -189,6 +191,7 @@ def train_step(
     reuse_fakes: bool = False,
     augment: Augment | None = None,
     labels: Tensor | None = None,
+    gamma_scale: float = 1.0,
 ) -> dict[str, Tensor]:
     """One training iteration, as the loop (and pgan-bench) runs it: reals faded by alpha, a D step with its
     penalty (on the steps `step_index` makes due under lazy regularisation) on fresh latents, a G step on
@@ -225,6 +228,7 @@ def train_step(
         eager_D=eager_D,
         augment=augment,
         labels=labels,
+        gamma_scale=gamma_scale,
     )
     if not reuse_fakes:
         z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)
@@ -288,6 +292,7 @@ class TrainStep:
             reuse_fakes=self.reuse_fakes,
             augment=s.augment if s.augment.enabled else None,
             labels=labels,
+            gamma_scale=self.loss.gamma_scale(s.total_nimg / 1000),
         )
         if (alpha >= 1.0) in self.compile_pending:
             self.compile_pending.discard(alpha >= 1.0)
@@ -295,4 +300,7 @@ class TrainStep:
             print(f"torch.compile: {'stable' if alpha >= 1.0 else 'fade-in'} step compiled in {seconds:.1f} s")
         if s.augment.adaptive:
             s.augment.observe(stats["Augment/rt"], s.stage.batch_size)  # every augment.interval steps, p moves
+        if self.loss.gamma_decay_kimg > 0:
+            scale = self.loss.gamma_scale(s.total_nimg / 1000)
+            stats["Loss/gamma_scale"] = torch.tensor(scale, device=stats["Loss/D"].device)
         return stats
