@@ -64,10 +64,9 @@ def test_a_short_run_says_its_verdict_is_not_reached(tmp_path: Path, capsys) -> 
     assert write_report(judged)["collapse_state"] in ("ok", "warning", "collapsed")
 
 
-def test_a_report_of_logs_written_before_verdicts_shows_the_state(tmp_path: Path) -> None:
+def test_a_report_of_logs_written_before_verdicts_shows_the_state(tiny_run_8px: Path, tmp_path: Path) -> None:
     """collapse.jsonl without verdicts (older runs): the report falls back to the detector state."""
-    run = tmp_path / "run"
-    train(compose_config(*TINY, "schedule.resolutions=[8]"), run)
+    run = tiny_run_8px  # TINY's 8 px stage, the session's (read here, copied below)
     rows = (run / "collapse.jsonl").read_text().splitlines()
     stripped = [json.dumps({k: v for k, v in json.loads(r).items() if k not in ("verdict", "reading")}) for r in rows]
     old = tmp_path / "old"
