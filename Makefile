@@ -19,10 +19,9 @@ install: $(STAMP) ## create .venv and install pgan with its dev extras
 train: $(STAMP) ## the default multi-stage run (32 -> 256 px, procedural shapes, small model); extra overrides in ARGS="..."
 	$(VENV)/bin/pgan-train $(ARGS)
 
-# With pytest-xdist installed, the test targets run the tests in two worker processes (each test still runs alone
-# in its worker, torch on one thread: tests/conftest.py): on 2 cores about a third off the wall time. Without it,
-# in this one process. Expanded when a recipe runs, after $(STAMP) has installed the dev extras.
-PYTEST_WORKERS = $(shell $(PY) -c 'import xdist' 2>/dev/null && echo '-n 2 --dist worksteal')
+# The tests run in two pytest-xdist worker processes (each test still runs alone in its worker, torch on one
+# thread: tests/conftest.py): on 2 cores about a third off the wall time. PYTEST_WORKERS= runs them in one process.
+PYTEST_WORKERS ?= -n 2 --dist worksteal
 
 test: $(STAMP) ## the fast test suite (no GPU, no network)
 	$(PY) -m pytest -q $(PYTEST_WORKERS)
