@@ -60,9 +60,7 @@ def d_step(
     fakes D just scored. `Augment/rt` (the mean of sign(D(augmented reals)), ADA's overfitting measure) is
     returned too.
 
-    With `loss.r2_gamma > 0` the zero-centred penalty on the fakes (R2) is added beside R1; the fakes are
-    detached first, so the double backward stays inside D.
-
+    With `loss.r2_gamma > 0` R2 on the (detached) fakes is added beside R1; `gamma_scale` scales both.
     `with_penalty=False` leaves the penalty out (lazy regularisation: the steps in between); when it is in,
     it is scaled by `loss.penalty_every` so that its average weight stays the configured one. `D` may be a
     torch.compile'd module: the calls the penalty differentiates twice then go through `eager_D`, the same
@@ -89,12 +87,7 @@ def d_step(
     weight = loss.penalty_weight * loss.penalty_every
     r_scale = loss.penalty_every * gamma_scale  # R1 / R2: lazy, and decayed over the run (loss.gamma_decay_kimg)
     if penalty_kind == "gp":
-        # One random interpolate per sample between its real and fake image (WGAN-GP).
-        eps = draw_for_rank(torch.rand, reals.shape[0], 1, 1, 1, device=reals.device).to(reals.dtype)
-        mixed = torch.lerp(d_reals, d_fakes.to(d_reals.dtype), eps).requires_grad_(True)
-        with autocast:
-            mixed_scores = at_least_fp32(eager_D(mixed, alpha, labels))
-        penalty = gradient_penalty(mixed_scores, mixed, weight, loss.gp_target)
+        penalty = interpolate_penalty(eager_D, d_reals, d_fakes, alpha, labels, autocast, weight, loss.gp_target)
     elif penalty_kind == "r1":
         penalty = r1_penalty(real_scores, reals, loss.penalty_weight * r_scale)
     else:
@@ -119,6 +112,24 @@ def d_step(
     if augment is not None:
         stats["Augment/rt"] = real_scores.detach().sign().mean()
     return stats
+
+
+def interpolate_penalty(
+    D: nn.Module,
+    reals: Tensor,
+    fakes: Tensor,
+    alpha: float,
+    labels: Tensor | None,
+    autocast: contextlib.AbstractContextManager,
+    weight: float,
+    target: float,
+) -> Tensor:
+    """WGAN-GP's penalty at one random interpolate per sample between its real and its fake image."""
+    eps = draw_for_rank(torch.rand, reals.shape[0], 1, 1, 1, device=reals.device).to(reals.dtype)
+    mixed = torch.lerp(reals, fakes.to(reals.dtype), eps).requires_grad_(True)
+    with autocast:
+        mixed_scores = at_least_fp32(D(mixed, alpha, labels))
+    return gradient_penalty(mixed_scores, mixed, weight, target)
 
 
 def g_step(
