@@ -30,9 +30,14 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def _run_dir_arg(args: list[str]) -> str | None:
+    """The run directory `hydra.run.dir=` names among `args`, if any."""
+    return next((a.split("=", 1)[1] for a in args if _override_key(a) == "hydra.run.dir"), None)
+
+
 def with_saved_overrides(args: list[str]) -> list[str]:
     """Prepend the overrides saved in an existing run directory named by `hydra.run.dir=` (current ones win)."""
-    run_dir = next((a.split("=", 1)[1] for a in args if _override_key(a) == "hydra.run.dir"), None)
+    run_dir = _run_dir_arg(args)
     saved_file = Path(run_dir) / ".hydra" / "overrides.yaml" if run_dir else None
     if saved_file is None or not saved_file.is_file():
         return args
@@ -126,7 +131,7 @@ def join_ranks(args: list[str]) -> list[str]:
 
     device = next((a.split("=", 1)[1] for a in args if _override_key(a) == "device"), "auto")
     dist.init_from_env(use_cuda=device != "cpu" and torch.cuda.is_available())
-    if not any(_override_key(a) == "hydra.run.dir" for a in args):
+    if _run_dir_arg(args) is None:
         # conf/train.yaml's hydra.run.dir pattern, resolved once, on rank 0.
         args = [*args, f"hydra.run.dir={dist.broadcast_object(time.strftime('runs/%Y-%m-%d_%H-%M-%S'))}"]
     if not ranks.is_main:
@@ -141,7 +146,7 @@ def refuse_held_run_dir(args: list[str]) -> None:
     from pgan import dist
     from pgan.train.rundir import check_free
 
-    run_dir = next((a.split("=", 1)[1] for a in args if _override_key(a) == "hydra.run.dir"), None)
+    run_dir = _run_dir_arg(args)
     if run_dir is not None and dist.current().is_main:  # under torchrun rank 0 alone holds the lock
         check_free(Path(run_dir))
 

@@ -36,10 +36,12 @@ class Checkpointer:
             dist.barrier()  # also after a failed write: rank 0 goes on (a warning), so must the others
         return path
 
-    def snapshot(self, state: TrainState, detector_ok: bool) -> Path | None:
+    def snapshot(self, state: TrainState) -> Path | None:
         """A snapshot; latest.pt (and ok.pt while the collapse detector says ok) made to point at it; snapshots
         beyond checkpoint.keep deleted. A write error (a full disk) is a warning: the previous snapshot is
         intact and the next checkpoint tries again."""
+        watch = state.watches["collapse"]
+        detector_ok = watch is not None and watch.state == "ok"
         try:
             path = self.save(state, snapshot_name(state.nimg))
             if self.ranks.is_main:

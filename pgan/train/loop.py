@@ -170,7 +170,7 @@ def train_stage(
         print(f"stage {stage.index}: growing {stage.resolution} px from {init[1]}", flush=True)
     print(options.stage_line(stage, state.nimg), flush=True)
     if resume is None:
-        checkpointer.snapshot(state, detector_ok=watch is not None and watch.state == "ok")  # something to resume
+        checkpointer.snapshot(state)  # something to resume or roll back to from the first step on
     values: dict[str, float] = {}
     state.G.train()
     state.D.train()
@@ -206,14 +206,12 @@ def train_stage(
             ctx.metrics.evaluate(state.G_ema, stage, state.nimg)
         # 5. A snapshot.
         if due.snapshot:
-            checkpointer.snapshot(state, detector_ok=watch is not None and watch.state == "ok")
+            checkpointer.snapshot(state)
         # 6. A stop signal: a checkpoint, then Interrupted.
         signum = stop_signal(ctx, due.tick)
         if signum and not due.finished:
             progress.close()
-            raise Interrupted(
-                signum, checkpointer.snapshot(state, detector_ok=watch is not None and watch.state == "ok")
-            )
+            raise Interrupted(signum, checkpointer.snapshot(state))
     progress.close()
     final = checkpointer.final(state)
     monitor.hparams(

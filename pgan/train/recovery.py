@@ -83,7 +83,7 @@ def collapse_rollback(
     rollback_left = watch.rollbacks < options.collapse_max_rollbacks and ok.is_file()
     found = load_newest_usable([ok]) if options.on_collapse == "rollback" and rollback_left else None
     if found is None:
-        checkpointer.snapshot(state, detector_ok=watch.state == "ok")
+        checkpointer.snapshot(state)
         raise CollapseStop(watch.stop_message(state.stage, from_step, ok))
     roll_back(ctx, state, feed, progress, found, cause="collapse")
     watch.announce_rollback(from_step, state.stage, state.nimg)

@@ -69,17 +69,14 @@ def check_free(run_dir: Path) -> None:
     holder = read_holder(run_dir)
     if holder is None or holder.get("pid") == os.getpid():
         return
+    in_use = f"run directory {run_dir} is in use by pgan-train {_describe(holder, Path(run_dir) / LOCK_NAME)}"
     if holder.get("host") != socket.gethostname():
         raise UserError(
-            f"run directory {run_dir} is in use by pgan-train {_describe(holder, Path(run_dir) / LOCK_NAME)}; "
-            "another host holds it, so pgan cannot tell whether it still runs: delete the lock file once that "
-            "job has ended"
+            f"{in_use}; another host holds it, so pgan cannot tell whether it still runs: delete the lock file "
+            "once that job has ended"
         )
     if _alive(holder):
-        raise UserError(
-            f"run directory {run_dir} is in use by pgan-train {_describe(holder, Path(run_dir) / LOCK_NAME)}: "
-            "wait for it to end, stop it, or train in another directory"
-        )
+        raise UserError(f"{in_use}: wait for it to end, stop it, or train in another directory")
 
 
 class RunDirLock:

@@ -159,7 +159,7 @@ class TrainState:
                     f"cannot grow stage {self.stage.resolution} from the previous checkpoint: {exc}"
                 ) from exc
         for key, component in {**self.rewound, **self.watches}.items():
-            if component is not None and (previous is not None or key == "guard"):
+            if component is not None:  # from scratch: each starts afresh (None)
                 component.load_state_dict(previous.get(key) if previous is not None else None, new_stage=True)
         # The same starting weights on every rank (they are already: a safety net, once per stage).
         dist.broadcast_modules(self.G, self.D, self.G_ema)

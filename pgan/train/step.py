@@ -286,6 +286,7 @@ class TrainStep:
         """One iteration at the state's image count (alpha and the lazy penalty's phase follow from it)."""
         s = self.state
         alpha = alpha_at(s.stage, s.nimg)
+        gamma_scale = self.loss.gamma_scale(s.total_nimg / 1000)
         start_s = time.perf_counter()
         stats = train_step(
             self.G,
@@ -303,7 +304,7 @@ class TrainStep:
             reuse_fakes=self.reuse_fakes,
             augment=s.augment if s.augment.enabled else None,
             labels=labels,
-            gamma_scale=self.loss.gamma_scale(s.total_nimg / 1000),
+            gamma_scale=gamma_scale,
         )
         if (alpha >= 1.0) in self.compile_pending:
             self.compile_pending.discard(alpha >= 1.0)
@@ -312,6 +313,5 @@ class TrainStep:
         if s.augment.adaptive:
             s.augment.observe(stats["Augment/rt"], s.stage.batch_size)  # every augment.interval steps, p moves
         if self.loss.gamma_decay_kimg > 0:
-            scale = self.loss.gamma_scale(s.total_nimg / 1000)
-            stats["Loss/gamma_scale"] = torch.tensor(scale, device=stats["Loss/D"].device)
+            stats["Loss/gamma_scale"] = torch.tensor(gamma_scale, device=stats["Loss/D"].device)
         return stats
