@@ -2,11 +2,12 @@
 boundaries and fade-ins marked), and a short markdown summary (stages, time per stage, final values, the
 collapse detector's events, config highlights).
 
-Everything comes from the run directory: `stats.jsonl` (one record per log tick), `collapse.jsonl` (one per
-diversity evaluation, plus rollbacks), `metrics.jsonl` (one per quality-metrics evaluation, shown among
-the final values as `Metrics/<name>`) and `config.yaml` (the resolved config, for the schedule and the
-highlights). The jsonl records carry no timestamps: the time per stage is the trainer's own tick timer,
-added up (each tick's images / its `Speed/img_per_s`).
+Everything comes from the run directory: `stats.jsonl` (one record per log tick, and under
+schedule.advance=plateau one `stage_advance` record per stage: when its stable phase ended and why),
+`collapse.jsonl` (one per diversity evaluation, plus rollbacks), `metrics.jsonl` (one per quality-metrics
+evaluation, shown among the final values as `Metrics/<name>`) and `config.yaml` (the resolved config, for the
+schedule and the highlights). The jsonl records carry no timestamps: the time per stage is the trainer's own tick
+timer, added up (each tick's images / its `Speed/img_per_s`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 
 from pgan.errors import UserError
 from pgan.metrics.collapse import STATES
-from pgan.schedule import DEFAULT_KEY, Stage, alpha_at, stages_from_config
+from pgan.schedule import DEFAULT_KEY, Stage, alpha_at, stages_as_run, stages_from_config
 
 # collapse.jsonl keys that are not metrics.
 _EVALUATION_KEYS = ("step", "kimg", "stage", "resolution", "alpha", "state", "previous", "in_grace", "n_fake", "n_real")
@@ -52,8 +53,9 @@ class RunTable:
     """
 
     columns: dict[str, np.ndarray]
-    stages: list[Stage]  # the run's schedule, from its config.yaml
+    stages: list[Stage]  # the run's stages as trained: its config.yaml's schedule, plateau ends applied
     events: list[dict] = field(default_factory=list)  # detector state changes and rollbacks, in the order logged
+    advances: list[dict] = field(default_factory=list)  # stats.jsonl's stage_advance records (advance=plateau)
     last_evaluation: dict | None = None  # the last diversity evaluation's record in collapse.jsonl
     superseded: int = 0  # records of an interrupted attempt that a later one replaced
     unreadable: int = 0  # lines that were not JSON (a write cut short by a kill)
@@ -112,15 +114,26 @@ def latest_attempt(rows: list[dict]) -> list[dict]:
     return kept
 
 
-def run_stages(run_dir: Path) -> list[Stage]:
-    """The run's stages, from the resolved config in `run_dir` (one line naming it if it is not a run)."""
+def run_stages(run_dir: Path, advances: list[dict] | None = None) -> list[Stage]:
+    """The run's stages as it trained them (one line naming `run_dir` if it is not a run): the schedule of its
+    resolved config, with the stable phases that schedule.advance=plateau ended early and the later stages
+    moved to where they started (`advances`: stats.jsonl's stage_advance records; None: read them)."""
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
         raise UserError(f"run={run_dir}: not a pgan run directory (no config.yaml)")
     try:
-        return stages_from_config(OmegaConf.load(config))
+        stages = stages_from_config(OmegaConf.load(config))
     except ValueError as exc:
         raise UserError(f"run={run_dir}: {exc}") from exc
+    if advances is None:
+        stats = Path(run_dir) / "stats.jsonl"
+        advances = stage_advances(read_jsonl(stats)[0]) if stats.is_file() else []
+    return stages_as_run(stages, {int(r["stage"]): (round(r["start_kimg"] * 1000), int(r["nimg"])) for r in advances})
+
+
+def stage_advances(stats: list[dict]) -> list[dict]:
+    """The stage_advance records among stats.jsonl's (the latest attempt's)."""
+    return latest_attempt([r for r in stats if r.get("event") == "stage_advance"])
 
 
 def load_table(run_dir: Path) -> RunTable:
@@ -128,11 +141,14 @@ def load_table(run_dir: Path) -> RunTable:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run={run_dir}: no such directory")
-    stages = run_stages(run_dir)
     stats_path = run_dir / "stats.jsonl"
-    if not stats_path.is_file():
+    if not (run_dir / "config.yaml").is_file() or not stats_path.is_file():
+        run_stages(run_dir)  # the one-line error for a directory that is not a run
         raise UserError(f"run={run_dir}: no stats.jsonl (the trainer's log) in this run directory")
     stats, bad = read_jsonl(stats_path)
+    advances = stage_advances(stats)
+    stages = run_stages(run_dir, advances)
+    stats = [r for r in stats if "event" not in r]  # the log ticks
     collapse, bad_collapse = (
         read_jsonl(run_dir / "collapse.jsonl") if (run_dir / "collapse.jsonl").is_file() else ([], 0)
     )
@@ -148,6 +164,7 @@ def load_table(run_dir: Path) -> RunTable:
         if row.get("event") == "rollback" or (id(row) in kept_ids and row.get("state") != row.get("previous")):
             events.append(row)
     table.events = events
+    table.advances = advances
     table.last_evaluation = kept_evals[-1] if kept_evals else None
     table.superseded = (
         len(stats) - len(kept_stats) + len(evaluations) - len(kept_evals) + len(quality) - len(kept_quality)
@@ -365,6 +382,10 @@ def summary_markdown(run_dir: Path, table: RunTable, plot_name: str | None = "re
     lines += ["", f"Total: {table['kimg'][-1]:.3f} kimg logged in {format_seconds(total)}.", ""]
     lines += [f"_{TIME_SOURCE[0].upper()}{TIME_SOURCE[1:]}._"]
 
+    if table.advances or (cfg.get("schedule") or {}).get("advance") == "plateau":
+        lines += ["", "## Stage advance", ""]
+        lines += advance_markdown(cfg, table)
+
     lines += ["", "## Final values", ""]
     lines += final_values_markdown(table)
 
@@ -420,6 +441,46 @@ def _per_resolution(value: Any) -> str:
     if isinstance(value, Mapping):
         return ", ".join(f"{v} at {k} px" if str(k) != DEFAULT_KEY else f"{v} elsewhere" for k, v in value.items())
     return str(value)
+
+
+ADVANCE_REASONS = {
+    "plateau": "plateau: no {delta} % improvement of {metric} in {patience} evaluations",
+    "max_stable_kimg": "reached max_stable_kimg",
+    "metric_not_defined": "{metric} not defined at this resolution: ran max_stable_kimg",
+}
+
+
+def advance_markdown(cfg: Mapping[str, Any], table: RunTable) -> list[str]:
+    """schedule.advance=plateau: per stage, the stable phase it spent (of its longest), its evaluations, the
+    best value, and why it advanced; then the stable kimg the plateaus saved."""
+    plateau = (cfg.get("schedule") or {}).get("plateau") or {}
+    metric = plateau.get("metric", "?")
+    lines = [
+        f"`schedule.advance=plateau`: a stage's stable phase ends when `{metric}` has not improved by "
+        f"{plateau.get('min_delta', 0) * 100:g} % in {plateau.get('patience')} evaluations (one every "
+        f"{plateau.get('every_kimg')} kimg of it), after at least `min_stable_kimg` and at most `max_stable_kimg`.",
+        "",
+        f"| stage | resolution | stable kimg (of at most) | evaluations | best {metric} (at stable kimg) | last | "
+        "advanced because |",
+        "|---:|---:|---|---:|---:|---:|---|",
+    ]
+    saved = 0.0
+    for r in table.advances:
+        evaluations = r.get("evaluations") or []
+        best = "-" if r.get("best") is None else f"{r['best']:.4g} ({r['best_stable_kimg']:.3f})"
+        last = f"{evaluations[-1][1]:.4g}" if evaluations else "-"
+        why = ADVANCE_REASONS.get(r["advance"], r["advance"]).format(
+            delta=f"{r['min_delta'] * 100:g}", metric=r["metric"], patience=r["patience"]
+        )
+        lines.append(
+            f"| {r['stage']} | {r['resolution']} px | {r['stable_kimg']:.3f} (of {r['max_stable_kimg']:g}) | "
+            f"{len(evaluations)} | {best} | {last} | {why} |"
+        )
+        saved += r["max_stable_kimg"] - r["stable_kimg"]
+    if not table.advances:
+        lines.append("| | | no stage has ended yet | | | | |")
+    lines += ["", f"Stable phases ended {saved:.3f} kimg before their maxima in all (stats.jsonl: `stage_advance`)."]
+    return lines
 
 
 def final_values_markdown(table: RunTable) -> list[str]:
@@ -554,5 +615,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
         "stages": [{k: s[k] for k in ("resolution", "logged_kimg", "done", "seconds")} for s in stage_summaries(table)],
         "collapse_state": None if level is None else detector_verdict(table),
         "collapse_events": len(table.events),
+        # schedule.advance=plateau: when each stage's stable phase ended, and why
+        "advances": [{k: r[k] for k in ("resolution", "stable_kimg", "advance")} for r in table.advances],
         "final": {k: last_value(table, k) for k in ("Loss/D", "Loss/G", "Scores/real", "Scores/fake")},
     }

@@ -2,10 +2,16 @@
 
 A stage is (resolution, fade_kimg, stable_kimg, batch_size, lr). Progress inside a stage is counted in
 images (`nimg`), and alpha is a function of it alone, so resuming needs nothing but the image counter.
+
+With `schedule.advance=plateau` a stage's stable phase ends early when a quality metric stops improving: the
+stage is built with its longest stable phase (`plateau.max_stable_kimg`), and when the evaluations are due and
+what counts as "stopped improving" are pure functions here too (`plateau_evaluation_due`, `plateau_reached`)
+of the stage's image count and the metric's history.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -87,24 +93,35 @@ def setting_at(value: Any, resolution: int, key: str) -> tuple[Any, str | None]:
 def filled_settings(schedule: Mapping[str, Any], stage: Stage) -> dict[str, str]:
     """Which of `stage`'s settings a map did not name, and the rule that filled each ({"lr": "from 64 px"})."""
     keys = [k for k in PER_RESOLUTION if k != "fade_kimg" or stage.fade_kimg > 0]
-    sources = {k: setting_at(schedule[k], stage.resolution, k)[1] for k in keys}
+    values = {k: schedule[k] for k in keys}
+    if advance_of(schedule) == "plateau":  # its per-resolution limits too; a given max replaces stable_kimg
+        plateau = schedule["plateau"]
+        values |= {f"plateau.{k}": plateau[k] for k in PLATEAU_PER_RESOLUTION if plateau.get(k) is not None}
+        if "plateau.max_stable_kimg" in values:
+            del values["stable_kimg"]
+    sources = {k: setting_at(v, stage.resolution, k)[1] for k, v in values.items()}
     return {k: source for k, source in sources.items() if source is not None}
 
 
 def _setting(value: Any, res: int, key: str, kind: type, minimum: float, strict: bool) -> Any:
     """One stage's value of schedule.<key>, converted to `kind` and range-checked (a ValueError naming it)."""
     raw, _ = setting_at(value, res, key)
+    return _checked(raw, f"schedule.{key} at {res} px", kind, minimum, strict)
+
+
+def _checked(raw: Any, name: str, kind: type, minimum: float, strict: bool) -> Any:
+    """`raw` converted to `kind` and range-checked; the ValueError starts with `name`."""
     try:
         number = kind(raw)
         if kind is int and number != float(raw):
             raise ValueError
     except (TypeError, ValueError):
         kind_name = "an integer" if kind is int else "a number"
-        raise ValueError(f"schedule.{key} at {res} px must be {kind_name}, got {raw!r}") from None
+        raise ValueError(f"{name} must be {kind_name}, got {raw!r}") from None
     if not math.isfinite(number):
-        raise ValueError(f"schedule.{key} at {res} px must be finite, got {raw!r}")
+        raise ValueError(f"{name} must be finite, got {raw!r}")
     if number < minimum or (strict and number == minimum):
-        raise ValueError(f"schedule.{key} at {res} px must be {'>' if strict else '>='} {minimum}, got {raw!r}")
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {raw!r}")
     return number
 
 
@@ -177,4 +194,132 @@ def stages_from_config(cfg: Mapping[str, Any]) -> list[Stage]:
         if b != 2 * a:
             raise ValueError(f"schedule.resolutions must double from stage to stage, got {a} -> {b}")
     grows_first = cfg.get("init_from") is not None and cfg.get("stage") in (None, resolutions[0])
-    return build_stages(resolutions, s["fade_kimg"], s["stable_kimg"], s["batch_size"], s["lr"], fade_first=grows_first)
+    stable_kimg = s["stable_kimg"]
+    if advance_of(s) == "plateau":  # a stage is built with its longest stable phase; a plateau may end it sooner
+        stable_kimg = {res: rule.max_stable_kimg for res, rule in plateau_rules(s, resolutions).items()}
+    return build_stages(resolutions, s["fade_kimg"], stable_kimg, s["batch_size"], s["lr"], fade_first=grows_first)
+
+
+# --- schedule.advance=plateau --------------------------------------------------------------------------------
+ADVANCE_MODES = ("fixed", "plateau")
+# The plateau settings that may be a map {resolution: value}.
+PLATEAU_PER_RESOLUTION = ("min_stable_kimg", "max_stable_kimg")
+
+
+@dataclass(frozen=True)
+class PlateauRule:
+    """When the stable phase of one stage ends under schedule.advance=plateau (schedule.plateau at its
+    resolution): after `patience` evaluations in a row that did not beat the best value by `min_delta` of it,
+    once it has lasted `min_stable_kimg`; at `max_stable_kimg` in any case."""
+
+    metric: str  # the number watched, e.g. swd (a key of pgan.metrics.quality.SCORES)
+    every_kimg: float  # an evaluation every this many thousand images of the stable phase
+    min_delta: float  # relative: an evaluation improves when it beats the best value by this fraction of it
+    patience: int  # evaluations in a row without an improvement that end the stable phase
+    min_stable_kimg: float  # the stable phase lasts at least this long ...
+    max_stable_kimg: float  # ... and at most this long (the stage's stable_kimg)
+
+    @property
+    def every_nimg(self) -> int:
+        """The evaluation interval in images (at least 1)."""
+        return max(1, round(self.every_kimg * 1000))
+
+    @property
+    def min_stable_nimg(self) -> int:
+        """The shortest stable phase in images."""
+        return round(self.min_stable_kimg * 1000)
+
+
+def advance_of(schedule: Mapping[str, Any]) -> str:
+    """schedule.advance (`fixed` when a config predates it), checked."""
+    advance = str(schedule.get("advance", "fixed"))
+    if advance not in ADVANCE_MODES:
+        raise ValueError(f"schedule.advance must be one of {', '.join(ADVANCE_MODES)}, got {advance!r}")
+    return advance
+
+
+def plateau_rules(schedule: Mapping[str, Any], resolutions: Sequence[int]) -> dict[int, PlateauRule]:
+    """schedule.plateau resolved at every resolution, with a ValueError naming the setting for a bad value.
+    `max_stable_kimg: null` means the stage's `stable_kimg`: the plateau can only shorten the fixed schedule."""
+    plateau = schedule.get("plateau")
+    if not isinstance(plateau, Mapping):
+        raise ValueError("schedule.advance=plateau needs a schedule.plateau section (metric, every_kimg, ...)")
+    metric = plateau.get("metric")
+    if not isinstance(metric, str) or not metric:
+        raise ValueError(f"schedule.plateau.metric must be a metric's name (e.g. swd), got {metric!r}")
+    every_kimg = _checked(plateau.get("every_kimg"), "schedule.plateau.every_kimg", float, 0, strict=True)
+    min_delta = _checked(plateau.get("min_delta"), "schedule.plateau.min_delta", float, 0, strict=False)
+    if min_delta >= 1:
+        raise ValueError(f"schedule.plateau.min_delta is relative (0.05: 5 %) and must be < 1, got {min_delta:g}")
+    patience = _checked(plateau.get("patience"), "schedule.plateau.patience", int, 1, strict=False)
+    rules = {}
+    for res in resolutions:
+        max_value = plateau.get("max_stable_kimg")
+        if max_value is None:
+            max_kimg = _setting(schedule["stable_kimg"], res, "stable_kimg", float, 0, strict=False)
+        else:
+            max_kimg = _setting(max_value, res, "plateau.max_stable_kimg", float, 0, strict=False)
+        min_kimg = _setting(plateau.get("min_stable_kimg"), res, "plateau.min_stable_kimg", float, 0, strict=False)
+        if min_kimg > max_kimg:
+            longest = "max_stable_kimg" if max_value is not None else "stable_kimg (the longest stable phase)"
+            raise ValueError(
+                f"schedule.plateau.min_stable_kimg at {res} px is {min_kimg:g}, more than its {longest} {max_kimg:g}"
+            )
+        rules[int(res)] = PlateauRule(str(metric), every_kimg, min_delta, patience, min_kimg, max_kimg)
+    return rules
+
+
+def fade_nimg(stage: Stage) -> int:
+    """Images of `stage`'s fade-in: its stable phase starts after them."""
+    return round(stage.fade_kimg * 1000)
+
+
+def stable_nimg(stage: Stage, nimg: int) -> int:
+    """Images of `stage`'s stable phase after `nimg` images of the stage (0 during the fade-in)."""
+    return max(0, nimg - fade_nimg(stage))
+
+
+def plateau_evaluation_due(stage: Stage, rule: PlateauRule, before: int, after: int) -> bool:
+    """Whether a step from `before` to `after` images of `stage` crossed an evaluation of the plateau: every
+    `rule.every_kimg` of the stable phase, counted from its start (none at its start, none in the fade-in)."""
+    every, start = rule.every_nimg, fade_nimg(stage)
+    return after - start >= every and (before - start) // every != (after - start) // every
+
+
+def improves(value: float, best: float, min_delta: float, higher_is_better: bool) -> bool:
+    """Whether `value` beats `best` by more than `min_delta` (relative) of it; a non-finite value never does."""
+    if not math.isfinite(value):
+        return False
+    margin = min_delta * abs(best)
+    return value > best + margin if higher_is_better else value < best - margin
+
+
+def plateau_progress(values: Sequence[float], min_delta: float, higher_is_better: bool) -> tuple[int | None, int]:
+    """(index of the best value, evaluations since it) of a metric's history. The best moves only on an
+    improvement by `min_delta` (a slow creep of small gains does not restart the count); the first finite value
+    is the first best. (None, len(values)) while no value is finite."""
+    best = None
+    for i, value in enumerate(values):
+        if improves(value, values[best], min_delta, higher_is_better) if best is not None else math.isfinite(value):
+            best = i
+    return best, len(values) - 1 - best if best is not None else len(values)
+
+
+def plateau_reached(values: Sequence[float], min_delta: float, patience: int, higher_is_better: bool) -> bool:
+    """Whether the metric has not improved by `min_delta` (relative) in the last `patience` evaluations."""
+    return plateau_progress(values, min_delta, higher_is_better)[1] >= patience
+
+
+def stages_as_run(stages: Sequence[Stage], ended: Mapping[int, tuple[int, int]]) -> list[Stage]:
+    """The stages as a run trained them, given where stages ended early ({index: (start_nimg, nimg)}, from
+    schedule.advance=plateau's records): such a stage gets the stable phase it had, and each later stage starts
+    where the one before it ended (what the trainer does: pgan.train.resume.placed)."""
+    out: list[Stage] = []
+    for st in stages:
+        if st.index in ended:
+            start, nimg = ended[st.index]
+            st = dataclasses.replace(st, start_nimg=int(start), stable_kimg=nimg / 1000 - st.fade_kimg)
+        elif out and out[-1].index == st.index - 1:
+            st = dataclasses.replace(st, start_nimg=out[-1].start_nimg + out[-1].num_images)
+        out.append(st)
+    return out

@@ -80,8 +80,8 @@ def timelapse(cfg: DictConfig) -> list[Path]:
     """The GIF or MP4 of a run's sample grids over the whole multi-stage run."""
     from omegaconf import OmegaConf
 
+    from pgan.report import run_stages
     from pgan.sample import run_frames, save_timelapse, timelapse_images
-    from pgan.schedule import stages_from_config
 
     if cfg.run is None or OmegaConf.is_missing(cfg, "out"):
         raise UserError("run= and out= are required, e.g. pgan-sample timelapse run=runs/my-run out=progress.gif")
@@ -92,10 +92,7 @@ def timelapse(cfg: DictConfig) -> list[Path]:
         raise UserError(f"frame_ms must be >= 1, got {cfg.frame_ms}")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"run={cfg.run}: not a pgan run directory (no config.yaml)")
-    try:
-        stages = stages_from_config(OmegaConf.load(run_dir / "config.yaml"))
-    except ValueError as exc:
-        raise UserError(f"run={cfg.run}: {exc}") from exc
+    stages = run_stages(run_dir)  # as trained: where schedule.advance=plateau ended stages early
     frames = run_frames(run_dir, stages)
     if not frames:
         raise UserError(f"run={cfg.run}: no sample grids in {run_dir / 'samples'}")

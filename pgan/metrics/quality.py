@@ -31,6 +31,19 @@ from pgan.metrics.swd import swd
 
 QUALITY_METRICS = ("fid", "kid", "swd", "pr", "coverage", "modes")
 FEATURE_METRICS = ("fid", "kid", "pr", "coverage")  # the ones computed in a feature space
+# The single numbers of those metrics that a run can act on (schedule.plateau.metric): the metric that computes
+# each, and whether a higher value is better.
+SCORES: dict[str, tuple[str, bool]] = {
+    "swd": ("swd", False),
+    "fid": ("fid", False),
+    "kid": ("kid", False),
+    "precision": ("pr", True),
+    "recall": ("pr", True),
+    "density": ("coverage", True),
+    "coverage": ("coverage", True),
+    "modes_covered": ("modes", True),
+    "kl_to_uniform": ("modes", False),
+}
 KID_SUBSETS = 100  # torchmetrics' default and the KID paper's protocol
 KID_SUBSET_SIZE = 1000  # capped at the number of samples
 

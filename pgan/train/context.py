@@ -16,6 +16,7 @@ from pgan.train.guard import Guard
 from pgan.train.interrupt import StopFlag
 from pgan.train.metrics_watch import MetricsWatch
 from pgan.train.options import TrainOptions
+from pgan.train.plateau import PlateauWatch
 from pgan.train.watch import CollapseWatch
 
 
@@ -31,6 +32,7 @@ class RunContext:
     guard: Guard  # the non-finite guard, across stages
     watch: CollapseWatch | None  # the collapse detector (diversity.enabled)
     metrics: MetricsWatch | None  # quality metrics (metrics.every_kimg, rank 0 only)
+    plateau: PlateauWatch | None  # the metric that ends stable phases (schedule.advance=plateau)
     stop: StopFlag  # set by SIGINT / SIGTERM / SIGUSR1
     ranks: dist.Ranks
 
@@ -54,6 +56,11 @@ class Progress:
     def update(self, images: int) -> None:
         """`images` more were shown."""
         self.bar.update(images)
+
+    def end_at(self, nimg: int) -> None:
+        """The stage ends after `nimg` images (a plateau ended its stable phase early)."""
+        self.bar.total = nimg
+        self.bar.refresh()
 
     def restart(self, nimg: int) -> None:
         """Back to `nimg` images (after a rollback)."""

@@ -4,14 +4,16 @@
 trains the stages left; `train_stage` builds the stage's state (resumed from its own checkpoint, or grown
 from the previous stage's final.pt / `init_from`) and loops: a batch of reals (faded by alpha) and latents
 -> D step -> G step -> EMA; after each step, the maintenance tasks that are due run in one fixed order. A
-stage ends with `final.pt`.
+stage ends with `final.pt`, after its schedule's images or, with schedule.advance=plateau, at the step where its
+quality metric was found to have stopped improving (pgan/train/plateau.py); the next stage starts there.
 
 Exact resume: alpha is a function of the image counter, the data order is a function of (seed, stage, image
 counter), and the checkpoint carries the RNG state, so a resumed run continues bit for bit.
 
 Where the rest lives: the options (pgan/train/options.py), what a checkpoint holds (state.py), the tick
 gate (clock.py), the data (feed.py), checkpoint files (checkpointer.py), rollbacks (recovery.py), the resume
-point and loader restarts (resume.py), the run directory's lock (rundir.py).
+point and loader restarts (resume.py), the run directory's lock (rundir.py), the plateau that ends a stable phase
+(plateau.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pgan.checkpoint import FINAL
 from pgan.errors import UserError
 from pgan.monitor import Monitor, NullMonitor, resource_stats, warn
 from pgan.runtime import autocast_for, configure_backends, resolve_device, resolve_precision
-from pgan.schedule import Stage, alpha_at
+from pgan.schedule import Stage, alpha_at, stable_nimg
 from pgan.train.checkpointer import Checkpointer
 from pgan.train.clock import due_after
 from pgan.train.context import Progress, RunContext
@@ -40,8 +42,9 @@ from pgan.train.guard import Guard
 from pgan.train.interrupt import Interrupted, StopFlag
 from pgan.train.metrics_watch import MetricsWatch
 from pgan.train.options import TrainOptions
+from pgan.train.plateau import PlateauWatch
 from pgan.train.recovery import CollapseStop, collapse_rollback, guard_rollback
-from pgan.train.resume import Plan, check_same_classes, grows_from, plan_run, surviving_loader_failures
+from pgan.train.resume import Plan, check_same_classes, grows_from, placed, plan_run, surviving_loader_failures
 from pgan.train.rundir import RunDirLock
 from pgan.train.state import TrainState
 from pgan.train.step import TrainStep
@@ -70,6 +73,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
             print(f"nothing to do: every stage in {run_dir} is finished", flush=True)
             return run_dir / options.selected[-1].name / FINAL
         init, dataset = check_first_stage(options, run_dir, plan, device)
+        plan.stages[0] = placed(options, plan.stages[0], plan.resume, init and init[0])
         if ranks.is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         # TensorBoard and stats.jsonl drop what an interrupted attempt logged after the point this run continues
@@ -83,10 +87,14 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         metrics = None
         if options.intervals.metrics_nimg and ranks.is_main:
             metrics = MetricsWatch(cfg, options.metric_names, device, autocast, monitor)
+        # schedule.advance=plateau: the metric that ends stable phases (rank 0 computes it, every rank acts on it).
+        plateau = PlateauWatch(cfg, device, autocast, monitor, ranks) if options.advance == "plateau" else None
         guard = Guard(options.guard, device)
         try:
             with StopFlag() as stop:
-                ctx = RunContext(options, run_dir, device, autocast, monitor, guard, watch, metrics, stop, ranks)
+                ctx = RunContext(
+                    options, run_dir, device, autocast, monitor, guard, watch, metrics, plateau, stop, ranks
+                )
                 final = train_stages(ctx, plan, init, dataset)
         finally:
             monitor.close()
@@ -124,21 +132,22 @@ def check_first_stage(
 
 def train_stages(ctx: RunContext, plan: Plan, init: tuple[dict, Path] | None, dataset: Dataset) -> Path:
     """Train the plan's stages in order (a loader failure restarts a stage from its newest snapshot)."""
-    for st in plan.stages:
-        if st is not plan.stages[0]:
+    for i, st in enumerate(plan.stages):
+        if i > 0:
             init = grows_from(ctx.options, ctx.run_dir, st)
+            st = placed(ctx.options, st, None, init[0])  # after a plateau, where the previous stage ended
             dataset = stage_dataset(ctx.options, st, ctx.run_dir, ctx.device)
         if ctx.ranks.is_main:
             write_data_report(ctx.run_dir, st, dataset)
         run_stage = partial(train_stage, ctx, st, dataset, init=init)
-        resume = plan.resume if st is plan.stages[0] else None
+        resume = plan.resume if i == 0 else None
         if ctx.ranks.distributed:  # a loader failure on one rank ends the job (torchrun stops the others)
             final = run_stage(resume)
         else:
             max_restarts = ctx.options.loader_max_restarts
             final = surviving_loader_failures(run_stage, resume, max_restarts, ctx.run_dir / st.name, ctx.monitor)
         signum = dist.max_across_ranks(ctx.stop.signum or 0, ctx.device)
-        if signum and st is not plan.stages[-1]:
+        if signum and i < len(plan.stages) - 1:
             raise Interrupted(signum, final)
     return final
 
@@ -156,7 +165,7 @@ def train_stage(
     step = TrainStep(
         state, options.loss, ctx.autocast, options.ema_kimg, options.compile, options.compile_mode, options.reuse_fakes
     )
-    for watcher in (watch, ctx.metrics):
+    for watcher in (watch, ctx.metrics, ctx.plateau):
         if watcher is not None:
             watcher.begin_stage(stage, dataset)
     feed = Feed(options, stage, dataset, classes, ctx.device)
@@ -174,7 +183,7 @@ def train_stage(
     values: dict[str, float] = {}
     state.G.train()
     state.D.train()
-    while state.nimg < stage.num_images:
+    while state.nimg < state.end_nimg:  # the stage's images, or fewer once a plateau ended its stable phase
         reals, labels = feed.next()
         if options.inject is not None and options.inject.poisons(state.total_nimg, stage.batch_size, guard.rollbacks):
             reals = reals * float("nan")
@@ -182,7 +191,10 @@ def train_stage(
         before, state.nimg = state.nimg, state.nimg + stage.batch_size
         progress.update(stage.batch_size)
         state.tick.add(stats, guard)
-        due = due_after(options.intervals, before, state.nimg, stage.num_images)
+        # schedule.advance=plateau: the metric's evaluation, first: a plateau makes this the stage's last step.
+        if state.plateau is not None and state.plateau.due(before, state.nimg):
+            ctx.plateau.evaluate(state, progress)
+        due = due_after(options.intervals, before, state.nimg, state.end_nimg)
         # The maintenance tasks, in this order.
         # 1. The tick's scalars; too many non-finite steps in a row roll the stage back.
         if due.tick:
@@ -213,6 +225,8 @@ def train_stage(
             progress.close()
             raise Interrupted(signum, checkpointer.snapshot(state))
     progress.close()
+    if state.plateau is not None:  # when and why the stable phase ended: console, TensorBoard, stats.jsonl
+        ctx.plateau.announce(state, progress)
     final = checkpointer.final(state)
     monitor.hparams(
         f"hparams/{stage.name}",
@@ -236,6 +250,8 @@ def log_tick(ctx: RunContext, state: TrainState, progress: Progress) -> tuple[di
         "Speed/img_per_s": progress.timer.rate(state.nimg),
         **resource_stats(ctx.device),
     }
+    if state.plateau is not None:
+        values["Progress/stable_kimg_spent"] = stable_nimg(state.stage, state.nimg) / 1000
     if state.augment.enabled:  # Augment/rt, the tick's mean sign(D(augmented reals)), is among the averages
         values["Augment/p"] = float(state.augment.p)
     ctx.monitor.scalars(values, state.total_nimg)

@@ -33,6 +33,14 @@ from pgan.train.watch import evaluation_samples
 
 LATENT_SEED_OFFSET = 15_485_863  # the metrics' latents: their own stream, apart from the collapse watch's
 REAL_SEED_OFFSET = 32_452_843  # and their own real subset
+# The smallest resolution each metric is computed at (smaller stages skip it): SWD's pyramid starts at 16 px,
+# the mode classifiers work at 8.
+SMALLEST_RESOLUTION = {"swd": SWD_MIN_RESOLUTION, "modes": MODES_MIN_RESOLUTION}
+
+
+def applies_at(name: str, resolution: int) -> bool:
+    """Whether the metric `name` is computed at `resolution` px."""
+    return resolution >= SMALLEST_RESOLUTION.get(name, 1)
 
 
 def check_metrics_config(cfg: DictConfig) -> list[str]:
@@ -80,8 +88,7 @@ class MetricsWatch:
 
     def names_at(self, resolution: int) -> list[str]:
         """The metrics that apply at `resolution`: SWD needs 16 px, the mode classifiers 8; smaller are skipped."""
-        smallest = {"swd": SWD_MIN_RESOLUTION, "modes": MODES_MIN_RESOLUTION}
-        return [n for n in self.names if resolution >= smallest.get(n, 1)]
+        return [n for n in self.names if applies_at(n, resolution)]
 
     def begin_stage(self, stage: Stage, dataset: Dataset) -> None:
         """Load this stage's real images: the same seeded subset on every run and resume."""
@@ -109,11 +116,16 @@ class MetricsWatch:
         """G_ema's images for the fixed latents, float32 in [-1, 1]."""
         return evaluation_samples(G_ema, self.z, alpha, self.autocast).clamp(-1, 1)
 
+    def measure(self, G_ema: Generator, stage: Stage, nimg: int) -> dict[str, float | int | str]:
+        """The metrics of G_ema at `nimg` images into `stage` (nothing logged)."""
+        alpha = alpha_at(stage, nimg)
+        return self.evaluator(alpha)(self.samples(G_ema, alpha))
+
     def evaluate(self, G_ema: Generator, stage: Stage, nimg: int) -> dict[str, float]:
         """Compute, log (`Metrics/*`, metrics.jsonl) and return the metrics at `nimg` images into `stage`."""
         start = time.perf_counter()
         alpha = alpha_at(stage, nimg)
-        result = self.evaluator(alpha)(self.samples(G_ema, alpha))
+        result = self.measure(G_ema, stage, nimg)
         numbers = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         step = stage.start_nimg + nimg
         seconds = time.perf_counter() - start

@@ -18,11 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from pgan.augment import check_augment_config
 from pgan.errors import UserError
 from pgan.losses import Loss, make_loss
+from pgan.metrics.quality import SCORES
 from pgan.networks import networks_from
 from pgan.runtime import check_precision
-from pgan.schedule import Stage, filled_settings, stages_from_config
+from pgan.schedule import PlateauRule, Stage, advance_of, filled_settings, plateau_rules, stages_from_config
 from pgan.train.guard import check_guard_config
-from pgan.train.metrics_watch import check_metrics_config
+from pgan.train.metrics_watch import applies_at, check_metrics_config
+from pgan.train.plateau import check_plateau_metric
 from pgan.train.watch import check_diversity_config
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -76,7 +78,9 @@ class TrainOptions:
     seed: int
     device: str  # auto | cpu | cuda | cuda:N (resolved by pgan.runtime)
     precision: str  # auto | fp32 | bf16
-    stages: tuple[Stage, ...]  # the whole schedule
+    stages: tuple[Stage, ...]  # the whole schedule (under advance=plateau: each with its longest stable phase)
+    advance: str  # fixed | plateau: what ends a stage's stable phase (schedule.advance)
+    plateau: dict[int, PlateauRule]  # per resolution: when a plateau ends it (empty under fixed)
     selected: tuple[Stage, ...]  # the stages this invocation trains (all, or stage=<px>)
     filled: dict[int, dict[str, str]]  # per resolution: the settings a per-resolution map filled in, and how
     init_from: Path | None  # the checkpoint the first selected stage grows from
@@ -115,6 +119,7 @@ class TrainOptions:
         """Check `cfg` (one-line UserErrors) and resolve it; `world_size`: the ranks sharing each global batch."""
         check_precision(cfg.precision)
         stages = _stages(cfg)
+        advance, plateau = _advance(cfg, stages)
         check_model(cfg.model, stages[-1].resolution)
         check_batches(stages, int(cfg.model.mbstd_group_size), world_size)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -140,6 +145,8 @@ class TrainOptions:
             device=str(cfg.device),
             precision=str(cfg.precision),
             stages=tuple(stages),
+            advance=advance,
+            plateau=plateau,
             selected=tuple(selected),
             filled={st.resolution: filled_settings(cfg.schedule, st) for st in stages},
             init_from=Path(cfg.init_from) if cfg.init_from is not None else None,
@@ -181,10 +188,21 @@ class TrainOptions:
         """The console line that opens a stage: its schedule, and which settings a map filled in."""
         filled = self.filled.get(stage.resolution, {})
         note = f" ({', '.join(f'{k} {how}' for k, how in filled.items())})" if filled else ""
+        stable, rule_note = f"{stage.stable_kimg}", ""
+        rule = self.plateau.get(stage.resolution)
+        if rule is not None:  # a plateau of the metric may end the stable phase between its min and max
+            stable = f"{rule.min_stable_kimg:g} to {rule.max_stable_kimg:g}"
+            rule_note = (
+                f"; the stable phase ends when {rule.metric} has not improved by {rule.min_delta * 100:g} % in "
+                f"{rule.patience} evaluations (one every {rule.every_kimg:g} kimg)"
+            )
+            if not applies_at(SCORES[rule.metric][0], stage.resolution):
+                stable, rule_note = f"{rule.max_stable_kimg:g}", f"; {rule.metric} is not defined at this resolution"
         return (
-            f"stage {stage.index}: {stage.resolution} px, fade {stage.fade_kimg} + stable {stage.stable_kimg} kimg, "
+            f"stage {stage.index}: {stage.resolution} px, fade {stage.fade_kimg} + stable {stable} kimg, "
             f"batch {stage.batch_size}, lr {stage.lr}{note}"
             + (f", resuming at {resume_nimg / 1000:.3f} kimg" if resume_nimg else "")
+            + rule_note
         )
 
 
@@ -199,6 +217,19 @@ def _stages(cfg: DictConfig) -> list[Stage]:
         return stages_from_config(cfg)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+
+
+def _advance(cfg: DictConfig, stages: list[Stage]) -> tuple[str, dict[int, PlateauRule]]:
+    """schedule.advance and, for a plateau, its rule at each resolution (its metric checked)."""
+    try:
+        advance = advance_of(cfg.schedule)
+        if advance == "fixed":
+            return advance, {}
+        rules = plateau_rules(cfg.schedule, [st.resolution for st in stages])
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    check_plateau_metric(cfg)
+    return advance, rules
 
 
 def check_batches(stages: list[Stage], mbstd_group_size: int, world_size: int = 1) -> None:

@@ -3,6 +3,7 @@ and the restarts after a DataLoader worker failure (which continue the stage lik
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def find_resume_point(options: TrainOptions, run_dir: Path) -> dict[str, Any] | 
 def grows_from(options: TrainOptions, run_dir: Path, stage: Stage) -> tuple[dict[str, Any], Path] | None:
     """The checkpoint (and its path) a stage starting afresh grows from: `init_from` for the run's first
     selected stage, else the previous stage's final.pt of this run; None for the schedule's first stage."""
-    if options.init_from is not None and stage is options.selected[0]:
+    if options.init_from is not None and stage.index == options.selected[0].index:
         init = load_checkpoint(options.init_from)
         check_same_architecture(options, init["config"], f"init_from={options.init_from}")
         if init["resolution"] * 2 != stage.resolution:
@@ -90,6 +91,23 @@ def grows_from(options: TrainOptions, run_dir: Path, stage: Stage) -> tuple[dict
     if not prev.is_file():
         raise UserError(f"stage {stage.resolution} needs the previous stage's checkpoint {prev} (or init_from=...)")
     return load_checkpoint(prev), prev
+
+
+def placed(options: TrainOptions, stage: Stage, resume: dict[str, Any] | None, init: dict[str, Any] | None) -> Stage:
+    """`stage` where it starts on the run's image axis (`start_nimg`: the logs' x axis, the gamma decay's clock).
+
+    Under schedule.advance=plateau a stage's length is decided while it trains, so it starts where the checkpoint
+    it resumes (its own) or grows from (the previous stage's final.pt, or init_from) says the run stood. Under
+    fixed, where the schedule puts it."""
+    if options.advance == "fixed":
+        return stage
+    if resume is not None:
+        start = int(resume["total_nimg"]) - int(resume["nimg"])
+    elif init is not None:
+        start = int(init["total_nimg"])
+    else:
+        return stage  # the run's first stage, from scratch: 0
+    return dataclasses.replace(stage, start_nimg=start)
 
 
 def check_same_classes(state: dict[str, Any], classes: ClassLabels | None, what: str) -> None:

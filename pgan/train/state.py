@@ -3,8 +3,9 @@
 `TrainState.state_dict()` is the checkpoint (see pgan/checkpoint.py for the file format around it) and
 `load_state_dict()` reads it back, side by side; `grow_from()` starts a stage from the previous stage's
 final.pt. The networks, their optimizers, G_ema, the image counter, the partial log tick and the random
-stream are the stage's own; the components with state (augmentation p, the non-finite guard, the collapse
-detector) are registered under their checkpoint keys in `__init__`: a new one is one line there.
+stream are the stage's own; the components with state (augmentation p, the plateau that may end the stage, the
+non-finite guard, the collapse detector) are registered under their checkpoint keys in `__init__`: a new one is
+one line there.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pgan.schedule import Stage
 from pgan.train.clock import TickSums
 from pgan.train.guard import Guard
 from pgan.train.options import TrainOptions
+from pgan.train.plateau import Plateau
 from pgan.train.watch import CollapseWatch
 
 
@@ -88,6 +90,10 @@ class TrainState:
         # Stateful components under their checkpoint keys. A rollback restores `rewound` ones with the
         # weights; the `watches` keep their own account of rollbacks across it (pgan.train.recovery).
         self.rewound: dict[str, Stateful] = {"augment": self.augment}
+        # schedule.advance=plateau: the metric's history and the decision that ends the stable phase.
+        self.plateau = Plateau(stage, options.plateau[stage.resolution]) if options.advance == "plateau" else None
+        if self.plateau is not None:
+            self.rewound["plateau"] = self.plateau
         self.watches: dict[str, Stateful | None] = {"guard": guard, "collapse": watch}
         if resume is not None:
             self.load_state_dict(resume)
@@ -98,6 +104,13 @@ class TrainState:
     def total_nimg(self) -> int:
         """Images shown over the whole run (the x axis of every log)."""
         return self.stage.start_nimg + self.nimg
+
+    @property
+    def end_nimg(self) -> int:
+        """Images of the stage when it ends: the schedule's, or fewer where a plateau ended its stable phase."""
+        if self.plateau is not None and self.plateau.ended_at is not None:
+            return self.plateau.ended_at
+        return self.stage.num_images
 
     # --- the checkpoint, written and read side by side --------------------------------------------------
     def state_dict(self, done: bool = False) -> dict[str, Any]:
