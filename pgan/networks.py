@@ -345,17 +345,26 @@ class Discriminator(nn.Module):
         if num_classes > 0:  # last, so that every unconditional parameter is drawn as without labels
             self.embed = EqualizedEmbedding(num_classes, width(4), scale=1.0 / math.sqrt(width(4)))
 
+    def rgb_features(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
+        """fromRGB of `resolution` (a 1x1 conv from the image channels, then leaky ReLU), always in fp32.
+
+        Under bf16 autocast on the CPU, oneDNN's bf16 kernel for this conv's double backward (the R1 / R2 and
+        WGAN-GP penalties) dies with SIGFPE when N*H*W = 2**19 on one thread (torch 2.14.1: batch 8 at 256 px,
+        32 at 128 px). The conv is 3 -> C channels, a sliver of D's work, so it runs in fp32 everywhere."""
+        with torch.autocast(images.device.type, enabled=False):
+            return lrelu(self.from_rgb[str(resolution)](at_least_fp32(images)))
+
     def forward(self, images: torch.Tensor, alpha: float = 1.0, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Score images [N, image_channels, R, R] (with class indices [N] when conditional) -> [N]; alpha: 0 old
         path only, 1 new block only."""
         check_labels(labels, self.num_classes, images.shape[0])
         projection = None if labels is None else self.embed(labels)
         top = self.resolution
-        x = lrelu(self.from_rgb[str(top)](images))
+        x = self.rgb_features(images, top)
         if top > MIN_RESOLUTION:
             x = self.blocks[str(top)](x)
             if alpha < 1.0:
-                old = lrelu(self.from_rgb[str(top // 2)](downsample_2x(images)))
+                old = self.rgb_features(downsample_2x(images), top // 2)
                 x = fade(old, x, alpha)
             for res in reversed(self.resolutions[1:-1]):
                 x = self.blocks[str(res)](x)

@@ -43,11 +43,28 @@ def check_precision(name: str) -> str:
     return name
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 tiles or AVX512-BF16), the kernels oneDNN uses for
+    bf16 convolutions and matmuls. Without them bf16 is emulated and slower than fp32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own CPUID checks
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
 def resolve_precision(name: str, device: torch.device) -> bool:
-    """Whether to use bf16 autocast: `auto` on GPUs with native bf16, `bf16` always, `fp32` never."""
+    """Whether to use bf16 autocast: `auto` on GPUs and CPUs with native bf16, `bf16` always, `fp32` never.
+
+    On a CPU with AMX-BF16 (measured, experiments/quality) the default run's step is about 1.7x faster in
+    bf16 than in fp32, with the same mode coverage; on CPUs without native bf16 `auto` stays fp32."""
     if check_precision(name) == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        return device.type == "cpu" and cpu_has_native_bf16()
     return name == "bf16"
+
+
+def precision_name(use_bf16: bool) -> str:
+    """How the run's precision is shown: 'bf16 autocast' or 'fp32'."""
+    return "bf16 autocast" if use_bf16 else "fp32"
 
 
 def configure_backends(device: torch.device, precision: str) -> None:

@@ -32,7 +32,7 @@ from pgan import dist
 from pgan.checkpoint import FINAL
 from pgan.errors import UserError
 from pgan.monitor import Monitor, NullMonitor, resource_stats, warn
-from pgan.runtime import autocast_for, configure_backends, resolve_device, resolve_precision
+from pgan.runtime import autocast_for, configure_backends, precision_name, resolve_device, resolve_precision
 from pgan.schedule import Stage, alpha_at, stable_nimg
 from pgan.train.checkpointer import Checkpointer
 from pgan.train.clock import due_after
@@ -61,7 +61,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     device = resolve_device(options.device)
     if ranks.distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank)  # torchrun: one GPU per process
-    autocast = autocast_for(device, resolve_precision(options.precision, device))
+    use_bf16 = resolve_precision(options.precision, device)
+    autocast = autocast_for(device, use_bf16)
     configure_backends(device, options.precision)
     # The same random stream on every rank: each draws the global batch's latents (and penalty mixes) and
     # keeps its own chunk (pgan.dist.draw_for_rank), so N ranks compute what one process does.
@@ -82,6 +83,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         if plan.new_run:
             monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
         print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
+        print(f"device {device}, {precision_name(use_bf16)} (precision={options.precision})", flush=True)
         watch = CollapseWatch(cfg, device, autocast, monitor) if options.collapse_watch else None
         # Quality metrics are logged, never acted on: rank 0 alone computes them.
         metrics = None
