@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import CONF_DIR, compose_config
+import yaml
+from helpers import CONF_DIR, PGAN_TRAIN, WAIT_TIMEOUT_S, compose_config
 from omegaconf import OmegaConf
 
 from pgan.errors import UserError
@@ -70,3 +72,39 @@ def test_scalar_overrides_replace_per_resolution_maps() -> None:
     cfg = compose_config("experiment=paper256", "schedule.batch_size=8", "schedule.fade_kimg=0.128")
     stages = stages_from_config(cfg)
     assert {s.batch_size for s in stages} == {8} and {s.fade_kimg for s in stages[1:]} == {0.128}
+
+
+def test_a_per_resolution_map_on_the_command_line_replaces_the_presets():
+    """`schedule.stable_kimg={8: ...}` names resolutions the preset's map lacks: the map replaces the preset's
+    (Hydra alone would merge it into the preset's map and refuse a new resolution as "no such key")."""
+    from pgan.cli.train import replace_resolution_maps
+
+    args = replace_resolution_maps(["schedule.resolutions=[8,16]", "schedule.stable_kimg={8: 0.5}", "seed=3"])
+    assert args == [
+        "schedule.resolutions=[8,16]",
+        "schedule.stable_kimg=null",
+        "++schedule.stable_kimg={8: 0.5}",
+        "seed=3",
+    ]
+    cfg = compose_config(*args)
+    assert dict(cfg.schedule.stable_kimg) == {8: 0.5}  # the preset's other resolutions are gone
+    assert [s.stable_kimg for s in stages_from_config(cfg)] == [0.5, 0.5]  # 16 px filled from 8 px
+    # Also where the preset's value is null (max_stable_kimg: null means stable_kimg).
+    cfg = compose_config(*replace_resolution_maps(["schedule.plateau.max_stable_kimg={8: 0.25}"]))
+    assert dict(cfg.schedule.plateau.max_stable_kimg) == {8: 0.25}
+    # Scalars, single entries and explicit +/~ overrides are left as they are.
+    same = ["schedule.lr=0.002", "schedule.lr.256=0.001", "+schedule.fade_kimg.8=1.0", "diversity.thresholds={a: 1}"]
+    assert replace_resolution_maps(same) == same
+
+
+def test_pgan_train_accepts_a_map_with_new_resolutions():
+    """The real command: the composed job config has the user's map, whole."""
+    done = subprocess.run(
+        [PGAN_TRAIN, "schedule.resolutions=[8,16]", "schedule.lr={8: 0.003, 16: 0.002}", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    schedule = yaml.safe_load(done.stdout)["schedule"]
+    assert schedule["lr"] == {8: 0.003, 16: 0.002}

@@ -30,6 +30,31 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+# The schedule's per-resolution settings ({resolution: value} maps; pgan.schedule.PER_RESOLUTION and the plateau's).
+_RESOLUTION_MAPS = tuple(
+    f"schedule.{k}"
+    for k in ("fade_kimg", "stable_kimg", "batch_size", "lr", "plateau.min_stable_kimg", "plateau.max_stable_kimg")
+)
+
+
+def replace_resolution_maps(args: list[str]) -> list[str]:
+    """`schedule.lr={8: 0.002, 256: 0.001}` replaces the preset's lr instead of merging into it.
+
+    Hydra merges a map given on the command line into the preset's map, and refuses a resolution the preset's
+    map does not name ("no such key"), so `schedule.stable_kimg={8: 2}` would fail on a preset without 8 px.
+    A per-resolution map on the command line is the whole schedule of that setting: it becomes
+    `schedule.lr=null ++schedule.lr={...}` (a map merged into null is that map; `~schedule.lr` would fail where
+    the preset's value is null). One entry alone: `schedule.lr.256=0.001`, or `+schedule.lr.8=...`."""
+    out = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in _RESOLUTION_MAPS and value.lstrip().startswith("{"):
+            out += [f"{key}=null", f"++{arg}"]
+        else:
+            out.append(arg)
+    return out
+
+
 def _run_dir_arg(args: list[str]) -> str | None:
     """The run directory `hydra.run.dir=` names among `args`, if any."""
     return next((a.split("=", 1)[1] for a in args if _override_key(a) == "hydra.run.dir"), None)
@@ -155,9 +180,10 @@ def main() -> None:
     """Console entry point of `pgan-train` (also under `torchrun --nproc_per_node=N -m pgan.train`)."""
     from pgan import dist
 
-    exit_on_bad_overrides("train", sys.argv[1:])
+    args = replace_resolution_maps(sys.argv[1:])
+    exit_on_bad_overrides("train", args)
     try:
-        args = join_ranks(sys.argv[1:])
+        args = join_ranks(args)
         refuse_held_run_dir(args)
         sys.argv = [sys.argv[0], *with_saved_overrides(args)]
         _hydra_main()
