@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install pgan with its dev extras
 
-train: $(STAMP) ## the default multi-stage run (32 -> 256 px, procedural shapes, small model); extra overrides in ARGS="..."
+train: $(STAMP) ## the default multi-stage run (8 -> 256 px, procedural shapes, small model); extra overrides in ARGS="..."
 	$(VENV)/bin/pgan-train $(ARGS)
 
 # The tests run in two pytest-xdist worker processes (each test still runs alone in its worker, torch on one

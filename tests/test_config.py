@@ -36,11 +36,20 @@ def test_every_option_composes(group: str, option: str) -> None:
     assert stages[0].fade_kimg == 0 and all(s.fade_kimg > 0 for s in stages[1:])
 
 
-def test_default_run_is_32_to_256_on_shapes() -> None:
-    """The default run is the documented 32 -> 64 -> 128 -> 256 px run of the small model on shapes."""
+def test_default_run_is_8_to_256_on_shapes() -> None:
+    """The default run is the documented 8 -> 256 px run of the small model on shapes, with the recipe
+    experiments/quality chose: rpgan, lr 0.004 (0.002 at 128-256 px), 16 channels at 64-256 px, batch 8 and 4
+    at 128 and 256 px."""
     cfg = compose_config()
-    assert list(cfg.schedule.resolutions) == [32, 64, 128, 256]
-    assert cfg.model.name == "small" and cfg.data.source == "shapes" and cfg.loss.name == "wgan_gp"
+    stages = stages_from_config(cfg)
+    assert [s.resolution for s in stages] == [8, 16, 32, 64, 128, 256]
+    assert cfg.model.name == "small" and cfg.data.source == "shapes" and cfg.loss.name == "rpgan"
+    assert [s.batch_size for s in stages] == [16, 16, 16, 16, 8, 4]
+    assert [s.lr for s in stages] == [0.004] * 4 + [0.002] * 2
+    G = Generator(256, latent_dim=cfg.model.latent_dim, **model_kwargs_from(cfg.model))
+    assert [G.blocks[str(r)].conv1.weight.shape[0] for r in (64, 128, 256)] == [16, 16, 16]
+    # the paper's own loss stays one preset away
+    assert compose_config("experiment=paper256").loss.name == "wgan_gp"
 
 
 def test_paper256_is_the_paper_configuration() -> None:

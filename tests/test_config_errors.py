@@ -73,7 +73,7 @@ def test_init_from_the_wrong_resolution_is_refused(run_8px: Path, tmp_path: Path
         ("schedule.batchsize=8", "error: schedule.batchsize: no such key in the config (a typo? to add a new key"),
         ("loss=foo", "error: loss=foo: no such option in conf/loss/; choose one of hinge, logistic, rpgan, wgan_gp"),
         ("seed=[1", "error: seed=[1: cannot parse this override"),
-        ("schedule.batch_size=abc", "error: schedule.batch_size at 32 px must be an integer, got 'abc'"),
+        ("schedule.batch_size=abc", "error: schedule.batch_size at 8 px must be an integer, got 'abc'"),
     ],
 )
 @pytest.mark.subprocess

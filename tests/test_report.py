@@ -67,7 +67,7 @@ def test_the_markdown_lists_both_stages_with_their_time(written) -> None:
         assert re.search(r"\| \d+\.\d s \|", row), row  # the time per stage
         assert f"| {(stage.start_nimg + stage.num_images) / 1000:.3f} |" in row  # logged up to the stage's end
     assert "Speed/img_per_s" in text  # says where the time comes from
-    assert "`wgan_gp`" in text and "`shapes`" in text and "**batch size**: 8" in text
+    assert "`rpgan`" in text and "`shapes`" in text and "**batch size**: 8" in text
     assert "## Collapse detector" in text and "evaluations" in text
     assert "![losses and scores over kimg](report.png)" in text
 

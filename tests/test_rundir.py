@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import PGAN_TRAIN, TINY, compose_config, file_listing, wait_for
 
+from pgan.cli.train import replace_resolution_maps
 from pgan.errors import UserError
 from pgan.train.loop import train
 from pgan.train.rundir import LOCK_NAME, RunDirLock, check_free
@@ -114,11 +115,15 @@ def test_a_bad_setting_leaves_no_run_directory(tmp_path: Path, with_run_dir: boo
 
 
 def test_per_resolution_maps_fill_their_gaps_and_the_stage_line_says_how(tmp_path: Path, capsys) -> None:
-    """The default schedule names 32-256 px; at 8 and 16 px every map falls back to its smallest entry (and
-    fade_kimg to 64 px's), printed in the stage line; a grown stage names the checkpoint it grew from."""
+    """Maps that name only 32 px and up: at 8 and 16 px each falls back to its smallest entry, or to its default,
+    printed in the stage line; a grown stage names the checkpoint it grew from."""
     small = [o for o in TINY if not o.startswith(("schedule.fade_kimg", "schedule.stable_kimg", "schedule.lr"))]
-    fills = ["schedule.stable_kimg={32: 0.016}", "schedule.fade_kimg={64: 0.064}", "+schedule.fade_kimg.default=0.032"]
-    cfg = compose_config(*small, *fills)
+    maps = [
+        "schedule.stable_kimg={32: 0.016}",
+        "schedule.fade_kimg={64: 0.064, default: 0.032}",
+        "schedule.lr={32: 0.001}",
+    ]
+    cfg = compose_config(*small, *replace_resolution_maps(maps))  # as pgan-train composes them
     train(cfg, tmp_path / "run")
     out = capsys.readouterr().out
     assert (

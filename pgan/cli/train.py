@@ -44,7 +44,7 @@ def replace_resolution_maps(args: list[str]) -> list[str]:
     map does not name ("no such key"), so `schedule.stable_kimg={8: 2}` would fail on a preset without 8 px.
     A per-resolution map on the command line is the whole schedule of that setting: it becomes
     `schedule.lr=null ++schedule.lr={...}` (a map merged into null is that map; `~schedule.lr` would fail where
-    the preset's value is null). One entry alone: `schedule.lr.256=0.001`, or `+schedule.lr.8=...`."""
+    the preset's value is null). To merge into the preset's map instead: `'++schedule.lr={256: 0.001}'`."""
     out = []
     for arg in args:
         key, _, value = arg.partition("=")
