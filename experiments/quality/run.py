@@ -1,0 +1,224 @@
+"""Sample quality of pgan's recipes, measured: each arm is a `pgan-train` run, then `pgan-eval` of its final G_ema.
+
+    python experiments/quality/run.py digits  --out DIR [--arms A B ...] [--seeds 0 1 2] [--parallel 2]
+    python experiments/quality/run.py default --out DIR [--arms ...] [--seeds ...]
+    python experiments/quality/run.py real    --out DIR      # the real data's own readings (the floors)
+    python experiments/quality/report.py DIR                 # README.md's tables from DIR/*/result.json
+
+Suites:
+- digits: stacked digits (1,000 modes: one bundled 8x8 digit per colour channel), to 32 px. 10,000 G_ema
+  samples are read by the in-process mode classifier (modes covered, KL to uniform), as in the
+  Stacked-MNIST protocol; arms differ in the loss.
+- default: `make train`'s own run (procedural shapes, 8 -> 256 px), read with 1,000 samples at 256 px
+  (the 16 shape modes; SWD and precision / recall at 256 px need 15 GB and 6 minutes in pgan-eval, so they
+  are run by hand on chosen checkpoints) and the collapse verdict
+  the trainer reached; arms are candidate recipes, the arm `default` is `make train` itself.
+
+Every run writes DIR/<suite>/<arm>-s<seed>/result.json; a run whose result exists is skipped, so the
+command resumes where it stopped. Arms run `--parallel` at a time as subprocesses, each on
+`--threads` torch threads (2 on a 2-core machine with --parallel 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A family of comparable runs: what they share, what differs per arm, and how the result is read."""
+
+    common: list[str]  # pgan-train overrides of every arm
+    arms: dict[str, list[str]]  # arm name -> the overrides that make it
+    resolution: int  # px of the final stage, whose final.pt is evaluated
+    metrics: str  # pgan-eval's metrics list
+    num_fake: int  # G_ema samples read
+    num_real: int
+    data: list[str] = field(default_factory=list)  # the data overrides pgan-eval needs
+
+
+LOGS = ["log.progress_bar=false", "log.image_every_kimg=1.024"]
+# The default schedule's first three stages, spelled out (so the suite does not move when the defaults do):
+# 8 -> 16 -> 32 px, 15.4 kimg in all, batch 16, lr 0.004.
+LOW_RES = [
+    "schedule.resolutions=[8,16,32]",
+    "~schedule.fade_kimg",
+    "+schedule.fade_kimg={16: 1.024, 32: 1.024}",
+    "~schedule.stable_kimg",
+    "+schedule.stable_kimg={8: 2.048, 16: 8.192, 32: 3.072}",
+    "schedule.batch_size=16",
+    "~schedule.lr",
+    "+schedule.lr=0.004",
+]
+
+SUITES = {
+    "digits": Suite(
+        common=[
+            "data=stacked_digits",
+            *LOW_RES,
+            "diversity.every_kimg=2.048",
+            "checkpoint.every_kimg=4.096",
+            *LOGS,
+        ],
+        arms={
+            "rpgan": ["loss=rpgan"],
+            "wgan_gp": ["loss=wgan_gp"],
+            "logistic_r1": ["loss=logistic", "loss.r1_gamma=1.0"],
+            # The same recipe four times as long at 16 and 32 px (51.2 kimg in all): what more images buy.
+            "rpgan_long": [
+                "loss=rpgan",
+                "~schedule.stable_kimg",
+                "+schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
+            ],
+        },
+        resolution=32,
+        metrics="[modes]",
+        num_fake=10_000,
+        num_real=10_000,
+        data=["data=stacked_digits"],
+    ),
+    "default": Suite(
+        common=[*LOGS],
+        arms={
+            "default": [],  # make train
+            # The defaults before issue 17: WGAN-GP, 32 -> 256 px, lr 0.001-0.004, 8 channels at 128-256 px, fp32.
+            "before": [
+                "loss=wgan_gp",
+                "model.fmap_min=8",
+                "schedule.resolutions=[32,64,128,256]",
+                "schedule.fade_kimg={64: 1.024, 128: 0.512, 256: 0.384}",
+                "schedule.stable_kimg={32: 2.048, 64: 1.024, 128: 0.512, 256: 0.384}",
+                "schedule.batch_size=16",
+                "schedule.lr={32: 0.001, 64: 0.002, 128: 0.004, 256: 0.004}",
+                "precision=fp32",
+            ],
+            "wgan_gp": ["loss=wgan_gp"],  # the new schedule and model with the old loss
+            "batch16": ["schedule.batch_size=16"],  # the 256 px stage at batch 16 (48 steps)
+        },
+        resolution=256,
+        metrics="[modes]",
+        num_fake=1000,
+        num_real=1000,
+        data=["data=shapes"],
+    ),
+}
+
+
+def run_python(module: str, args: list[str], log: Path, threads: int) -> float:
+    """`python -m module args` with its output in `log`; the wall time in s (raises on failure)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{module} exited {done.returncode}: see {log}")
+    return time.perf_counter() - start
+
+
+def last_verdict(run_dir: Path) -> dict:
+    """The collapse watch's last record: its verdict, its own reading and the modes it counted."""
+    lines = (run_dir / "collapse.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    keys = ("kimg", "state", "verdict", "reading", "modes_covered", "mode_kl", "excess_pair", "vendi_ratio")
+    return {k: last.get(k) for k in keys}
+
+
+def run_arm(suite: Suite, arm: str, seed: int, out: Path, extra: list[str], threads: int) -> dict:
+    """Train one arm with one seed and read its final G_ema; the row also lands in run_dir/result.json."""
+    run_dir = out / f"{arm}-s{seed}"
+    result_file = run_dir / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = [*suite.common, *suite.arms[arm], *extra, f"seed={seed}", f"hydra.run.dir={run_dir}"]
+    train_s = run_python("pgan.cli.train", overrides, run_dir / "train.out", threads)
+    final = run_dir / f"stage-{suite.resolution:04d}" / "final.pt"
+    eval_args = [
+        f"ckpt={final}",
+        f"metrics={suite.metrics}",
+        "features=random",
+        f"num_fake={suite.num_fake}",
+        f"num_real={suite.num_real}",
+        *suite.data,
+    ]
+    run_python("pgan.cli.eval", eval_args, run_dir / "eval.out", threads)
+    evaluation = json.loads((run_dir / "eval.out").read_text().strip().splitlines()[-1])
+    row = {
+        "arm": arm,
+        "seed": seed,
+        "overrides": [*suite.arms[arm], *extra],
+        "train_s": round(train_s, 1),
+        "threads": threads,
+        "eval": evaluation,
+        "watch": last_verdict(run_dir),
+    }
+    result_file.write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def real_floor(suite: Suite, out: Path, threads: int) -> dict:
+    """The real data read exactly as the fakes are (same classifier, same sample count): the best a G can do."""
+    result_file = out / "real" / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from pgan.data import StackedDigitsDataset
+    from pgan.metrics.modes import mode_classifier_for, mode_coverage
+
+    torch.set_num_threads(threads)
+    dataset = StackedDigitsDataset(suite.resolution, size=50_000, seed=0)  # data=stacked_digits' defaults
+    images = torch.stack([dataset[i] for i in range(suite.num_fake)])
+    classifier = mode_classifier_for(dataset)
+    row = {
+        "arm": "real",
+        "num_samples": suite.num_fake,
+        **mode_coverage(classifier.predict(images), classifier.num_modes),
+    }
+    result_file.write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=[*SUITES, "real"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--arms", nargs="*", default=None, help="default: every arm of the suite")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--set", nargs="*", default=[], help="extra pgan-train overrides for every arm")
+    parser.add_argument("--suffix", default="", help="appended to the suite's folder (e.g. a variant's name)")
+    args = parser.parse_args()
+    if args.suite == "real":
+        print(json.dumps(real_floor(SUITES["digits"], args.out / "digits", args.threads)))
+        return
+    suite = SUITES[args.suite]
+    out = args.out / (args.suite + args.suffix)
+    arms = args.arms or list(suite.arms)
+    unknown = [a for a in arms if a not in suite.arms]
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; the {args.suite} suite has {list(suite.arms)}")
+    jobs = [(arm, seed) for seed in args.seeds for arm in arms]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        futures = [pool.submit(run_arm, suite, arm, seed, out, args.set, args.threads) for arm, seed in jobs]
+        for (arm, seed), future in zip(jobs, futures, strict=True):
+            try:
+                row = future.result()
+            except RuntimeError as exc:
+                print(f"{arm} seed {seed}: {exc}", flush=True)
+                continue
+            print(json.dumps({k: row[k] for k in ("arm", "seed", "train_s", "eval", "watch")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
