@@ -50,13 +50,10 @@ LOGS = ["log.progress_bar=false", "log.image_every_kimg=1.024"]
 # 8 -> 16 -> 32 px, 15.4 kimg in all, batch 16, lr 0.004.
 LOW_RES = [
     "schedule.resolutions=[8,16,32]",
-    "~schedule.fade_kimg",
-    "+schedule.fade_kimg={16: 1.024, 32: 1.024}",
-    "~schedule.stable_kimg",
-    "+schedule.stable_kimg={8: 2.048, 16: 8.192, 32: 3.072}",
+    "schedule.fade_kimg={16: 1.024, 32: 1.024}",  # pgan-train: a map given here replaces the preset's
+    "schedule.stable_kimg={8: 2.048, 16: 8.192, 32: 3.072}",
     "schedule.batch_size=16",
-    "~schedule.lr",
-    "+schedule.lr=0.004",
+    "schedule.lr=0.004",
 ]
 
 SUITES = {
@@ -73,11 +70,7 @@ SUITES = {
             "wgan_gp": ["loss=wgan_gp"],
             "logistic_r1": ["loss=logistic", "loss.r1_gamma=1.0"],
             # The same recipe four times as long at 16 and 32 px (51.2 kimg in all): what more images buy.
-            "rpgan_long": [
-                "loss=rpgan",
-                "~schedule.stable_kimg",
-                "+schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
-            ],
+            "rpgan_long": ["loss=rpgan", "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}"],
         },
         resolution=32,
         metrics="[modes]",

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
+from pgan.schedule import PER_RESOLUTION, PLATEAU_PER_RESOLUTION
 
 EXIT_COLLAPSE = 3  # the collapse detector stopped the run (diversity.on_collapse=stop, or rollbacks ran out)
 EXIT_NONFINITE = 4  # non-finite losses/gradients persisted after guard.max_rollbacks rollbacks
@@ -30,10 +31,9 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-# The schedule's per-resolution settings ({resolution: value} maps; pgan.schedule.PER_RESOLUTION and the plateau's).
-_RESOLUTION_MAPS = tuple(
-    f"schedule.{k}"
-    for k in ("fade_kimg", "stable_kimg", "batch_size", "lr", "plateau.min_stable_kimg", "plateau.max_stable_kimg")
+# The schedule's per-resolution settings ({resolution: value} maps).
+_RESOLUTION_MAPS = tuple(f"schedule.{k}" for k in PER_RESOLUTION) + tuple(
+    f"schedule.plateau.{k}" for k in PLATEAU_PER_RESOLUTION
 )
 
 
