@@ -238,6 +238,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
         loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
     except (TypeError, ValueError) as exc:
         raise UserError(f"loss: {exc}") from exc
+    loss = loss.for_precision(use_bf16)  # loss.penalty_sigma=auto
     configure_backends(device, cfg.precision)
     autocast = autocast_for(device, use_bf16)
     size = int(cfg.matmul_size or (8192 if device.type == "cuda" else 4096))
@@ -256,7 +257,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
             torch.manual_seed(int(cfg.seed))
             G, D = build_models(cfg.model, res, device)
             G_ema = copy.deepcopy(G).requires_grad_(False)
-            opt_G, opt_D = build_optimizers(G, D, float(cfg.lr))
+            opt_G, opt_D = build_optimizers(G, D, float(cfg.lr), loss.lazy_ratio)
             reals = (torch.rand(batch, int(m.image_channels), res, res, device=device) * 2 - 1).contiguous(
                 memory_format=torch.channels_last
             )

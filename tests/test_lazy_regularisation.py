@@ -1,4 +1,5 @@
-"""Lazy regularisation (loss.penalty_every=k): the penalty on every k-th D step only, scaled by k."""
+"""Lazy regularisation (loss.penalty_every=k) as StyleGAN2 does it: on every k-th iteration a D update of the
+penalties alone, scaled by k, with D's Adam corrected for the extra updates."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pgan.checkpoint import load_checkpoint
 from pgan.losses import make_loss
 from pgan.networks import Discriminator, Generator
 from pgan.train.loop import train
-from pgan.train.step import d_step
+from pgan.train.state import build_optimizers
+from pgan.train.step import d_penalty_step, d_step, train_step
 
 
 @pytest.mark.parametrize("every", [0, -1, 1.5, "x"])
@@ -22,24 +24,90 @@ def test_penalty_every_must_be_a_positive_integer(every) -> None:
         make_loss("wgan_gp", penalty_every=every)
 
 
-@pytest.mark.parametrize("name", ["wgan_gp", "logistic"])
-def test_the_penalty_is_scaled_by_k_on_its_steps_and_absent_between(name: str) -> None:
-    """Same weights, data and random draws: the lazy penalty is k times the eager one, and zero between."""
-    extra = {"r1_gamma": 1.0} if name == "logistic" else {}
-    G = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4)
+def tiny_nets() -> tuple[Generator, Discriminator]:
+    torch.manual_seed(0)
+    return Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4), Discriminator(
+        8, fmap_base=64, fmap_max=16, fmap_min=4
+    )
+
+
+class CountingD(torch.nn.Module):
+    """D, counting the images of every forward call."""
+
+    def __init__(self, D: torch.nn.Module) -> None:
+        super().__init__()
+        self.D, self.calls = D, []
+
+    def forward(self, x, alpha=1.0, labels=None):
+        self.calls.append(x.shape[0])
+        return self.D(x, alpha, labels)
+
+
+@pytest.mark.parametrize("name", ["wgan_gp", "logistic", "rpgan"])
+def test_the_lazy_penalty_step_is_k_times_the_penalty_and_the_main_step_has_none(name: str) -> None:
+    """Same weights, data and random draws: the lazy penalty step's penalty is k times the one a non-lazy D
+    step adds to its loss, and the lazy run's main D step has none and the same loss."""
+    extra = {"wgan_gp": {}, "logistic": {"r1_gamma": 1.0}, "rpgan": {"r1_gamma": 1.0, "r2_gamma": 0.5}}[name]
+    G, _ = tiny_nets()
     reals, z = torch.randn(4, 3, 8, 8), torch.randn(4, 16)
+    fakes = G(z, 1.0).detach()
     results = {}
-    for every, with_penalty in ((1, True), (4, True), (4, False)):
-        torch.manual_seed(0)
-        D = Discriminator(8, fmap_base=64, fmap_max=16, fmap_min=4)
-        opt = torch.optim.Adam(D.parameters(), fused=True)
-        stats = d_step(G, D, opt, make_loss(name, penalty_every=every, **extra), reals, z, 1.0, None, with_penalty)
-        results[(every, with_penalty)] = stats
-    eager, lazy, between = results[(1, True)], results[(4, True)], results[(4, False)]
+    for every in (1, 4):
+        loss = make_loss(name, penalty_every=every, **extra)
+        for lazy_step in (False, True):
+            torch.manual_seed(0)
+            D = tiny_nets()[1]
+            opt = torch.optim.Adam(D.parameters(), fused=True)
+            if lazy_step:
+                results[(every, "penalty")] = d_penalty_step(D, opt, loss, reals, fakes, 1.0)
+            else:
+                results[(every, "main")] = d_step(G, D, opt, loss, reals, z, 1.0, None, every == 1, fakes=fakes)
+    eager, lazy, main = results[(1, "main")], results[(4, "penalty")], results[(4, "main")]
     assert eager["Loss/gp"].item() > 0
     assert lazy["Loss/gp"].item() == pytest.approx(4 * eager["Loss/gp"].item(), rel=1e-5)
-    assert between["Loss/gp"].item() == 0
-    assert between["Loss/D"].item() == pytest.approx(eager["Loss/D"].item(), rel=1e-6)  # the loss itself unchanged
+    assert main["Loss/gp"].item() == 0
+    assert main["Loss/D"].item() == pytest.approx(eager["Loss/D"].item(), rel=1e-6)  # the loss itself unchanged
+
+
+def test_lazy_regularisation_corrects_adam_and_takes_k_plus_one_d_updates_per_k_iterations() -> None:
+    """StyleGAN2's lazy R1: D's Adam at lr * c and betas ** c with c = k / (k + 1); over k iterations D takes
+    k loss updates and one penalty update, whose passes see only the reals and the detached fakes."""
+    k, lr = 3, 0.002
+    loss = make_loss("rpgan", r1_gamma=1.0, r2_gamma=1.0, penalty_every=k)
+    assert loss.lazy_ratio == pytest.approx(0.75) and make_loss("rpgan").lazy_ratio == 1.0
+    G, D = tiny_nets()
+    G_ema = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4).requires_grad_(False)
+    opt_G, opt_D = build_optimizers(G, D, lr, loss.lazy_ratio)
+    assert opt_G.param_groups[0]["lr"] == lr and opt_G.param_groups[0]["betas"] == (0.0, 0.99)
+    assert opt_D.param_groups[0]["lr"] == pytest.approx(lr * 0.75)
+    assert opt_D.param_groups[0]["betas"] == pytest.approx((0.0, 0.99**0.75))
+    counting = CountingD(D)
+    reals = torch.randn(4, 3, 8, 8)
+    calls = []
+    for i in range(2 * k):
+        counting.calls.clear()
+        train_step(G, counting, G_ema, opt_G, opt_D, loss, reals, 1.0, 0.9, None, i)
+        calls.append(list(counting.calls))
+    steps = lambda opt: int(next(iter(opt.state.values()))["step"])  # noqa: E731
+    assert steps(opt_D) == 2 * k + 2 and steps(opt_G) == 2 * k
+    # D step: reals, fakes; the penalty step (iterations 0 and k): reals (R1), fakes (R2); G step: fakes, reals.
+    assert calls[0] == [4] * 6 and calls[1] == [4] * 4 and calls[k] == [4] * 6
+
+
+def test_a_non_lazy_penalty_shares_the_loss_passes() -> None:
+    """penalty_every=1: R1 and R2 come from the D passes that score the loss, no further D call."""
+    G, D = tiny_nets()
+    counting = CountingD(D)
+    d_step(
+        G,
+        counting,
+        torch.optim.Adam(D.parameters(), fused=True),
+        make_loss("rpgan", r1_gamma=1.0, r2_gamma=1.0),
+        torch.randn(4, 3, 8, 8),
+        torch.randn(4, 16),
+        1.0,
+    )
+    assert counting.calls == [4, 4]
 
 
 def test_lazy_run_trains_and_resumes_exactly(tmp_path: Path) -> None:

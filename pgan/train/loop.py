@@ -19,7 +19,7 @@ point and loader restarts (resume.py), the run directory's lock (rundir.py), the
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -64,6 +64,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     use_bf16 = resolve_precision(options.precision, device)
     autocast = autocast_for(device, use_bf16)
     configure_backends(device, options.precision)
+    options = replace(options, loss=options.loss.for_precision(use_bf16))  # loss.penalty_sigma=auto
     # The same random stream on every rank: each draws the global batch's latents (and penalty mixes) and
     # keeps its own chunk (pgan.dist.draw_for_rank), so N ranks compute what one process does.
     torch.manual_seed(options.seed)
@@ -84,6 +85,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
             monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
         print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
         print(f"device {device}, {precision_name(use_bf16)} (precision={options.precision})", flush=True)
+        if options.loss.penalty_mode == "approx" and options.loss.penalised:
+            print(f"penalties by central finite differences, sigma {options.loss.penalty_sigma}", flush=True)
         watch = CollapseWatch(cfg, device, autocast, monitor) if options.collapse_watch else None
         # Quality metrics are logged, never acted on: rank 0 alone computes them.
         metrics = None

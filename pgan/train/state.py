@@ -51,11 +51,20 @@ def build_models(
     return G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
 
 
-def build_optimizers(G: nn.Module, D: nn.Module, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """The paper's Adam (beta1 0, beta2 0.99, eps 1e-8) for G and D, fresh for every stage. Fused: one kernel
-    per step, and it can skip a step on a device-side flag (the non-finite guard) without a host sync."""
-    kwargs = dict(lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=True)
-    return torch.optim.Adam(G.parameters(), **kwargs), torch.optim.Adam(D.parameters(), **kwargs)
+BETAS = (0.0, 0.99)  # the paper's Adam betas, for G and D
+
+
+def build_optimizers(
+    G: nn.Module, D: nn.Module, lr: float, lazy_ratio: float = 1.0
+) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """The paper's Adam (beta1 0, beta2 0.99, eps 1e-8) for G and D, fresh for every stage. D's runs at lr * c with
+    betas ** c for lazy regularisation's c = `lazy_ratio` (`Loss.lazy_ratio`, StyleGAN2's correction for the
+    penalty's extra updates). Fused: one kernel per step, and it can skip a step on a device-side flag (the
+    non-finite guard) without a host sync."""
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=BETAS, eps=1e-8, fused=True)
+    d_betas = tuple(beta**lazy_ratio for beta in BETAS)
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr * lazy_ratio, betas=d_betas, eps=1e-8, fused=True)
+    return opt_G, opt_D
 
 
 class TrainState:
@@ -82,7 +91,7 @@ class TrainState:
         self.options, self.stage, self.device, self.classes = options, stage, device, classes
         self.G, self.D = build_models(options.model, stage.resolution, device, classes)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
-        self.opt_G, self.opt_D = build_optimizers(self.G, self.D, stage.lr)
+        self.opt_G, self.opt_D = build_optimizers(self.G, self.D, stage.lr, options.loss.lazy_ratio)
         # D's input augmentation; off (the default), the step draws no random number more than without it.
         self.augment = AugmentPipe(**options.augment, device=device)
         self.nimg = 0  # images shown in this stage
@@ -179,6 +188,6 @@ class TrainState:
 
     def set_lr_scale(self, scale: float) -> None:
         """Both optimizers at the stage's learning rate times `scale` (what rollbacks did to it)."""
-        for opt in (self.opt_G, self.opt_D):
+        for opt, ratio in ((self.opt_G, 1.0), (self.opt_D, self.options.loss.lazy_ratio)):
             for group in opt.param_groups:
-                group["lr"] = self.stage.lr * scale
+                group["lr"] = self.stage.lr * scale * ratio

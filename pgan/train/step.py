@@ -12,7 +12,13 @@ from torch import Tensor, nn
 
 from pgan.dist import average_gradients, draw_for_rank
 from pgan.layers import at_least_fp32, downsample_2x, upsample_2x
-from pgan.losses import Loss, gradient_penalty, r1_penalty, zero_centred_penalty
+from pgan.losses import (
+    Loss,
+    approx_gradient_penalty,
+    approx_zero_centred_penalty,
+    gradient_penalty,
+    zero_centred_penalty,
+)
 from pgan.schedule import alpha_at
 from pgan.schedule import ema_beta as ema_beta_for
 from pgan.train.guard import guarded_step, nonfinite
@@ -28,6 +34,71 @@ def fade_reals(reals: Tensor, alpha: float) -> Tensor:
     if alpha >= 1.0:
         return reals
     return torch.lerp(upsample_2x(downsample_2x(reals)), reals, float(alpha))
+
+
+class Critic:
+    """D as the D step calls it: at one alpha, with the batch's classes, under autocast, behind the augmentation,
+    and the penalties in the loss's mode (`loss.penalty_mode`).
+
+    `D` may be torch.compile'd; `eager_D` is the same network uncompiled, for the exact penalties' calls (compiled
+    graphs have no double backward). The approximate penalties need no double backward: every call goes
+    through `D`.
+    """
+
+    def __init__(
+        self,
+        D: nn.Module,
+        eager_D: nn.Module,
+        loss: Loss,
+        alpha: float,
+        labels: Tensor | None,
+        autocast: contextlib.AbstractContextManager,
+        augment: Augment | None,
+    ) -> None:
+        self.D, self.eager_D, self.loss, self.alpha, self.labels = D, eager_D, loss, alpha, labels
+        self.autocast, self.augment = autocast, augment
+        self.exact = loss.penalty_mode == "exact"
+
+    def scores(self, d_images: Tensor, eager: bool = False) -> Tensor:
+        """D's score of each (already augmented) image, in fp32."""
+        with self.autocast:
+            return at_least_fp32((self.eager_D if eager else self.D)(d_images, self.alpha, self.labels))
+
+    def slope_scores(self, d_images: Tensor) -> tuple[Tensor, Tensor]:
+        """D's scores at d_images - sigma * eps and d_images + sigma * eps, eps ~ N(0, I) drawn for the global
+        batch: what the approximate penalties' central differences take."""
+        eps = draw_for_rank(torch.randn, d_images.shape[0], *d_images.shape[1:], device=d_images.device)
+        step = self.loss.penalty_sigma * eps.to(d_images.dtype)
+        return self.scores(d_images - step), self.scores(d_images + step)
+
+    def judge(self, images: Tensor, gamma: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+        """(augment(images), D's scores of them, the zero-centred penalty gamma / 2 * E||grad D||^2 at them: R1 on
+        reals, R2 on detached fakes; 0 when gamma is 0).
+
+        Exact: the gradient w.r.t. the un-augmented images, through the augmentation, as StyleGAN2-ADA computes
+        R1. Approximate: finite differences at D's input (the augmented images), one eps per image."""
+        if gamma == 0:
+            d_images = images if self.augment is None else self.augment(images)
+            return d_images, self.scores(d_images), torch.zeros((), device=images.device)
+        if self.exact:
+            images = images.detach().requires_grad_(True)
+            d_images = images if self.augment is None else self.augment(images)
+            scores = self.scores(d_images, eager=True)
+            return d_images, scores, zero_centred_penalty(scores, images, gamma)
+        d_images = images if self.augment is None else self.augment(images)
+        scores = self.scores(d_images)
+        penalty = approx_zero_centred_penalty(*self.slope_scores(d_images), self.loss.penalty_sigma, gamma)
+        return d_images, scores, penalty
+
+    def interpolate_penalty(self, d_reals: Tensor, d_fakes: Tensor, weight: float) -> Tensor:
+        """WGAN-GP's penalty at one random interpolate per sample between its (augmented) real and fake image."""
+        eps = draw_for_rank(torch.rand, d_reals.shape[0], 1, 1, 1, device=d_reals.device).to(d_reals.dtype)
+        mixed = torch.lerp(d_reals.detach(), d_fakes.detach().to(d_reals.dtype), eps)
+        target = self.loss.gp_target
+        if self.exact:
+            mixed.requires_grad_(True)
+            return gradient_penalty(self.scores(mixed, eager=True), mixed, weight, target)
+        return approx_gradient_penalty(*self.slope_scores(mixed), self.loss.penalty_sigma, weight, target)
 
 
 def d_step(
@@ -47,7 +118,7 @@ def d_step(
     labels: Tensor | None = None,
     gamma_scale: float = 1.0,
 ) -> dict[str, Tensor]:
-    """Update D once on `reals` and G(z) (or the given detached `fakes`); returns detached scalars (no host
+    """Update D once on `reals` and G(z) (or the given `fakes`, detached here); returns detached scalars (no host
     sync) for logging.
 
     `labels` (class-conditional models): the reals' classes, which the fakes are generated with too, so D
@@ -55,53 +126,31 @@ def d_step(
     fake image of the same class has that class.
 
     `augment`: D sees augment(reals) and augment(fakes) (each image its own random transform, the same
-    pipeline for both). The penalties follow: R1 is the gradient w.r.t. the un-augmented reals through the
-    augmentation, as StyleGAN2-ADA computes it; WGAN-GP's interpolates lie between the augmented reals and
+    pipeline for both). The penalties follow: exact R1 is the gradient w.r.t. the un-augmented reals through
+    the augmentation, as StyleGAN2-ADA computes it; WGAN-GP's interpolates lie between the augmented reals and
     fakes D just scored. `Augment/rt` (the mean of sign(D(augmented reals)), ADA's overfitting measure) is
     returned too.
 
-    With `loss.r2_gamma > 0` R2 on the (detached) fakes is added beside R1; `gamma_scale` scales both.
-    `with_penalty=False` leaves the penalty out (lazy regularisation: the steps in between); when it is in,
-    it is scaled by `loss.penalty_every` so that its average weight stays the configured one. `D` may be a
-    torch.compile'd module: the calls the penalty differentiates twice then go through `eager_D`, the same
-    network uncompiled (compiled graphs have no double backward).
+    `with_penalty`: the loss's penalties (R1, and R2 on the detached fakes with `loss.r2_gamma > 0`, scaled by
+    `gamma_scale`; or WGAN-GP) are added to this step's loss, sharing its D passes. Lazy regularisation
+    (`loss.penalty_every > 1`) leaves them out here and takes them in `d_penalty_step`. `D` may be a
+    torch.compile'd module, `eager_D` the same network uncompiled (see `Critic`).
     The update is skipped on the device when the loss or a gradient is not finite (`Guard/skipped_D` is 1).
     """
     autocast = autocast or contextlib.nullcontext()
-    eager_D = eager_D or D
     if fakes is None:
         with torch.no_grad(), autocast:
             fakes = G(z, alpha, labels)
-    penalty_kind = loss.penalty if with_penalty else "none"
-    r2 = with_penalty and loss.r2_gamma > 0
-    if penalty_kind == "r1":
-        reals = reals.detach().requires_grad_(True)
-    if r2:  # detached: the penalty's double backward stays inside D
-        fakes = fakes.detach().requires_grad_(True)
-    d_reals = reals if augment is None else augment(reals)
-    d_fakes = fakes if augment is None else augment(fakes)
-    with autocast:
-        real_scores = at_least_fp32((eager_D if penalty_kind == "r1" else D)(d_reals, alpha, labels))
-        fake_scores = at_least_fp32((eager_D if r2 else D)(d_fakes, alpha, labels))
+    critic = Critic(D, eager_D or D, loss, alpha, labels, autocast, augment)
+    r1_gamma = loss.penalty_weight * gamma_scale if with_penalty and loss.penalty == "r1" else 0.0
+    r2_gamma = loss.r2_gamma * gamma_scale if with_penalty else 0.0
+    d_reals, real_scores, penalty = critic.judge(reals, r1_gamma)
+    d_fakes, fake_scores, r2 = critic.judge(fakes.detach(), r2_gamma)  # detached: G never enters the penalty
+    penalty = penalty + r2
+    if with_penalty and loss.penalty == "gp":
+        penalty = penalty + critic.interpolate_penalty(d_reals, d_fakes, loss.penalty_weight)
     d_loss = loss.d_loss(real_scores, fake_scores)
-    weight = loss.penalty_weight * loss.penalty_every
-    r_scale = loss.penalty_every * gamma_scale  # R1 / R2: lazy, and decayed over the run (loss.gamma_decay_kimg)
-    if penalty_kind == "gp":
-        penalty = interpolate_penalty(eager_D, d_reals, d_fakes, alpha, labels, autocast, weight, loss.gp_target)
-    elif penalty_kind == "r1":
-        penalty = r1_penalty(real_scores, reals, loss.penalty_weight * r_scale)
-    else:
-        penalty = torch.zeros((), device=reals.device)
-    if r2:
-        penalty = penalty + zero_centred_penalty(fake_scores, fakes, loss.r2_gamma * r_scale)
-    total = d_loss + penalty
-    opt_D.zero_grad(set_to_none=True)
-    total.backward()
-    params = list(D.parameters())
-    # Under torchrun: the gradients (and the loss the guard checks) averaged across ranks, so every rank takes
-    # the same step, or skips it.
-    skipped = nonfinite(average_gradients(params, total), params)
-    guarded_step(opt_D, skipped)
+    skipped = _update(opt_D, D, d_loss + penalty)
     stats = {
         "Guard/skipped_D": skipped,
         "Loss/D": d_loss.detach(),
@@ -114,22 +163,47 @@ def d_step(
     return stats
 
 
-def interpolate_penalty(
+def d_penalty_step(
     D: nn.Module,
+    opt_D: torch.optim.Optimizer,
+    loss: Loss,
     reals: Tensor,
     fakes: Tensor,
     alpha: float,
-    labels: Tensor | None,
-    autocast: contextlib.AbstractContextManager,
-    weight: float,
-    target: float,
-) -> Tensor:
-    """WGAN-GP's penalty at one random interpolate per sample between its real and its fake image."""
-    eps = draw_for_rank(torch.rand, reals.shape[0], 1, 1, 1, device=reals.device).to(reals.dtype)
-    mixed = torch.lerp(reals, fakes.to(reals.dtype), eps).requires_grad_(True)
-    with autocast:
-        mixed_scores = at_least_fp32(D(mixed, alpha, labels))
-    return gradient_penalty(mixed_scores, mixed, weight, target)
+    autocast: contextlib.AbstractContextManager | None = None,
+    *,
+    eager_D: nn.Module | None = None,
+    augment: Augment | None = None,
+    labels: Tensor | None = None,
+    gamma_scale: float = 1.0,
+) -> dict[str, Tensor]:
+    """Lazy regularisation as StyleGAN2 does it: on every `loss.penalty_every`-th iteration, a D update of the
+    penalties alone, times k, with their own D passes on the reals (R1), the detached `fakes` (R2) or their
+    interpolates (WGAN-GP). D's Adam runs at lr * c and betas ** c (`Loss.lazy_ratio`) for the k + 1 updates
+    per k iterations. Returns the penalty (`Loss/gp`) and whether the update was skipped (non-finite)."""
+    critic = Critic(D, eager_D or D, loss, alpha, labels, autocast or contextlib.nullcontext(), augment)
+    k = loss.penalty_every
+    penalty = torch.zeros((), device=reals.device)
+    if loss.penalty == "r1":
+        penalty = penalty + critic.judge(reals, loss.penalty_weight * gamma_scale * k)[2]
+    if loss.r2_gamma > 0:
+        penalty = penalty + critic.judge(fakes.detach(), loss.r2_gamma * gamma_scale * k)[2]
+    if loss.penalty == "gp":
+        d_reals, d_fakes = (x if augment is None else augment(x) for x in (reals, fakes.detach()))
+        penalty = penalty + critic.interpolate_penalty(d_reals, d_fakes, loss.penalty_weight * k)
+    return {"Guard/skipped_D": _update(opt_D, D, penalty), "Loss/gp": penalty.detach()}
+
+
+def _update(opt: torch.optim.Optimizer, net: nn.Module, objective: Tensor) -> Tensor:
+    """One guarded optimizer step of `net` on `objective`; the device-side flag of a skipped (non-finite) step.
+    Under torchrun the gradients (and the objective the guard checks) are averaged across ranks first, so every
+    rank takes the same step, or skips it."""
+    opt.zero_grad(set_to_none=True)
+    objective.backward()
+    params = list(net.parameters())
+    skipped = nonfinite(average_gradients(params, objective), params)
+    guarded_step(opt, skipped)
+    return skipped
 
 
 def g_step(
@@ -162,11 +236,7 @@ def g_step(
                     d_reals = reals if augment is None else augment(reals)
                     real_scores = at_least_fp32(D(d_reals, alpha, labels))
         g_loss = loss.g_loss(fake_scores, real_scores) if loss.g_uses_reals else loss.g_loss(fake_scores)
-        opt_G.zero_grad(set_to_none=True)
-        g_loss.backward()
-        params = list(G.parameters())
-        skipped = nonfinite(average_gradients(params, g_loss), params)
-        guarded_step(opt_G, skipped)
+        skipped = _update(opt_G, G, g_loss)
     finally:
         D.requires_grad_(True)
     return {"Guard/skipped_G": skipped, "Loss/G": g_loss.detach()}
@@ -205,10 +275,11 @@ def train_step(
     gamma_scale: float = 1.0,
 ) -> dict[str, Tensor]:
     """One training iteration, as the loop (and pgan-bench) runs it: reals faded by alpha, a D step with its
-    penalty (on the steps `step_index` makes due under lazy regularisation) on fresh latents, a G step on
-    fresh latents, the EMA update. Returns the detached scalars.
+    penalties on fresh latents (under lazy regularisation, `loss.penalty_every` = k > 1: a D step without them,
+    and on every k-th iteration by `step_index` a D update of the penalties alone, `d_penalty_step`), a G step
+    on fresh latents, the EMA update. Returns the detached scalars.
 
-    `G` and `D` may be torch.compile'd (then `eager_D` is D uncompiled, for the penalty). With `reuse_fakes`
+    `G` and `D` may be torch.compile'd (then `eager_D` is D uncompiled, for the exact penalties). With `reuse_fakes`
     the G step uses the D step's latents and G(z) (one G forward pass fewer; G's parameters have not changed
     in between, so its graph is still the right one; D is re-evaluated after its update, as it must be).
     `augment` (pgan.augment.AugmentPipe, applied outside the compiled networks) augments every image D sees,
@@ -217,32 +288,20 @@ def train_step(
     fakes' classes follow the data's class frequencies and no random number is drawn for them.
     """
     reals = fade_reals(reals, alpha)
+    autocast = autocast or contextlib.nullcontext()
     latent_dim = G.latent_dim
     z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)
-    with_penalty = step_index % loss.penalty_every == 0
-    fakes = None
-    if reuse_fakes:
-        with autocast or contextlib.nullcontext():
-            fakes = G(z, alpha, labels)
-    detached = None if fakes is None else fakes.detach()
-    stats = d_step(
-        G,
-        D,
-        opt_D,
-        loss,
-        reals,
-        z,
-        alpha,
-        autocast,
-        with_penalty,
-        fakes=detached,
-        eager_D=eager_D,
-        augment=augment,
-        labels=labels,
-        gamma_scale=gamma_scale,
-    )
+    with torch.set_grad_enabled(reuse_fakes), autocast:  # with reuse_fakes, G's graph serves the G step too
+        fakes = G(z, alpha, labels)
+    lazy = loss.penalty_every > 1
+    options = {"eager_D": eager_D, "augment": augment, "labels": labels, "gamma_scale": gamma_scale}
+    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast, not lazy, fakes=fakes.detach(), **options)
+    if lazy and loss.penalised and step_index % loss.penalty_every == 0:
+        lazy_stats = d_penalty_step(D, opt_D, loss, reals, fakes, alpha, autocast, **options)
+        stats["Guard/skipped_D"] = torch.maximum(stats["Guard/skipped_D"], lazy_stats["Guard/skipped_D"])
+        stats["Loss/gp"] = lazy_stats["Loss/gp"]
     if not reuse_fakes:
-        z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)
+        z, fakes = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device), None
     stats |= g_step(G, D, opt_G, loss, z, alpha, autocast, fakes=fakes, augment=augment, labels=labels, reals=reals)
     ema_update(G_ema, G, ema_beta)
     return stats
