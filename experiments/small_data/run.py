@@ -1,9 +1,15 @@
 """Small data: 1,000 images at 128 px, with and without augmentation, conditional and unconditional.
 
-    python experiments/small_data/run.py --out DIR [--device cpu|cuda] [--parallel 2] [--kimg 1.0] [--only NAMES]
+    python experiments/small_data/run.py --out DIR [--recipe default|2026-11] [--device cpu|cuda] [--parallel 2]
+        [--kimg 1.0] [--seeds 0 1 2] [--only NAMES]
     python experiments/small_data/report.py DIR --plot FILE.png --per-class    # README.md's tables and plot
 
-Every arm is a `pgan-train` run (32 -> 64 -> 128 px, the small model, WGAN-GP) on one of two 1,000-image sets:
+Every arm is a `pgan-train` run to 128 px of the small model, with one of two recipes:
+- default: pgan's defaults (the `quick` schedule 8 -> 128 px, its last stage dropped; `loss=rpgan`; the small
+  model's 16-channel floor), as chosen in experiments/quality;
+- 2026-11: the recipe of the first table in README.md (32 -> 64 -> 128 px, `--kimg` scales its stages, WGAN-GP,
+  lr 0.001 / 0.002, the small model with an 8-channel floor).
+It runs on one of two 1,000-image sets:
 - shapes: the first 1,000 items of the procedural shapes (16 known modes, which are also its classes);
 - photos: a folder the script builds from scikit-learn's two bundled photographs (china.jpg, flower.jpg):
   500 random square crops of each, in the class sub-folders china/ and flower/.
@@ -42,16 +48,22 @@ AUGMENT = [
 ]
 
 
-def schedule(kimg: float) -> list[str]:
-    """32 -> 64 -> 128 px; `kimg` scales every stage (1.0: 4 + (2 + 4) + (2 + 12) kimg, most of it at 128 px,
-    so D sees each of the 1,000 images a dozen times at the resolution where small datasets collapse)."""
+def recipe(name: str, kimg: float) -> list[str]:
+    """The pgan-train overrides of a recipe (module docstring). For `2026-11`, `kimg` scales every stage (1.0:
+    4 + (2 + 4) + (2 + 12) kimg, most of it at 128 px, so D sees each of the 1,000 images a dozen times at the
+    resolution where small datasets collapse); the default recipe's stages are the quick schedule's."""
+    if name == "default":
+        return ["schedule.resolutions=[8,16,32,64,128]"]
     k = lambda v: round(v * kimg, 3)  # noqa: E731
     return [
+        "loss=wgan_gp",
+        "model.fmap_min=8",
         "schedule.resolutions=[32,64,128]",
         f"schedule.fade_kimg={{64: {k(2)}, 128: {k(2)}}}",
         f"schedule.stable_kimg={{32: {k(4)}, 64: {k(4)}, 128: {k(12)}}}",
         "schedule.batch_size=16",
         "schedule.lr={32: 0.001, 64: 0.002, 128: 0.002}",
+        "schedule.ema_kimg=0.1",
     ]
 
 
@@ -86,8 +98,8 @@ def arms(seeds: list[int], photos: Path) -> dict[str, list[str]]:
         runs[f"shapes-plain-s{seed}"] = [*shapes, f"seed={seed}"]
         runs[f"shapes-augment-s{seed}"] = [*shapes, *AUGMENT, f"seed={seed}"]
         runs[f"shapes-conditional-s{seed}"] = [*shapes, "model.conditional=true", f"seed={seed}"]
-    runs["photos-plain-s0"] = [*folder, "seed=0"]
-    runs["photos-conditional-s0"] = [*folder, "model.conditional=true", "seed=0"]
+        runs[f"photos-plain-s{seed}"] = [*folder, f"seed={seed}"]
+        runs[f"photos-conditional-s{seed}"] = [*folder, "model.conditional=true", f"seed={seed}"]
     return runs
 
 
@@ -101,11 +113,11 @@ def python_module(module: str, *args: str, log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_and_evaluate(name: str, overrides: list[str], out: Path, device: str, kimg: float) -> dict:
-    """One arm: pgan-train, then pgan-eval of its last final.pt; returns its summary row."""
+def train_and_evaluate(name: str, overrides: list[str], out: Path, device: str, steps: list[str]) -> dict:
+    """One arm: pgan-train with the recipe's `steps`, then pgan-eval of its last final.pt; its summary row."""
     run_dir = out / "runs" / name
     common = [
-        *schedule(kimg),
+        *steps,
         f"device={device}",
         "log.progress_bar=false",
         "log.image_every_kimg=2.0",
@@ -160,17 +172,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--kimg", type=float, default=1.0, help="scales every stage's kimg")
+    parser.add_argument("--recipe", choices=["default", "2026-11"], default="default")
+    parser.add_argument("--kimg", type=float, default=1.0, help="scales every stage's kimg (recipe 2026-11)")
     parser.add_argument("--only", nargs="*", help="run names to run (default: all)")
     args = parser.parse_args()
     out = args.out.resolve()
     photos = build_photos(out / "photos")
     todo = {k: v for k, v in arms(args.seeds, photos).items() if not args.only or k in args.only}
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel)))
+    steps = recipe(args.recipe, args.kimg)
     start = time.perf_counter()
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {
-            name: pool.submit(train_and_evaluate, name, o, out, args.device, args.kimg) for name, o in todo.items()
+            name: pool.submit(train_and_evaluate, name, o, out, args.device, steps) for name, o in todo.items()
         }
         rows = []
         for name, future in futures.items():
@@ -179,7 +193,10 @@ def main() -> None:
             except Exception as exc:  # one failed arm is reported, the others still count
                 rows.append({"name": name, "error": str(exc)})
             print(json.dumps(rows[-1]), flush=True)
-    summary = {"kimg_scale": args.kimg, "device": args.device, "wall_s": round(time.perf_counter() - start, 1)}
+    summary = {"recipe": args.recipe, "kimg_scale": args.kimg, "device": args.device, "wall_s": round(time.perf_counter() - start, 1)}
+    # Runs of earlier invocations into the same DIR stay in the summary unless this one ran them again.
+    earlier = json.loads((out / "summary.json").read_text())["runs"] if (out / "summary.json").is_file() else []
+    rows = [r for r in earlier if r["name"] not in todo] + rows
     (out / "summary.json").write_text(json.dumps({**summary, "runs": rows}, indent=1) + "\n")
     print(f"done in {summary['wall_s']} s: {out / 'summary.json'}")
 
