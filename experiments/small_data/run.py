@@ -183,9 +183,7 @@ def main() -> None:
     steps = recipe(args.recipe, args.kimg)
     start = time.perf_counter()
     with ThreadPoolExecutor(args.parallel) as pool:
-        futures = {
-            name: pool.submit(train_and_evaluate, name, o, out, args.device, steps) for name, o in todo.items()
-        }
+        futures = {name: pool.submit(train_and_evaluate, name, o, out, args.device, steps) for name, o in todo.items()}
         rows = []
         for name, future in futures.items():
             try:
@@ -193,7 +191,12 @@ def main() -> None:
             except Exception as exc:  # one failed arm is reported, the others still count
                 rows.append({"name": name, "error": str(exc)})
             print(json.dumps(rows[-1]), flush=True)
-    summary = {"recipe": args.recipe, "kimg_scale": args.kimg, "device": args.device, "wall_s": round(time.perf_counter() - start, 1)}
+    summary = {
+        "recipe": args.recipe,
+        "kimg_scale": args.kimg,
+        "device": args.device,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
     # Runs of earlier invocations into the same DIR stay in the summary unless this one ran them again.
     earlier = json.loads((out / "summary.json").read_text())["runs"] if (out / "summary.json").is_file() else []
     rows = [r for r in earlier if r["name"] not in todo] + rows
