@@ -35,7 +35,7 @@ from pgan.data import InfiniteSampler, make_dataset, wants_prepared
 from pgan.errors import UserError
 from pgan.losses import make_loss
 from pgan.networks import channels_for, check_resolution, model_kwargs_from, resolutions_up_to
-from pgan.runtime import autocast_for, configure_backends, resolve_device, resolve_precision
+from pgan.runtime import apply_thread_budget, autocast_for, configure_backends, resolve_device, resolve_precision
 from pgan.schedule import ema_beta
 from pgan.train.feed import make_loader, to_device_images
 from pgan.train.options import check_speed
@@ -233,6 +233,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
     resolutions = check_bench_config(cfg)
     check_speed(cfg.speed)
     device = resolve_device(cfg.device)
+    apply_thread_budget(cfg.threads)
     use_bf16 = resolve_precision(cfg.precision, device)
     try:
         loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))

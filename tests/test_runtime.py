@@ -1,4 +1,5 @@
-"""pgan.runtime: the device and the precision a run uses (precision=auto picks bf16 where the hardware has it)."""
+"""pgan.runtime: the device, the precision (precision=auto picks bf16 where the hardware has it) and the CPU
+threads a run uses."""
 
 import os
 import subprocess
@@ -89,3 +90,67 @@ def test_the_bf16_penalty_survives_the_shape_that_crashed_onednn():
     )
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     assert done.stdout.split() == ["finite", "True", "True"]
+
+
+# ---------------------------------------------------------------- the thread budget
+
+PROC_STAT = """cpu  300 0 100 900 100 0 0 0 0 0
+cpu0 100 0 50 400 50 0 0 0 0 0
+cpu1 200 0 50 500 50 0 0 0 0 0
+intr 12345 0 0
+ctxt 999
+"""
+
+
+def test_proc_stat_lines_give_idle_and_total_per_cpu():
+    """idle + iowait, and the sum of the first eight fields, for each cpuN line (not the aggregate `cpu`)."""
+    assert runtime.cpu_times_from(PROC_STAT.splitlines()) == {0: (450, 600), 1: (550, 800)}
+
+
+@pytest.mark.parametrize("setting", [0, -2, "two", True, 1.5])
+def test_a_bad_thread_setting_is_one_user_error(setting):
+    with pytest.raises(UserError, match="threads must be auto or an integer >= 1"):
+        runtime.thread_budget(setting)
+
+
+def test_threads_n_and_omp_num_threads_are_taken_as_given(monkeypatch):
+    budget = runtime.thread_budget(3)
+    assert (budget.threads, budget.source) == (3, "threads=3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # conftest's; torch read it at import
+    budget = runtime.thread_budget("auto")
+    assert (budget.threads, budget.source) == (torch.get_num_threads(), f"OMP_NUM_THREADS={torch.get_num_threads()}")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/stat").exists(), reason="Linux only")
+def test_auto_leaves_out_a_core_that_another_job_keeps_busy(monkeypatch):
+    """A busy loop pinned to one of this process's CPUs: `auto` counts that CPU busy and uses fewer threads
+    than the usable cores (at least one)."""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpus = runtime.usable_cpus()
+    hog = subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.sched_setaffinity(0, {cpus[-1]})
+    )
+    try:
+        budget = runtime.thread_budget("auto")
+        assert cpus[-1] in runtime.busy_cpus(cpus)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert budget.source == "auto" and budget.cpus == len(cpus) and budget.busy >= 1
+    assert budget.threads == max(1, len(cpus) - budget.busy)
+    assert "busy with other work" in budget.describe()
+
+
+def test_the_trainer_applies_and_reports_its_threads(tmp_path, capsys):
+    """threads=N: torch computes with N threads, and the run's output says so; a bad value is one line."""
+    from pgan.train.loop import train
+
+    before = torch.get_num_threads()
+    try:
+        train(compose_config(*TINY_8PX, "threads=2"), tmp_path)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert "threads 2 (threads=2)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="threads must be auto or an integer >= 1, got 0"):
+        train(compose_config(*TINY_8PX, "threads=0"), tmp_path / "bad")

@@ -56,13 +56,14 @@ def evaluate(cfg: DictConfig) -> dict:
     from pgan.metrics.collapse import STATES, severity, thresholds_from_config
     from pgan.metrics.diversity import RandomEmbedding, diversity_metrics, real_reference, sample_dataset
     from pgan.networks import cycle_labels
-    from pgan.runtime import resolve_device
+    from pgan.runtime import apply_thread_budget, resolve_device
     from pgan.sample import generate, seeded_latents
 
     names = check_metric_names(cfg.metrics, METRICS)
     if (cfg.fake is None) == (cfg.ckpt is None):
         raise UserError("give exactly one of fake=FOLDER or ckpt=CHECKPOINT")
     device = resolve_device(cfg.device)
+    apply_thread_budget(cfg.get("threads", "auto"))
     thresholds = thresholds_from_config(cfg)
     channels = int(cfg.data.get("channels", 3))
     if cfg.ckpt is not None:

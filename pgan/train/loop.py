@@ -19,6 +19,7 @@ point and loader restarts (resume.py), the run directory's lock (rundir.py), the
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,14 @@ from pgan import dist
 from pgan.checkpoint import FINAL
 from pgan.errors import UserError
 from pgan.monitor import Monitor, NullMonitor, resource_stats, warn
-from pgan.runtime import autocast_for, configure_backends, precision_name, resolve_device, resolve_precision
+from pgan.runtime import (
+    apply_thread_budget,
+    autocast_for,
+    configure_backends,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
 from pgan.schedule import Stage, alpha_at, stable_nimg
 from pgan.train.checkpointer import Checkpointer
 from pgan.train.clock import due_after
@@ -61,6 +69,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     device = resolve_device(options.device)
     if ranks.distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank)  # torchrun: one GPU per process
+    # Before any data worker starts: the cores this process may use, less those busy with other work.
+    threads = apply_thread_budget(options.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     use_bf16 = resolve_precision(options.precision, device)
     autocast = autocast_for(device, use_bf16)
     configure_backends(device, options.precision)
@@ -84,7 +94,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         if plan.new_run:
             monitor.text("Config", "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
         print(f"run directory: {run_dir}\nwatch it with: tensorboard --logdir {run_dir}", flush=True)
-        print(f"device {device}, {precision_name(use_bf16)} (precision={options.precision})", flush=True)
+        precision = f"{precision_name(use_bf16)} (precision={options.precision})"
+        print(f"device {device}, {precision}, {threads.describe()}", flush=True)
         if options.loss.penalty_mode == "approx" and options.loss.penalised:
             print(f"penalties by central finite differences, sigma {options.loss.penalty_sigma}", flush=True)
         watch = CollapseWatch(cfg, device, autocast, monitor) if options.collapse_watch else None

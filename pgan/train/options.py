@@ -20,7 +20,7 @@ from pgan.errors import UserError
 from pgan.losses import Loss, make_loss
 from pgan.metrics.quality import SCORES
 from pgan.networks import networks_from
-from pgan.runtime import check_precision
+from pgan.runtime import check_precision, check_threads
 from pgan.schedule import PlateauRule, Stage, advance_of, filled_settings, plateau_rules, stages_from_config
 from pgan.train.guard import check_guard_config
 from pgan.train.metrics_watch import applies_at, check_metrics_config
@@ -78,6 +78,7 @@ class TrainOptions:
     seed: int
     device: str  # auto | cpu | cuda | cuda:N (resolved by pgan.runtime)
     precision: str  # auto | fp32 | bf16
+    threads: str | int  # auto | N: torch's intra-op threads (pgan.runtime.thread_budget)
     stages: tuple[Stage, ...]  # the whole schedule (under advance=plateau: each with its longest stable phase)
     advance: str  # fixed | plateau: what ends a stage's stable phase (schedule.advance)
     plateau: dict[int, PlateauRule]  # per resolution: when a plateau ends it (empty under fixed)
@@ -118,6 +119,7 @@ class TrainOptions:
     def from_config(cls, cfg: DictConfig, world_size: int = 1) -> TrainOptions:
         """Check `cfg` (one-line UserErrors) and resolve it; `world_size`: the ranks sharing each global batch."""
         check_precision(cfg.precision)
+        check_threads(cfg.threads)
         stages = _stages(cfg)
         advance, plateau = _advance(cfg, stages)
         check_model(cfg.model, stages[-1].resolution)
@@ -144,6 +146,7 @@ class TrainOptions:
             seed=int(cfg.seed),
             device=str(cfg.device),
             precision=str(cfg.precision),
+            threads=cfg.threads,
             stages=tuple(stages),
             advance=advance,
             plateau=plateau,
