@@ -25,15 +25,17 @@ def _networks(seed: int = 0) -> tuple[Generator, Discriminator]:
     return Generator(8, latent_dim=16, **SMALL), Discriminator(8, **SMALL)
 
 
-def _run(G, D, steps: int, alphas, **options) -> tuple[Generator, Discriminator, list[dict]]:
-    """`steps` WGAN-GP iterations from fixed data and latents (the same random stream for every variant)."""
+def _run(G, D, steps: int, alphas, loss=None, **options) -> tuple[Generator, Discriminator, list[dict]]:
+    """`steps` iterations (WGAN-GP unless `loss`) from fixed data and latents (the same random stream for every
+    variant)."""
+    loss = loss or make_loss("wgan_gp")
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opts = [torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.99), fused=True) for net in (G, D)]
     reals = torch.rand(4, 3, 8, 8) * 2 - 1
     torch.manual_seed(1)
     stats = []
     for i in range(steps):
-        stats.append(train_step(G, D, G_ema, *opts, make_loss("wgan_gp"), reals, alphas[i], 0.9, None, i, **options))
+        stats.append(train_step(G, D, G_ema, *opts, loss, reals, alphas[i], 0.9, None, i, **options))
     return G, D, stats
 
 
@@ -59,6 +61,31 @@ def test_compiled_step_matches_the_eager_step_and_does_not_recompile_per_alpha()
     for a, b in zip(eager_D.parameters(), D2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert compiled_stats[-1]["Loss/gp"].item() == pytest.approx(eager_stats[-1]["Loss/gp"].item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["rpgan", "wgan_gp"])
+def test_with_the_approx_penalty_every_d_call_is_compiled(name: str) -> None:
+    """loss.penalty_mode=approx: the compiled step never calls the eager D, and it makes the eager approximate
+    step's updates up to float reassociation (with WGAN-GP: under rpgan D's output bias cancels from every
+    term, and Adam turns its rounding-noise gradient into steps of about lr that differ with the order of
+    the sums)."""
+
+    class Forbidden(torch.nn.Module):
+        def forward(self, *args):
+            raise AssertionError("the approximate penalty called the eager D")
+
+    gammas = {"r1_gamma": 1.0, "r2_gamma": 1.0} if name == "rpgan" else {}
+    loss = make_loss(name, penalty_mode="approx", **gammas)
+    alphas = [0.5, 1.0, 1.0]
+    eager_G, eager_D, eager_stats = _run(*_networks(), 3, alphas, loss)
+    G, D = _networks()
+    G_fast, D_fast = fast_networks(G, D, True)
+    _, _, stats = _run(G_fast, D_fast, 3, alphas, loss, eager_D=Forbidden())
+    if name == "wgan_gp":
+        for a, b in zip([*eager_G.parameters(), *eager_D.parameters()], [*G.parameters(), *D.parameters()]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for key in ("Loss/gp", "Loss/D", "Loss/G"):
+        assert stats[-1][key].item() == pytest.approx(eager_stats[-1][key].item(), rel=1e-3, abs=1e-5)
 
 
 def test_without_compile_the_networks_are_used_as_they_are() -> None:
