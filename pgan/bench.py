@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from pgan.cli import CONFIG_DIR
 from pgan.data import InfiniteSampler, make_dataset, wants_prepared
 from pgan.errors import UserError
 from pgan.losses import make_loss
 from pgan.networks import channels_for, check_resolution, model_kwargs_from, resolutions_up_to
 from pgan.runtime import apply_thread_budget, autocast_for, configure_backends, resolve_device, resolve_precision
-from pgan.schedule import ema_beta
+from pgan.schedule import ema_beta, stages_from_config
 from pgan.train.feed import make_loader, to_device_images
 from pgan.train.options import check_speed
 from pgan.train.state import build_models, build_optimizers
@@ -118,7 +120,8 @@ class BenchResult:
     loader_prepared: bool  # the loader read a prepared uint8 store (data.prepare; made first when missing)
     step_ms: float  # median time of one iteration
     first_step_s: float  # the first iteration, before warm-up (with speed.compile: the compile time, roughly)
-    compile: bool  # speed.compile: G and D torch.compile'd (the penalty's double backward stays eager)
+    compile: bool  # speed.compile: G and D torch.compile'd (an exact penalty's double backward stays eager)
+    compile_mode: str  # speed.compile_mode: default | reduce-overhead (CUDA graphs) | max-autotune
     reuse_fakes: bool  # speed.reuse_fakes: the G step reuses the D step's G(z)
     latent_dim: int
     channels: dict[str, int]  # feature-map width at every resolution from 4 px up to this one
@@ -126,7 +129,10 @@ class BenchResult:
     params_d: int
     model: str
     loss: str
-    penalty_every: int  # lazy regularisation: the penalty on every k-th D step (1 = every step)
+    penalty_every: int  # lazy regularisation: a D update of the penalty alone every k-th iteration (1: none)
+    penalty_mode: str  # exact (double backward) | approx (central finite differences)
+    penalty_sigma: float  # approx's distance (what penalty_sigma=auto chose at this precision)
+    threads: int  # torch's CPU threads (the thread budget)
     precision: str
     device: str
     repeats: int
@@ -308,6 +314,7 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
                     step_ms=round(step_s * 1000, 2),
                     first_step_s=round(first_step_s, 2),
                     compile=bool(cfg.speed.compile),
+                    compile_mode=str(cfg.speed.compile_mode),
                     reuse_fakes=bool(cfg.speed.reuse_fakes),
                     latent_dim=int(m.latent_dim),
                     channels=channels,
@@ -316,6 +323,9 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
                     model=str(m.name),
                     loss=loss.name,
                     penalty_every=loss.penalty_every,
+                    penalty_mode=loss.penalty_mode,
+                    penalty_sigma=loss.penalty_sigma,
+                    threads=torch.get_num_threads(),
                     precision="bf16" if use_bf16 else "fp32",
                     device=_device_name(device),
                     repeats=int(cfg.repeats),
@@ -372,6 +382,45 @@ def to_table(results: list[BenchResult]) -> str:
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
-    first = results[0] if results else None
-    title = f"pgan-bench: model={first.model} loss={first.loss} {first.precision} on {first.device}" if first else ""
-    return "\n".join([title, *lines])
+    return "\n".join([switches(results[0]) if results else "", *lines])
+
+
+def switches(r: BenchResult) -> str:
+    """The table's title: what was measured, with every switch that changes the speed."""
+    penalty = f"{r.penalty_mode} penalties" + (f" (sigma {r.penalty_sigma:g})" if r.penalty_mode == "approx" else "")
+    if r.penalty_every > 1:
+        penalty += f", lazy every {r.penalty_every}"
+    compiled = f"compile={r.compile}" + (f" ({r.compile_mode})" if r.compile else "")
+    return (
+        f"pgan-bench: model={r.model} loss={r.loss}, {penalty}, {r.precision} on {r.device}; "
+        f"{compiled} reuse_fakes={r.reuse_fakes}"
+    )
+
+
+def project_schedule(results: list[BenchResult], name: str) -> dict[str, Any]:
+    """The wall-clock of the schedule preset `name` (conf/schedule/<name>.yaml) at the measured rates: each
+    stage's fade-in at the rate measured fading in (alpha < 1) and its stable phase at alpha = 1. Stages whose
+    rates were not measured are listed under `missing` and left out of `total_h`. The rates are those of this
+    run's batch size; the schedule's own batch sizes are listed beside them."""
+    path = Path(CONFIG_DIR) / "schedule" / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"project={name}: no schedule preset {path}")
+    stages = stages_from_config({"schedule": OmegaConf.load(path)})
+    fading = {r.resolution: r.img_per_s for r in results if r.alpha < 1}
+    stable = {r.resolution: r.img_per_s for r in results if r.alpha >= 1}
+    rows, missing = [], []
+    for st in stages:
+        if st.resolution not in stable or (st.fade_kimg > 0 and st.resolution not in fading):
+            missing.append(st.resolution)
+            continue
+        seconds = st.stable_kimg * 1000 / stable[st.resolution]
+        if st.fade_kimg > 0:
+            seconds += st.fade_kimg * 1000 / fading[st.resolution]
+        rows.append({"resolution": st.resolution, "schedule_batch": st.batch_size, "hours": round(seconds / 3600, 3)})
+    return {
+        "schedule": name,
+        "measured_batch": results[0].batch_size if results else None,
+        "stages": rows,
+        "total_h": round(sum(r["hours"] for r in rows), 2),
+        "missing": missing,
+    }

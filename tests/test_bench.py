@@ -51,16 +51,43 @@ DECIMALS = {
 
 
 @pytest.fixture(scope="module")
-def bench_lines() -> tuple[list[dict], str]:
-    """pgan-bench on the tiny model at 8 and 16 px, both alphas, on the CPU."""
+def bench_run() -> tuple[list[dict], str]:
+    """pgan-bench on the tiny model at 8 and 16 px, both alphas, on the CPU, with the quick schedule projected:
+    its stdout's JSON objects and its stderr."""
     result = subprocess.run(
-        [PGAN_BENCH, *TINY_MODEL, *QUICK, "resolutions=[8,16]", "loss=wgan_gp", "device=cpu", "data.num_workers=0"],
+        [PGAN_BENCH, *TINY_MODEL, *QUICK, "resolutions=[8,16]", "loss=wgan_gp", "device=cpu", "data.num_workers=0"]
+        + ["threads=1", "project=quick"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+@pytest.fixture(scope="module")
+def bench_lines(bench_run) -> tuple[list[dict], str]:
+    """The measurements (one object per resolution x alpha) and the table."""
+    objects, stderr = bench_run
+    return [o for o in objects if "projection" not in o], stderr
+
+
+@pytest.mark.subprocess
+def test_the_projection_is_the_schedule_at_the_measured_rates(bench_run) -> None:
+    """project=quick: the last line is the quick schedule's wall-clock from the 8 and 16 px rates (fade-in at
+    the fading rate, stable phase at alpha 1); the stages not measured are named, not guessed."""
+    objects, table = bench_run
+    *measured, last = objects
+    rate = {(r["resolution"], r["alpha"]): r["img_per_s"] for r in measured}
+    projection = last["projection"]
+    expected = {8: 2048 / rate[(8, 1.0)], 16: 1024 / rate[(16, 0.5)] + 12288 / rate[(16, 1.0)]}
+    assert [s["resolution"] for s in projection["stages"]] == [8, 16]
+    for stage in projection["stages"]:
+        assert stage["hours"] == pytest.approx(expected[stage["resolution"]] / 3600, abs=6e-4)
+        assert stage["schedule_batch"] == 16
+    assert projection["missing"] == [32, 64, 128, 256] and projection["measured_batch"] == 4
+    assert projection["total_h"] == pytest.approx(sum(expected.values()) / 3600, abs=0.01)
+    assert "projected schedule=quick" in table and "not measured: [32, 64, 128, 256] px" in table
 
 
 @pytest.mark.subprocess
@@ -80,7 +107,9 @@ def test_one_json_line_per_resolution_and_alpha_with_the_fields(bench_lines) -> 
         conv = _quotient(_unrounded(r, "conv_achieved_gflops"), _unrounded(r, "ceiling_gflops"))
         _assert_rounded(r, "conv_mfu", conv)
         assert not r["compile"] and not r["reuse_fakes"] and not r["loader_prepared"] and r["first_step_s"] > 0
+        assert r["threads"] == 1 and r["penalty_mode"] == "exact" and r["penalty_every"] == 1
     assert "img/s" in table and "MFU" in table and "conv MFU" in table
+    assert "loss=wgan_gp, exact penalties" in table and "compile=False reuse_fakes=False" in table
 
 
 def _unrounded(r: dict, key: str) -> tuple[float, float]:
@@ -158,7 +187,12 @@ def test_iteration_flops_count_the_gradient_penalty() -> None:
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("resolutions=[24]", "error: resolutions:"), ("loss.penalty_every=0", "error: loss.penalty_every must be")],
+    [
+        ("resolutions=[24]", "error: resolutions:"),
+        ("loss.penalty_every=0", "error: loss.penalty_every must be"),
+        ("project=weekly", "error: project=weekly: no schedule preset"),
+        ("threads=0", "error: threads must be auto or an integer >= 1"),
+    ],
 )
 @pytest.mark.subprocess
 def test_bad_settings_are_one_line_exit_2(override: str, message: str) -> None:

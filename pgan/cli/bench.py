@@ -1,11 +1,14 @@
 """`pgan-bench`: throughput, FLOPs, MFU, memory and loader speed of the training iteration.
 
 One JSON object per resolution x alpha on stdout (the fields are a public interface: see
-`pgan.bench.BenchResult`), a table on stderr. Exit 2 with one line `error: ...` on bad settings.
+`pgan.bench.BenchResult`), a table on stderr; with `project=<schedule preset>`, one more object
+{"projection": ...}: that schedule's wall-clock at the measured rates (`pgan.bench.project_schedule`).
+Exit 2 with one line `error: ...` on bad settings.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import hydra
@@ -17,15 +20,22 @@ from pgan.errors import UserError
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pgan.bench import run_bench, to_json_lines, to_table
+    from pgan.bench import project_schedule, run_bench, to_json_lines, to_table
 
     try:
+        if cfg.project is not None:
+            project_schedule([], str(cfg.project))  # a bad preset name fails before the measurements
         results = run_bench(cfg)
+        projection = project_schedule(results, str(cfg.project)) if cfg.project is not None else None
     except UserError as exc:
         exit_with_user_error(exc)
     for line in to_json_lines(results):
         print(line, flush=True)
     print(to_table(results), file=sys.stderr, flush=True)
+    if projection is not None:
+        print(json.dumps({"projection": projection}), flush=True)
+        missing = f"; not measured: {projection['missing']} px" if projection["missing"] else ""
+        print(f"projected schedule={projection['schedule']}: {projection['total_h']} h{missing}", file=sys.stderr)
 
 
 def main() -> None:
