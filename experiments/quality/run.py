@@ -69,6 +69,10 @@ SUITES = {
             "rpgan": ["loss=rpgan"],
             "wgan_gp": ["loss=wgan_gp"],
             "logistic_r1": ["loss=logistic", "loss.r1_gamma=1.0"],
+            # R1 and R2 by central finite differences (issue 18: no double backward; experiments/penalty_modes).
+            "rpgan_approx": ["loss=rpgan", "loss.penalty_mode=approx"],
+            # Lazy R1 / R2 as StyleGAN2 does it: a D update of the penalties alone every 4th iteration.
+            "rpgan_lazy4": ["loss=rpgan", "loss.penalty_every=4"],
             # The same recipe four times as long at 16 and 32 px (51.2 kimg in all): what more images buy.
             "rpgan_long": ["loss=rpgan", "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}"],
         },
