@@ -2,7 +2,8 @@
 
     python experiments/collapse_detection/run.py all        # everything (about 40 min on 2 CPU cores)
     python experiments/collapse_detection/run.py controlled # only the synthetic conditions (~8 min)
-    python experiments/collapse_detection/run.py training   # only the training runs
+    python experiments/collapse_detection/run.py training   # only the training runs (the 2026-11 recipe's kinds)
+    python experiments/collapse_detection/run.py recipe     # only today's default recipe, 8 -> 32 px (10 runs)
     python experiments/collapse_detection/run.py report     # tables (markdown) and plot from results/
 
 Results go to experiments/collapse_detection/results/ (JSON) and the report prints the tables that
@@ -134,6 +135,8 @@ def controlled() -> list[dict]:
 TRAIN_COMMON = [
     "device=cpu",
     "model=small",
+    "loss=wgan_gp",  # the defaults these kinds were first measured with (2026-11)
+    "precision=fp32",
     "schedule.batch_size=16",
     "schedule.lr=0.001",
     "schedule.fade_kimg=1.024",
@@ -163,9 +166,23 @@ COLLAPSING = [
 ]
 
 
+# The recipe chosen in experiments/quality (issue 17), as `pgan-train` runs it by default: the quick schedule's
+# 8 -> 16 -> 32 px stages (15.4 kimg), rpgan, bf16 where the CPU has it; only the logging differs.
+RECIPE = [
+    "device=cpu",
+    "diversity.every_kimg=0.512",
+    "diversity.mode_coverage=true",
+    "checkpoint.every_kimg=4.096",
+    "log.progress_bar=false",
+    "log.image_every_kimg=2.048",
+    "data.num_workers=0",
+]
+
+
 def training_runs(kind: str, finals: tuple[int, ...] = (16,), seeds: int = 5) -> list[dict]:
     """`seeds` seeds x 2 datasets x the final resolutions `finals` (8 -> final px) of one kind of run:
-    healthy (the default recipe, trained long), undertrained (the same recipe, short) or collapsing."""
+    healthy (the 2026-11 default recipe, trained long), undertrained (the same recipe, short), collapsing,
+    or recipe (today's defaults)."""
     rows = []
     for name in ("shapes", "digits"):
         for final in finals:
@@ -174,8 +191,9 @@ def training_runs(kind: str, finals: tuple[int, ...] = (16,), seeds: int = 5) ->
                 run_dir = RESULTS / "runs" / f"{kind}-{name}-{final}-seed{seed}"
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
-                overrides = [*TRAIN_COMMON, f"data={name}", f"seed={seed}", f"schedule.resolutions={resolutions}"]
-                overrides += {"collapsing": COLLAPSING, "healthy": HEALTHY, "undertrained": []}[kind]
+                common = RECIPE if kind == "recipe" else TRAIN_COMMON
+                overrides = [*common, f"data={name}", f"seed={seed}", f"schedule.resolutions={resolutions}"]
+                overrides += {"collapsing": COLLAPSING, "healthy": HEALTHY, "undertrained": [], "recipe": []}[kind]
                 start = time.perf_counter()
                 train(config(*overrides), run_dir)
                 evals = [json.loads(line) for line in (run_dir / "collapse.jsonl").read_text().splitlines()]
@@ -202,7 +220,7 @@ def training_runs(kind: str, finals: tuple[int, ...] = (16,), seeds: int = 5) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["all", "controlled", "training", "report"])
+    parser.add_argument("part", choices=["all", "controlled", "training", "recipe", "report"])
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.part in ("all", "controlled"):
@@ -213,6 +231,10 @@ def main() -> None:
             + training_runs("collapsing")
             + training_runs("undertrained", finals=(16, 32))
         )
+        (RESULTS / "training.json").write_text(json.dumps(rows))
+    if args.part in ("all", "recipe"):  # today's default recipe, beside the runs above
+        earlier = json.loads((RESULTS / "training.json").read_text()) if (RESULTS / "training.json").is_file() else []
+        rows = [r for r in earlier if r["kind"] != "recipe"] + training_runs("recipe", finals=(32,))
         (RESULTS / "training.json").write_text(json.dumps(rows))
     from report import report  # noqa: E402 (the report lives beside this script)
 

@@ -73,6 +73,8 @@ SUITES = {
             "rpgan_approx": ["loss=rpgan", "loss.penalty_mode=approx"],
             # Lazy R1 / R2 as StyleGAN2 does it: a D update of the penalties alone every 4th iteration.
             "rpgan_lazy4": ["loss=rpgan", "loss.penalty_every=4"],
+            # The stable phases end when SWD stops improving, at most where the fixed schedule ends them.
+            "rpgan_plateau": ["loss=rpgan", "schedule.advance=plateau"],
             # The same recipe four times as long at 16 and 32 px (51.2 kimg in all): what more images buy.
             "rpgan_long": ["loss=rpgan", "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}"],
         },
@@ -99,6 +101,7 @@ SUITES = {
             ],
             "wgan_gp": ["loss=wgan_gp"],  # the new schedule and model with the old loss
             "batch16": ["schedule.batch_size=16"],  # the 256 px stage at batch 16 (48 steps)
+            "plateau": ["schedule.advance=plateau"],  # make train, each stable phase ended by an SWD plateau
         },
         resolution=256,
         metrics="[modes]",
@@ -126,6 +129,22 @@ def last_verdict(run_dir: Path) -> dict:
     last = json.loads(lines[-1])
     keys = ("kimg", "state", "verdict", "reading", "modes_covered", "mode_kl", "excess_pair", "vendi_ratio")
     return {k: last.get(k) for k in keys}
+
+
+def stable_kimg_per_stage(run_dir: Path) -> dict[str, float]:
+    """Resolution -> the stable kimg each stage spent: the schedule's, or (schedule.advance=plateau) where its
+    plateau ended it (stats.jsonl's stage_advance records)."""
+    from pgan.checkpoint import load_checkpoint
+
+    spent = {}
+    for final in sorted(run_dir.glob("stage-*/final.pt")):
+        info = load_checkpoint(final)["stage_info"]
+        spent[str(info["resolution"])] = info["stable_kimg"]
+    for line in (run_dir / "stats.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "stage_advance":
+            spent[str(record["resolution"])] = record["stable_kimg"]
+    return spent
 
 
 def run_arm(suite: Suite, arm: str, seed: int, out: Path, extra: list[str], threads: int) -> dict:
@@ -156,6 +175,7 @@ def run_arm(suite: Suite, arm: str, seed: int, out: Path, extra: list[str], thre
         "threads": threads,
         "eval": evaluation,
         "watch": last_verdict(run_dir),
+        "stable_kimg": stable_kimg_per_stage(run_dir),
     }
     result_file.write_text(json.dumps(row, indent=1) + "\n")
     return row
