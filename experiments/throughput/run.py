@@ -28,19 +28,21 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch.nn import ConvTranspose2d
 
 from pgan.bench import IterationFlops, matmul_ceiling_gflops, median_step_seconds
 from pgan.losses import make_loss
 from pgan.networks import channels_for
+from pgan.runtime import autocast_for, resolve_precision
 from pgan.schedule import ema_beta
-from pgan.train.loop import build_models, build_optimizers, fast_networks
-from pgan.train.step import train_step
+from pgan.train.state import build_models, build_optimizers
+from pgan.train.step import fast_networks, train_step
 
 HERE = Path(__file__).resolve().parent
 CONF_DIR = str(HERE.parents[1] / "conf")
 LATENT = 128
-SMALL = {"fmap_base": 512, "fmap_max": 64, "fmap_min": 8}  # conf/model/small.yaml
+SMALL = {"fmap_base": 512, "fmap_max": 64, "fmap_min": 16}  # conf/model/small.yaml
 
 
 def load_peer():
@@ -64,53 +66,70 @@ def load_peer():
     return networks, layers, ProGAN, WganGP
 
 
-# pgan's variants: the speed.* overrides of each (conf/speed/default.yaml).
+# pgan's variants: pgan-train overrides of each. `default` is the iteration `pgan-train` runs with no overrides
+# (today: rpgan, with bf16 autocast on CPUs with native bf16); `wgan_gp` does the peer's work (its loss) in
+# pgan's default precision; `wgan_gp_fp32` the same in the peer's precision.
 VARIANTS = {
     "default": [],
+    "wgan_gp": ["loss=wgan_gp"],
+    "wgan_gp_fp32": ["loss=wgan_gp", "precision=fp32"],
+    "approx": ["loss.penalty_mode=approx"],
+    "lazy4": ["loss.penalty_every=4"],
+    "wgan_gp_lazy4": ["loss=wgan_gp", "loss.penalty_every=4"],
     "reuse_fakes": ["speed.reuse_fakes=true"],
     "compile": ["speed.compile=true"],
+    "approx_compile": ["loss.penalty_mode=approx", "speed.compile=true"],
 }
 
 
-def our_iteration(resolution: int, batch: int, alpha: float, device: torch.device, args, variant: str):
-    """pgan's training iteration for `variant`, ready to call, and its networks."""
-    overrides = ["model=small", f"model.latent_dim={LATENT}", *VARIANTS[variant]]
+def train_config(*overrides: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=["model=small", f"model.latent_dim={LATENT}", *overrides])
+
+
+def our_iteration(resolution: int, batch: int, alpha: float, device: torch.device, variant: str):
+    """pgan's training iteration for `variant`, ready to call; its networks and loss."""
+    cfg = train_config(*VARIANTS[variant])
+    use_bf16 = resolve_precision(cfg.precision, device)
+    autocast = autocast_for(device, use_bf16)
+    loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True)).for_precision(use_bf16)
     torch.manual_seed(0)
-    G, D = build_models(cfg, resolution, device)
+    G, D = build_models(OmegaConf.to_container(cfg.model, resolve=True), resolution, device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
-    opt_G, opt_D = build_optimizers(G, D, 0.001)
+    opt_G, opt_D = build_optimizers(G, D, 0.001, loss.lazy_ratio)
     reals = (torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1).contiguous(
         memory_format=torch.channels_last
     )
-    loss = make_loss("wgan_gp", penalty_every=args.penalty_every)
     beta = ema_beta(batch, 10.0)
     count = itertools.count()
-    G_fast, D_fast = fast_networks(cfg, G, D)
+    G_fast, D_fast = fast_networks(G, D, bool(cfg.speed.compile), str(cfg.speed.compile_mode))
     reuse = bool(cfg.speed.reuse_fakes)
 
     def step(fast: bool = True) -> None:
         nets = (G_fast, D_fast) if fast else (G, D)
-        fixed = (G_ema, opt_G, opt_D, loss, reals, alpha, beta)
+        fixed = (G_ema, opt_G, opt_D, loss, reals, alpha, beta, autocast)
         train_step(*nets, *fixed, step_index=next(count), eager_D=D, reuse_fakes=reuse)
 
-    return step, G, D
+    return step, G, D, loss, use_bf16
 
 
 def ours(resolution: int, batch: int, alpha: float, device: torch.device, args, variant: str = "default") -> dict:
-    step, G, D = our_iteration(resolution, batch, alpha, device, args, variant)
+    step, G, D, loss, use_bf16 = our_iteration(resolution, batch, alpha, device, variant)
     t0 = time.perf_counter()
-    step()  # the compile variant compiles here
+    step()  # the compile variants compile here
     first_step_s = time.perf_counter() - t0
     seconds = median_step_seconds(step, device, args.warmup, args.repeats, args.steps)
     with IterationFlops() as flops:
-        for _ in range(args.penalty_every):
+        for _ in range(loss.penalty_every):
             step(fast=False)  # the same operations, uncompiled (FlopCounter cannot see inside compiled code)
     return {
         "img_per_s": batch / seconds,
-        "gflop_per_img": flops.total / args.penalty_every / batch / 1e9,
+        "gflop_per_img": flops.total / loss.penalty_every / batch / 1e9,
         "first_step_s": first_step_s,
+        "loss": loss.name,
+        "penalty_mode": loss.penalty_mode,
+        "penalty_every": loss.penalty_every,
+        "precision": "bf16" if use_bf16 else "fp32",
         "params_g": sum(p.numel() for p in G.parameters()),
         "params_d": sum(p.numel() for p in D.parameters()),
     }
@@ -118,7 +137,7 @@ def ours(resolution: int, batch: int, alpha: float, device: torch.device, args, 
 
 def profile_table(resolution: int, batch: int, device: torch.device, args, rows: int = 20) -> str:
     """torch.profiler's per-op table (self time) of pgan's default iteration at `resolution`, alpha 1."""
-    step, _, _ = our_iteration(resolution, batch, 1.0, device, args, "default")
+    step, *_ = our_iteration(resolution, batch, 1.0, device, "default")
     for _ in range(args.warmup):
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -169,8 +188,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--penalty-every", type=int, default=1, help="pgan's lazy regularisation (the peer has none)")
-    parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS), help="pgan's speed.*")
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS), help="pgan's settings")
     parser.add_argument("--profile", type=int, default=None, help="also write the per-op profile at this px")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -179,7 +197,10 @@ def main() -> None:
         table = profile_table(args.profile, args.batch, device, args)
         (HERE / "results" / f"profile_{device.type}_{args.profile}px.txt").write_text(table + "\n")
         print(table, flush=True)
-    ceiling = matmul_ceiling_gflops(device, torch.float32, 8192 if device.type == "cuda" else 4096)
+    size = 8192 if device.type == "cuda" else 4096
+    ceilings = {"fp32": matmul_ceiling_gflops(device, torch.float32, size)}
+    if resolve_precision("auto", device):
+        ceilings["bf16"] = matmul_ceiling_gflops(device, torch.bfloat16, size)
     rows = []
     for res in args.resolutions:
         for alpha in args.alphas:
@@ -192,8 +213,8 @@ def main() -> None:
                 "pgan": a,
                 "peer": b,
                 "speedup": a["img_per_s"] / b["img_per_s"],
-                "pgan_mfu": a["img_per_s"] * a["gflop_per_img"] / ceiling,
-                "peer_mfu": b["img_per_s"] * b["gflop_per_img"] / ceiling,
+                "pgan_mfu": a["img_per_s"] * a["gflop_per_img"] / ceilings[a["precision"]],  # its precision's
+                "peer_mfu": b["img_per_s"] * b["gflop_per_img"] / ceilings["fp32"],
                 "variants": {v: {**r, "speedup": r["img_per_s"] / b["img_per_s"]} for v, r in variants.items()},
             }
             rows.append(row)
@@ -202,13 +223,14 @@ def main() -> None:
         "device": args.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "ceiling_gflops": ceiling,
+        "ceiling_gflops": ceilings,
         "rows": rows,
     }
-    suffix = "" if args.penalty_every == 1 else f"_lazy{args.penalty_every}"
-    out["pgan_penalty_every"] = args.penalty_every
+    out["variants"] = {v: VARIANTS[v] for v in args.variants}
+    suffix = "" if args.variants[0] == "default" else f"_{args.variants[0]}"
     (HERE / "results" / f"side_by_side_{device.type}{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nceiling {ceiling:.0f} GFLOP/s (fp32 matmul, best of 10), torch {torch.__version__}\n")
+    shown = ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items())
+    print(f"\nceilings (GFLOP/s, a {size}² matmul, best of 10): {shown}; torch {torch.__version__}\n")
     print("| px | alpha | pgan img/s | peer img/s | speedup | pgan GFLOP/img | peer GFLOP/img | pgan MFU | peer MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -223,7 +245,7 @@ def main() -> None:
         print("|---|---|" + "---|" * (len(args.variants) + 1))
         for r in rows:
             cells = [f"{x['img_per_s']:.1f} ({x['speedup']:.2f}×)" for x in r["variants"].values()]
-            first = r["variants"].get("compile", {}).get("first_step_s")
+            first = max((x["first_step_s"] for v, x in r["variants"].items() if "compile" in v), default=None)
             compile_cell = f"{first:.1f}" if first is not None else "-"
             print(f"| {r['resolution']} | {r['alpha']:g} | " + " | ".join(cells) + f" | {compile_cell} |")
 
