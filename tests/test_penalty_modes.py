@@ -239,3 +239,24 @@ def test_two_rank_approx_computes_what_one_process_computes(tmp_path: Path) -> N
     for key in ("G", "D", "G_ema"):
         for name, value in ours[key].items():
             torch.testing.assert_close(value, single[key][name], **TOLERANCE, msg=f"{key}.{name}")
+
+
+def test_the_approx_penalty_step_makes_two_d_passes_per_penalty() -> None:
+    """Lazy and approximate: R1 and R2 take D at x - sigma eps and x + sigma eps each (4 passes), and no pass
+    for loss scores the penalty update does not use; the non-lazy step adds the loss's 2 passes."""
+    calls = []
+
+    class Counting(SmoothD):
+        def forward(self, x, alpha=1.0, labels=None):
+            calls.append(x.shape[0])
+            return super().forward(x, alpha, labels)
+
+    D, reals, fakes = Counting(), inputs(4, seed=10), inputs(4, seed=11)
+    opt = torch.optim.Adam(D.parameters(), lr=0.0, fused=True)
+    lazy = make_loss("rpgan", r1_gamma=1.0, r2_gamma=1.0, penalty_mode="approx", penalty_every=2)
+    d_penalty_step(D, opt, lazy, reals, fakes, 1.0)
+    assert calls == [4, 4, 4, 4]
+    calls.clear()
+    eager = make_loss("rpgan", r1_gamma=1.0, r2_gamma=1.0, penalty_mode="approx")
+    d_step(FixedG(fakes), D, opt, eager, reals, torch.zeros(4, 4), 1.0)
+    assert calls == [4, 4, 4, 4, 4, 4]

@@ -90,6 +90,14 @@ class Critic:
         penalty = approx_zero_centred_penalty(*self.slope_scores(d_images), self.loss.penalty_sigma, gamma)
         return d_images, scores, penalty
 
+    def penalty(self, images: Tensor, gamma: float) -> Tensor:
+        """The zero-centred penalty alone (lazy regularisation's own update): as `judge`'s, without an approximate
+        penalty's extra pass for the loss's scores."""
+        if self.exact:
+            return self.judge(images, gamma)[2]
+        d_images = images if self.augment is None else self.augment(images)
+        return approx_zero_centred_penalty(*self.slope_scores(d_images), self.loss.penalty_sigma, gamma)
+
     def interpolate_penalty(self, d_reals: Tensor, d_fakes: Tensor, weight: float) -> Tensor:
         """WGAN-GP's penalty at one random interpolate per sample between its (augmented) real and fake image."""
         eps = draw_for_rank(torch.rand, d_reals.shape[0], 1, 1, 1, device=d_reals.device).to(d_reals.dtype)
@@ -185,9 +193,9 @@ def d_penalty_step(
     k = loss.penalty_every
     penalty = torch.zeros((), device=reals.device)
     if loss.penalty == "r1":
-        penalty = penalty + critic.judge(reals, loss.penalty_weight * gamma_scale * k)[2]
+        penalty = penalty + critic.penalty(reals, loss.penalty_weight * gamma_scale * k)
     if loss.r2_gamma > 0:
-        penalty = penalty + critic.judge(fakes.detach(), loss.r2_gamma * gamma_scale * k)[2]
+        penalty = penalty + critic.penalty(fakes.detach(), loss.r2_gamma * gamma_scale * k)
     if loss.penalty == "gp":
         d_reals, d_fakes = (x if augment is None else augment(x) for x in (reals, fakes.detach()))
         penalty = penalty + critic.interpolate_penalty(d_reals, d_fakes, loss.penalty_weight * k)
