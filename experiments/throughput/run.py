@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS), help="pgan's settings")
     parser.add_argument("--profile", type=int, default=None, help="also write the per-op profile at this px")
+    parser.add_argument("--profile-only", action="store_true", help="the profile, no side-by-side measurement")
     args = parser.parse_args()
     device = torch.device(args.device)
     (HERE / "results").mkdir(exist_ok=True)
@@ -197,6 +198,8 @@ def main() -> None:
         table = profile_table(args.profile, args.batch, device, args)
         (HERE / "results" / f"profile_{device.type}_{args.profile}px.txt").write_text(table + "\n")
         print(table, flush=True)
+        if args.profile_only:
+            return
     size = 8192 if device.type == "cuda" else 4096
     ceilings = {"fp32": matmul_ceiling_gflops(device, torch.float32, size)}
     if resolve_precision("auto", device):
