@@ -77,6 +77,13 @@ SUITES = {
             "rpgan_plateau": ["loss=rpgan", "schedule.advance=plateau"],
             # The same recipe four times as long at 16 and 32 px (51.2 kimg in all): what more images buy.
             "rpgan_long": ["loss=rpgan", "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}"],
+            # About 8x the kimg (125 kimg, 98 of them at 32 px), with the default G_ema half-life and a 10x one.
+            "rpgan_xlong": ["loss=rpgan", "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 98.304}"],
+            "rpgan_xlong_ema": [
+                "loss=rpgan",
+                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 98.304}",
+                "schedule.ema_kimg=1.0",
+            ],
         },
         resolution=32,
         metrics="[modes]",
