@@ -3,7 +3,7 @@
     python experiments/collapse_detection/run.py all        # everything (about 40 min on 2 CPU cores)
     python experiments/collapse_detection/run.py controlled # only the synthetic conditions (~8 min)
     python experiments/collapse_detection/run.py training   # only the training runs (the 2026-11 recipe's kinds)
-    python experiments/collapse_detection/run.py recipe     # only today's default recipe, 8 -> 32 px (10 runs)
+    python experiments/collapse_detection/run.py recipe     # only today's default recipe, 8 -> 32 px (6 runs)
     python experiments/collapse_detection/run.py report     # tables (markdown) and plot from results/
 
 Results go to experiments/collapse_detection/results/ (JSON) and the report prints the tables that
@@ -234,7 +234,7 @@ def main() -> None:
         (RESULTS / "training.json").write_text(json.dumps(rows))
     if args.part in ("all", "recipe"):  # today's default recipe, beside the runs above
         earlier = json.loads((RESULTS / "training.json").read_text()) if (RESULTS / "training.json").is_file() else []
-        rows = [r for r in earlier if r["kind"] != "recipe"] + training_runs("recipe", finals=(32,))
+        rows = [r for r in earlier if r["kind"] != "recipe"] + training_runs("recipe", finals=(32,), seeds=3)
         (RESULTS / "training.json").write_text(json.dumps(rows))
     from report import report  # noqa: E402 (the report lives beside this script)
 
