@@ -89,6 +89,27 @@ def assert_same_state(a: dict, b: dict) -> None:
                 assert value == flat_b[name], f"{key}.{name} differs"
 
 
+def assert_resumes_mid_fade_exactly(overrides: list[str], root: Path) -> None:
+    """Train the tiny 8 -> 16 px run of `overrides` in root/full, then resume a copy from its snapshot at 56
+    images (mid fade-in) in root/resumed: its final.pt is bit-identical to the uninterrupted run's."""
+    import shutil
+
+    from pgan.checkpoint import load_checkpoint
+    from pgan.train.loop import train
+
+    train(compose_config(*overrides), root / "full")
+    shutil.copytree(root / "full" / "stage-0008", root / "resumed" / "stage-0008")
+    (root / "resumed" / "stage-0016").mkdir()
+    snapshot = root / "full" / "stage-0016" / "ckpt-0000000056.pt"
+    assert 0 < load_checkpoint(snapshot)["nimg"] < 128, "the test needs a checkpoint taken during the fade-in"
+    shutil.copy(snapshot, root / "resumed" / "stage-0016" / "latest.pt")
+    train(compose_config(*overrides), root / "resumed")
+    assert_same_state(
+        load_checkpoint(root / "resumed" / "stage-0016" / "final.pt"),
+        load_checkpoint(root / "full" / "stage-0016" / "final.pt"),
+    )
+
+
 def _flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         out = {}

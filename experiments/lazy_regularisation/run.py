@@ -1,12 +1,13 @@
 """Does lazy regularisation (loss.penalty_every=4) cost quality? Short runs with and without it.
 
-    python experiments/lazy_regularisation/run.py   # WGAN-GP and rpgan x k in {1, 4} x 3 seeds (about 25 min, 2 cores)
+    python experiments/lazy_regularisation/run.py   # WGAN-GP and rpgan x k in {1, 4} x 3 seeds (~25 min, 2 cores)
 
 Each run: model=small, data=shapes (16 known modes), 16 -> 32 px, 1.5 kimg stable per stage and a 1 kimg
 fade, batch 16, lr 0.001, fp32, the loss given; k = 4 is StyleGAN2's lazy scheme (a D update of the penalty
-alone every 4th iteration, times 4, with D's Adam corrected); the collapse watch's evaluation every 0.5 kimg (512 G_ema samples:
-excess-pair, Vendi ratio, modes covered by the shapes classifier, KL to uniform). Reported per run: wall
-time, and the last evaluation's metrics. Results: results.json here (the run directories are not kept).
+alone every 4th iteration, times 4, with D's Adam corrected). The collapse watch evaluates every 0.5 kimg
+(512 G_ema samples: excess-pair, Vendi ratio, modes covered by the shapes classifier, KL to uniform).
+Reported per run: wall time, and the last evaluation's metrics. Results: results.json here (the run
+directories are not kept).
 """
 
 from __future__ import annotations
