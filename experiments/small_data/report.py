@@ -64,7 +64,8 @@ def tables(out: Path) -> str:
     for name, row in rows.items():
         by_arm[arm_of(name)].append(row)
     lines = [
-        f"device {summary['device']}, kimg scale {summary['kimg_scale']}, wall {summary['wall_s'] / 60:.1f} min",
+        f"recipe {summary.get('recipe', '2026-11')}, device {summary['device']}, kimg scale {summary['kimg_scale']}, "
+        f"wall {summary['wall_s'] / 60:.1f} min",
         "",
         "| arm | runs | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
         "|---|---|" + "---|" * len(COLUMNS),
@@ -118,33 +119,44 @@ def per_class_table(out: Path) -> str:
 
 
 def plot(out: Path, path: Path) -> None:
-    """The collapse watch's Vendi ratio and modes covered over kimg, and the adaptive p, one line per run."""
+    """The collapse watch's Vendi ratio (every run) and modes covered (shapes) over kimg, and the adaptive p when
+    a run used it, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = json.loads((out / "summary.json").read_text())
-    names = [r["name"] for r in summary["runs"] if "error" not in r and r["name"].startswith("shapes")]
-    colours = {"shapes-plain": "tab:red", "shapes-augment": "tab:blue", "shapes-conditional": "tab:green"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    names = [r["name"] for r in summary["runs"] if "error" not in r]
+    colours = {
+        "shapes-plain": "tab:red",
+        "shapes-augment": "tab:blue",
+        "shapes-conditional": "tab:green",
+        "photos-plain": "tab:purple",
+        "photos-conditional": "tab:olive",
+    }
+    adaptive = {name: [r for r in _jsonl(out / "runs" / name / "stats.jsonl") if "Augment/p" in r] for name in names}
+    panels = 3 if any(adaptive.values()) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     for name in names:
         watch = _jsonl(out / "runs" / name / "collapse.jsonl")
         colour = colours.get(arm_of(name), "grey")
         kimg = [r["kimg"] for r in watch]
         label = arm_of(name) if name.endswith("-s0") else None
         axes[0].plot(kimg, [r["vendi_ratio"] for r in watch], color=colour, label=label, alpha=0.8)
-        axes[1].plot(kimg, [r.get("modes_covered", float("nan")) for r in watch], color=colour, label=label, alpha=0.8)
+        if name.startswith("shapes"):
+            axes[1].plot(kimg, [r.get("modes_covered", float("nan")) for r in watch], color=colour, label=label)
         collapsed = [r for r in watch if r["state"] == "collapsed"]
         axes[0].scatter([r["kimg"] for r in collapsed], [r["vendi_ratio"] for r in collapsed], color=colour, marker="x")
-        stats = [r for r in _jsonl(out / "runs" / name / "stats.jsonl") if "Augment/p" in r]
-        if stats:
+        if adaptive[name]:
+            stats = adaptive[name]
             axes[2].plot(
                 [r["Progress/kimg"] for r in stats], [r["Augment/p"] for r in stats], color=colour, label=label
             )
     axes[0].set(title="Vendi ratio fake / real (x: judged collapsed)", xlabel="kimg")
-    axes[1].set(title="modes covered (of 16)", xlabel="kimg")
-    axes[2].set(title="adaptive augmentation p", xlabel="kimg")
+    axes[1].set(title="modes covered (of 16, shapes)", xlabel="kimg")
+    if panels == 3:
+        axes[2].set(title="adaptive augmentation p", xlabel="kimg")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
