@@ -75,6 +75,8 @@ SUITES = {
             "rpgan_lazy4": ["loss=rpgan", "loss.penalty_every=4"],
             # The stable phases end when SWD stops improving, at most where the fixed schedule ends them.
             "rpgan_plateau": ["loss=rpgan", "schedule.advance=plateau"],
+            # ... or when the modes' KL to uniform stops improving (a metric for data with known modes).
+            "rpgan_plateau_kl": ["loss=rpgan", "schedule.advance=plateau", "schedule.plateau.metric=kl_to_uniform"],
             # The same recipe four times as long at 16 and 32 px (51.2 kimg in all): what more images buy.
             "rpgan_long": ["loss=rpgan", "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}"],
             # About 8x the kimg (125 kimg, 98 of them at 32 px), with the default G_ema half-life and a 10x one.
