@@ -156,7 +156,7 @@ def thread_budget(setting: str | int, processes: int = 1) -> ThreadBudget:
     """How many intra-op threads to use: `threads=N` as given; else OMP_NUM_THREADS if set (torchrun sets it to
     1 per process); else (`auto`) the usable cores not busy with other work, shared by `processes` processes
     on this machine. OpenMP threads wait for each other at every operation: one that shares its core with
-    another job slows them all (measured: 3x on a 2-core machine with one core taken, experiments/throughput)."""
+    another job slows them all (measured: 2.1x on a 2-core machine with one core taken, experiments/throughput)."""
     if check_threads(setting) != "auto":
         return ThreadBudget(setting, len(usable_cpus()), 0, f"threads={setting}")
     if os.environ.get("OMP_NUM_THREADS"):
