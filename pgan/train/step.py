@@ -71,32 +71,34 @@ class Critic:
         step = self.loss.penalty_sigma * eps.to(d_images.dtype)
         return self.scores(d_images - step), self.scores(d_images + step)
 
+    def augmented(self, images: Tensor) -> Tensor:
+        """The images as D sees them: through the augmentation when there is one."""
+        return images if self.augment is None else self.augment(images)
+
+    def approx_penalty(self, d_images: Tensor, gamma: float) -> Tensor:
+        """gamma / 2 * E[slope^2] at D's input `d_images` (central finite differences, one eps per image)."""
+        return approx_zero_centred_penalty(*self.slope_scores(d_images), self.loss.penalty_sigma, gamma)
+
     def judge(self, images: Tensor, gamma: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         """(augment(images), D's scores of them, the zero-centred penalty gamma / 2 * E||grad D||^2 at them: R1 on
         reals, R2 on detached fakes; 0 when gamma is 0).
 
         Exact: the gradient w.r.t. the un-augmented images, through the augmentation, as StyleGAN2-ADA computes
         R1. Approximate: finite differences at D's input (the augmented images), one eps per image."""
-        if gamma == 0:
-            d_images = images if self.augment is None else self.augment(images)
-            return d_images, self.scores(d_images), torch.zeros((), device=images.device)
-        if self.exact:
+        if gamma and self.exact:
             images = images.detach().requires_grad_(True)
-            d_images = images if self.augment is None else self.augment(images)
+            d_images = self.augmented(images)
             scores = self.scores(d_images, eager=True)
             return d_images, scores, zero_centred_penalty(scores, images, gamma)
-        d_images = images if self.augment is None else self.augment(images)
+        d_images = self.augmented(images)
         scores = self.scores(d_images)
-        penalty = approx_zero_centred_penalty(*self.slope_scores(d_images), self.loss.penalty_sigma, gamma)
+        penalty = self.approx_penalty(d_images, gamma) if gamma else torch.zeros((), device=images.device)
         return d_images, scores, penalty
 
     def penalty(self, images: Tensor, gamma: float) -> Tensor:
         """The zero-centred penalty alone (lazy regularisation's own update): as `judge`'s, without an approximate
         penalty's extra pass for the loss's scores."""
-        if self.exact:
-            return self.judge(images, gamma)[2]
-        d_images = images if self.augment is None else self.augment(images)
-        return approx_zero_centred_penalty(*self.slope_scores(d_images), self.loss.penalty_sigma, gamma)
+        return self.judge(images, gamma)[2] if self.exact else self.approx_penalty(self.augmented(images), gamma)
 
     def interpolate_penalty(self, d_reals: Tensor, d_fakes: Tensor, weight: float) -> Tensor:
         """WGAN-GP's penalty at one random interpolate per sample between its (augmented) real and fake image."""
@@ -197,7 +199,7 @@ def d_penalty_step(
     if loss.r2_gamma > 0:
         penalty = penalty + critic.penalty(fakes.detach(), loss.r2_gamma * gamma_scale * k)
     if loss.penalty == "gp":
-        d_reals, d_fakes = (x if augment is None else augment(x) for x in (reals, fakes.detach()))
+        d_reals, d_fakes = critic.augmented(reals), critic.augmented(fakes.detach())
         penalty = penalty + critic.interpolate_penalty(d_reals, d_fakes, loss.penalty_weight * k)
     return {"Guard/skipped_D": _update(opt_D, D, penalty), "Loss/gp": penalty.detach()}
 
@@ -303,7 +305,7 @@ def train_step(
         fakes = G(z, alpha, labels)
     lazy = loss.penalty_every > 1
     options = {"eager_D": eager_D, "augment": augment, "labels": labels, "gamma_scale": gamma_scale}
-    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast, not lazy, fakes=fakes.detach(), **options)
+    stats = d_step(G, D, opt_D, loss, reals, z, alpha, autocast, not lazy, fakes=fakes, **options)
     if lazy and loss.penalised and step_index % loss.penalty_every == 0:
         lazy_stats = d_penalty_step(D, opt_D, loss, reals, fakes, alpha, autocast, **options)
         stats["Guard/skipped_D"] = torch.maximum(stats["Guard/skipped_D"], lazy_stats["Guard/skipped_D"])
