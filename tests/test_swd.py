@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import run_eval
 
 from pgan.data import ShapesDataset
+from pgan.metrics import swd as swd_module
 from pgan.metrics.swd import laplacian_pyramid, pyramid_up, swd
 
 
@@ -26,6 +27,20 @@ def test_the_laplacian_pyramid_adds_back_up_to_the_image(shapes: torch.Tensor) -
     for level in reversed(levels[:-1]):
         rebuilt = level + pyramid_up(rebuilt)
     torch.testing.assert_close(rebuilt, images, atol=1e-3, rtol=0)
+
+
+def test_the_filter_is_the_papers_5x5_binomial_with_mirrored_borders() -> None:
+    images = torch.rand(3, 2, 12, 9, generator=torch.Generator().manual_seed(0)) * 255
+    binomial = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    kernel = (torch.outer(binomial, binomial) / 256 * 4).expand(2, 1, 5, 5)
+    expected = F.conv2d(F.pad(images, (2, 2, 2, 2), mode="reflect"), kernel, groups=2)
+    torch.testing.assert_close(swd_module._filter(images, gain=4.0), expected, atol=1e-3, rtol=0)
+
+
+def test_swd_of_a_large_set_is_computed_in_chunks_with_the_same_result(shapes, monkeypatch) -> None:
+    whole = swd(shapes[:48], shapes[48:], seed=1)
+    monkeypatch.setattr(swd_module, "PYRAMID_CHUNK", 5)  # 48 images: ten chunks, the last one of 3
+    assert swd(shapes[:48], shapes[48:], seed=1) == whole
 
 
 def test_swd_of_a_set_to_itself_is_small_and_grows_with_noise(shapes: torch.Tensor) -> None:
