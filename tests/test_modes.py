@@ -11,6 +11,7 @@ from pgan.data import DigitsDataset, ShapesDataset, StackedDigitsDataset, make_d
 from pgan.errors import UserError
 from pgan.metrics.modes import (
     ModeClassifier,
+    digit_kl,
     mode_classifier_for,
     mode_coverage,
     stacked,
@@ -71,6 +72,17 @@ def test_coverage_counts_and_kl_of_a_skewed_histogram() -> None:
     skewed = mode_coverage(torch.tensor([[0, 0], [0, 1]]), 10)  # any shape: labels are flattened
     assert skewed["num_samples"] == 4 and skewed["modes_covered"] == 2
     assert skewed["kl_to_uniform"] == pytest.approx(0.75 * math.log(7.5) + 0.25 * math.log(2.5))
+
+
+def test_digit_kl_splits_stacked_labels_into_their_channels() -> None:
+    # Red always 7 (KL log 10), green 0..9 equally (0), blue 3 and 8 equally (log 5): labels 7g3 and 7g8.
+    labels = torch.tensor([700 + 10 * green + blue for green in range(10) for blue in (3, 8)])
+    kl = digit_kl(labels)
+    assert kl["kl_digits_red"] == pytest.approx(math.log(10))
+    assert kl["kl_digits_green"] == pytest.approx(0.0, abs=1e-12)
+    assert kl["kl_digits_blue"] == pytest.approx(math.log(5))
+    # Independent channels: the joint KL is the sum of the channels' KLs.
+    assert mode_coverage(labels, 1000)["kl_to_uniform"] == pytest.approx(sum(kl.values()))
 
 
 def test_coverage_refuses_bad_labels() -> None:

@@ -109,6 +109,22 @@ def test_modes_counts_the_shapes_modes_of_real_and_collapsed_fakes(shapes) -> No
     assert evaluator(shapes["b"])["modes_covered"] == 16
     collapsed = evaluator(torch.cat([shapes["b"][:1].expand(48, -1, -1, -1), shapes["b"][1:2].expand(48, -1, -1, -1)]))
     assert collapsed["modes_covered"] <= 2 and collapsed["kl_to_uniform"] > 2.0
+    assert "kl_digits_red" not in collapsed  # the per-channel reading is for stacked digits only
+
+
+def test_modes_of_stacked_digits_say_which_channel_the_kl_comes_from() -> None:
+    from pgan.data import StackedDigitsDataset
+    from pgan.metrics.modes import mode_classifier_for
+
+    data = StackedDigitsDataset(16, size=600, seed=0)
+    images = torch.stack([data[i] for i in range(600)])
+    evaluator = QualityEvaluator(["modes"], images[:8], modes=mode_classifier_for(data))
+    real = evaluator(images)
+    assert max(real["kl_digits_red"], real["kl_digits_green"], real["kl_digits_blue"]) < 0.05
+    blurred_blue = images.clone()
+    blurred_blue[:, 2] = blurred_blue[:, 2].mean(0, keepdim=True)  # every blue digit is the average digit
+    one_blue = evaluator(blurred_blue)
+    assert one_blue["kl_digits_blue"] > 2.0 and one_blue["kl_digits_red"] == real["kl_digits_red"]
 
 
 def _inception_weights_file(path: Path) -> Path:

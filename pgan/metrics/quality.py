@@ -24,7 +24,7 @@ from torch import nn
 
 from pgan.errors import UserError
 from pgan.metrics.features import FeatureSpace, feature_space
-from pgan.metrics.modes import ModeClassifier, mode_coverage
+from pgan.metrics.modes import ModeClassifier, digit_kl, mode_coverage
 from pgan.metrics.prdc import density_coverage, precision_recall
 from pgan.metrics.swd import MIN_RESOLUTION as SWD_MIN_RESOLUTION
 from pgan.metrics.swd import swd
@@ -184,6 +184,8 @@ class QualityEvaluator:
         if "modes" in self.names:
             predicted = self.modes.predict(fakes)
             result |= mode_coverage(predicted, self.modes.num_modes)
+            if self.modes.source == "stacked_digits":
+                result |= digit_kl(predicted)
             if labels is not None:
                 result |= class_accuracy(predicted, labels)
         return result
