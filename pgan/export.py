@@ -4,7 +4,8 @@ an export back (and a checkpoint, or a Hub repo) is `pgan.load`, whose `load_gen
 
 An export directory holds:
   config.json            format, version, the exact Generator arguments (resolution in px, latent_dim,
-                         image_channels, the per-resolution width table, num_classes: 0 unconditional), the class
+                         image_channels, the per-resolution width table, num_classes: 0 unconditional,
+                         g_architecture: progan or skip), the class
                          names of a conditional generator (`classes`), the fade
                          alpha the generator was at, and where it came from (checkpoint path, stage, nimg / kimg,
                          pgan version)
@@ -71,7 +72,8 @@ ONNX_OUTPUT = "images"
 
 def generator_kwargs(G: Generator) -> dict[str, Any]:
     """The Generator arguments that rebuild `G` exactly: resolution, latent_dim, image_channels, the width
-    of every resolution (read off the weights, so the preset that trained it does not matter) and num_classes."""
+    of every resolution (read off the weights, so the preset that trained it does not matter), num_classes and
+    the architecture."""
     state = G.state_dict()
     widths = {4: int(state["blocks.4.conv.weight"].shape[0])}
     for res in G.resolutions[1:]:
@@ -82,6 +84,7 @@ def generator_kwargs(G: Generator) -> dict[str, Any]:
         image_channels=int(G.image_channels),
         channels=widths,
         num_classes=int(G.num_classes),
+        g_architecture=G.architecture,
     )
 
 

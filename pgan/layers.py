@@ -90,6 +90,12 @@ def upsample_2x(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def upsample_2x_bilinear(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear 2x upsampling (half-pixel centres, edges replicated): StyleGAN2's [1, 3, 3, 1] filter for its
+    skip generator's images, which a coarse image passes through several times without turning blocky."""
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
 def downsample_2x(x: torch.Tensor) -> torch.Tensor:
     """2x2 average pooling."""
     return F.avg_pool2d(x, kernel_size=2)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pgan.errors import UserError, first_line
-from pgan.networks import Generator, check_resolution, generator_from_config, resolutions_up_to
+from pgan.networks import G_ARCHITECTURES, Generator, check_resolution, generator_from_config, resolutions_up_to
 
 FORMAT = "pgan-generator"
 VERSION = 1
@@ -122,6 +122,8 @@ def _generator_from_export_config(config: dict[str, Any], config_path: Path) -> 
             channels={int(k): int(v) for k, v in config["channels"].items()},
             # Absent from exports written before conditional models: those were unconditional.
             num_classes=int(config.get("num_classes") or 0),
+            # Absent from exports written before the skip generator: those were progan.
+            g_architecture=str(config.get("g_architecture") or "progan"),
         )
         alpha = float(config["alpha"])
     except KeyError as exc:
@@ -133,6 +135,8 @@ def _generator_from_export_config(config: dict[str, Any], config_path: Path) -> 
         raise UserError(f"{config_path}: channels has no width for resolution {missing[0]}")
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"{config_path}: alpha must be in [0, 1], got {alpha}")
+    if model["g_architecture"] not in G_ARCHITECTURES:
+        raise UserError(f"{config_path}: g_architecture must be one of {', '.join(G_ARCHITECTURES)}")
     if model["num_classes"] < 0:
         raise UserError(f"{config_path}: num_classes must be >= 0 (0: unconditional), got {model['num_classes']}")
     G = generator_from_config(model, resolution)

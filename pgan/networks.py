@@ -38,10 +38,16 @@ from pgan.layers import (
     minibatch_stddev,
     pixel_norm,
     upsample_2x,
+    upsample_2x_bilinear,
 )
 from pgan.schedule import MAX_RESOLUTION, MIN_RESOLUTION, check_resolution  # noqa: F401 (re-exported)
 
 LABELS_DTYPES = (torch.int64, torch.int32)  # what F.embedding accepts
+# How G makes its image (model.g_architecture): `progan`, the top block's toRGB alone (faded in over the
+# previous one's upsampled output); `skip`, StyleGAN2's: the sum of every resolution's toRGB, each upsampled
+# bilinearly to the top (the top one's weighted by alpha), so a new block adds detail to the colours and
+# layout the lower ones have learnt instead of replacing them.
+G_ARCHITECTURES = ("progan", "skip")
 
 
 def resolutions_up_to(resolution: int) -> list[int]:
@@ -201,8 +207,10 @@ class Generator(nn.Module):
     """ProGAN generator producing `resolution` x `resolution` images in [-1, 1] (not clamped).
 
     forward(z, alpha, labels): alpha in [0, 1] fades in the highest-resolution block. alpha = 0 returns exactly
-    the previous resolution's output (its toRGB) upsampled 2x by nearest neighbour; alpha = 1 returns only the
-    new block's toRGB. Parameter names are stable across resolutions (see `grow_from`).
+    the previous resolution's output upsampled 2x (`progan`: its toRGB, by nearest neighbour; `skip`: its
+    summed image, bilinearly); alpha = 1 returns only the new block's toRGB (`progan`) or adds all of it to
+    that upsampled image (`skip`, see G_ARCHITECTURES). Parameter names are stable across resolutions (see
+    `grow_from`).
 
     num_classes > 0 makes it class-conditional: `labels` (integer class indices [N]) are then required,
     looked up in `embed` (an EqualizedEmbedding of latent_dim entries per class, so the label and the
@@ -220,10 +228,14 @@ class Generator(nn.Module):
         fmap_min: int = 1,
         channels: Mapping[int, int] | None = None,
         num_classes: int = 0,
+        architecture: str = "progan",
     ) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        if architecture not in G_ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(G_ARCHITECTURES)}, got {architecture!r}")
+        self.architecture = architecture
         self.resolution = resolution
         self.latent_dim = latent_dim
         self.image_channels = image_channels
@@ -238,9 +250,11 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleDict({"4": GeneratorInput(latent_dim, width(4))})
         for res in self.resolutions[1:]:
             self.blocks[str(res)] = GeneratorBlock(width(res // 2), width(res))
-        # toRGB for this resolution and the previous one (the fade-in's old path); linear, gain 1.
+        # toRGB, linear, gain 1: for this resolution and the previous one (progan: the fade-in's old path), or
+        # for every resolution (skip).
+        rgb_resolutions = self.resolutions if architecture == "skip" else self.resolutions[-2:]
         self.to_rgb = nn.ModuleDict(
-            {str(res): EqualizedConv2d(width(res), image_channels, 1, gain=1.0) for res in self.resolutions[-2:]}
+            {str(res): EqualizedConv2d(width(res), image_channels, 1, gain=1.0) for res in rgb_resolutions}
         )
         if num_classes > 0:  # last, so that every unconditional parameter is drawn as without labels
             self.blocks["4"].add_inputs(latent_dim)
@@ -253,6 +267,8 @@ class Generator(nn.Module):
         if labels is not None:
             z = torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)  # pixel-normalised together in blocks.4
         x = self.blocks["4"](z)
+        if self.architecture == "skip":
+            return self._skip_image(x, alpha)
         for res in self.resolutions[1:-1]:
             x = self.blocks[str(res)](x)
         top = self.resolution
@@ -263,6 +279,19 @@ class Generator(nn.Module):
             return new
         old = upsample_2x(self.to_rgb[str(top // 2)](x))
         return fade(old, new, alpha)
+
+    def _skip_image(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        """The skip architecture's image from the 4x4 features `x`: every block's toRGB added to the image so
+        far, upsampled; the top block's times alpha."""
+        image = self.to_rgb["4"](x)
+        for res in self.resolutions[1:]:
+            x = self.blocks[str(res)](x)
+            image = upsample_2x_bilinear(image)
+            if res < self.resolution or alpha >= 1.0:
+                image = image + self.to_rgb[str(res)](x)
+            elif alpha > 0.0:  # alpha = 0: exactly the previous resolution's image, upsampled
+                image = image + alpha * self.to_rgb[str(res)](x)
+        return image
 
 
 class DiscriminatorBlock(nn.Module):
@@ -325,10 +354,14 @@ class Discriminator(nn.Module):
         channels: Mapping[int, int] | None = None,
         mbstd_group_size: int = 4,
         num_classes: int = 0,
+        architecture: str = "progan",
     ) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        if architecture not in G_ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(G_ARCHITECTURES)}, got {architecture!r}")
+        self.architecture = architecture
         self.resolution = resolution
         self.image_channels = image_channels
         self.num_classes = num_classes
@@ -375,7 +408,12 @@ def generator_from_config(model: Mapping[str, Any], resolution: int, num_classes
     """A fresh Generator at `resolution` from a model config section: a training config's `model`, a checkpoint's
     config["model"] or an export's config.json. The one place a generator is built from a config; `num_classes`
     as in model_kwargs_from (None: the section's own num_classes, else 0)."""
-    return Generator(resolution, latent_dim=int(model["latent_dim"]), **model_kwargs_from(model, num_classes))
+    return Generator(
+        resolution,
+        latent_dim=int(model["latent_dim"]),
+        architecture=str(model.get("g_architecture") or "progan"),  # absent before it existed: progan
+        **model_kwargs_from(model, num_classes),
+    )
 
 
 def networks_from(

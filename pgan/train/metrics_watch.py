@@ -77,6 +77,7 @@ class MetricsWatch:
         m = cfg.metrics
         self.cfg, self.device, self.autocast, self.monitor = m, device, autocast, monitor
         self.seed = int(cfg.seed)
+        self.g_architecture = str(cfg.model.get("g_architecture") or "progan")  # how its reals are faded
         # Resolved once, before the first step: a missing Inception file stops the run at once, not at 1st eval.
         self.features: FeatureSpace | None = features_for(self.names, m.features, m.inception_weights, device)
         # Checked at start too: "modes" on data without known modes is a config error, not a mid-run surprise.
@@ -98,7 +99,7 @@ class MetricsWatch:
     def evaluator(self, alpha: float) -> QualityEvaluator:
         """The evaluator against the reals faded by `alpha` (rebuilt when alpha moved, i.e. during a fade)."""
         if self._evaluator is None or self._evaluator[0] != alpha:
-            reals = fade_reals(self._reals.to(self.device), alpha)
+            reals = fade_reals(self._reals.to(self.device), alpha, self.g_architecture)
             names = self.names_at(reals.shape[-1])
             evaluator = QualityEvaluator(
                 names,

@@ -19,7 +19,7 @@ from pgan.augment import check_augment_config
 from pgan.errors import UserError
 from pgan.losses import Loss, make_loss
 from pgan.metrics.quality import SCORES
-from pgan.networks import networks_from
+from pgan.networks import G_ARCHITECTURES, networks_from
 from pgan.runtime import check_precision, check_threads
 from pgan.schedule import PlateauRule, Stage, advance_of, filled_settings, plateau_rules, stages_from_config
 from pgan.train.guard import check_guard_config
@@ -38,9 +38,10 @@ ARCHITECTURE_KEYS = (
     "mbstd_group_size",
     "image_channels",
     "conditional",
+    "g_architecture",
 )
 # What a key means in configs written before it existed.
-ARCHITECTURE_DEFAULTS = {"conditional": False}
+ARCHITECTURE_DEFAULTS = {"conditional": False, "g_architecture": "progan"}
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,10 @@ def check_model(model: DictConfig, resolution: int) -> None:
             raise UserError(f"model.{key} must be a positive integer, got {model[key]!r}")
     if not isinstance(model.get("conditional", False), bool):
         raise UserError(f"model.conditional must be true or false, got {model.conditional!r}")
+    if model.get("g_architecture", "progan") not in G_ARCHITECTURES:
+        raise UserError(
+            f"model.g_architecture must be one of {', '.join(G_ARCHITECTURES)}, got {model.g_architecture!r}"
+        )
     try:
         with torch.device("meta"):
             networks_from(model, resolution)

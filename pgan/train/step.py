@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pgan.dist import average_gradients, draw_for_rank
-from pgan.layers import at_least_fp32, downsample_2x, upsample_2x
+from pgan.layers import at_least_fp32, downsample_2x, upsample_2x, upsample_2x_bilinear
 from pgan.losses import (
     Loss,
     approx_gradient_penalty,
@@ -29,11 +29,13 @@ if TYPE_CHECKING:
 Augment = Callable[[Tensor], Tensor]  # D's input augmentation (pgan.augment.AugmentPipe), applied to reals and fakes
 
 
-def fade_reals(reals: Tensor, alpha: float) -> Tensor:
-    """Blend real images like G's output: alpha = 0 gives the 2x-downsampled-then-upsampled image, 1 the real one."""
+def fade_reals(reals: Tensor, alpha: float, g_architecture: str = "progan") -> Tensor:
+    """Blend real images like G's output: alpha = 0 gives the 2x-downsampled-then-upsampled image (upsampled as
+    a G of `g_architecture` upsamples its previous image: nearest for progan, bilinear for skip), 1 the real one."""
     if alpha >= 1.0:
         return reals
-    return torch.lerp(upsample_2x(downsample_2x(reals)), reals, float(alpha))
+    upsample = upsample_2x_bilinear if g_architecture == "skip" else upsample_2x
+    return torch.lerp(upsample(downsample_2x(reals)), reals, float(alpha))
 
 
 class Critic:
@@ -297,7 +299,7 @@ def train_step(
     `labels` (class-conditional models): the reals' classes; both steps generate their fakes with them, so the
     fakes' classes follow the data's class frequencies and no random number is drawn for them.
     """
-    reals = fade_reals(reals, alpha)
+    reals = fade_reals(reals, alpha, G.architecture)
     autocast = autocast or contextlib.nullcontext()
     latent_dim = G.latent_dim
     z = draw_for_rank(torch.randn, reals.shape[0], latent_dim, device=reals.device)

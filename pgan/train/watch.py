@@ -109,6 +109,7 @@ class CollapseWatch:
         self.autocast = autocast
         self.monitor = monitor
         self.thresholds = thresholds_from_config(cfg)
+        self.g_architecture = str(cfg.model.get("g_architecture") or "progan")  # how its reals are faded
         self.embedding = RandomEmbedding().to(device)
         # The fixed latent batch, the same for the whole run, drawn from its own generator.
         gen = torch.Generator().manual_seed(int(cfg.seed) + 7919)
@@ -223,7 +224,7 @@ class CollapseWatch:
         key = (self._reals_resolution, round(alpha, 4))
         if key not in self._refs:
             reals = self._reals.to(self.device).float() / 127.5 - 1
-            ref = real_reference(fade_reals(reals, alpha), self.embedding, seed=self.seed)
+            ref = real_reference(fade_reals(reals, alpha, self.g_architecture), self.embedding, seed=self.seed)
             if alpha < 1:
                 self._refs = {k: v for k, v in self._refs.items() if k[1] == 1.0}  # keep only the stable one
             self._refs[key] = ref
