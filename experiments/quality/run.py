@@ -8,9 +8,9 @@
 Suites:
 - digits: stacked digits (1,000 modes: one bundled 8x8 digit per colour channel), to 32 px. 10,000 G_ema
   samples are read by the in-process mode classifier (modes covered, KL to uniform), as in the
-  Stacked-MNIST protocol; arms differ in the loss.
+  Stacked-MNIST protocol; arms differ in the loss, the batch size, the width, the length, ...
 - default: `make train`'s own run (procedural shapes, 8 -> 256 px), read with 1,000 samples at 256 px
-  (the 16 shape modes; SWD and precision / recall at 256 px need 15 GB and 6 minutes in pgan-eval, so they
+  (the 16 shape modes; SWD and precision / recall at 256 px take 6 GB and minutes in pgan-eval, so they
   are run by hand on chosen checkpoints) and the collapse verdict
   the trainer reached; arms are candidate recipes, the arm `default` is `make train` itself.
 
