@@ -354,14 +354,10 @@ class Discriminator(nn.Module):
         channels: Mapping[int, int] | None = None,
         mbstd_group_size: int = 4,
         num_classes: int = 0,
-        architecture: str = "progan",
     ) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
-        if architecture not in G_ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {', '.join(G_ARCHITECTURES)}, got {architecture!r}")
-        self.architecture = architecture
         self.resolution = resolution
         self.image_channels = image_channels
         self.num_classes = num_classes
