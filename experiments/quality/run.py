@@ -141,6 +141,9 @@ SUITES = {
             "skip": ["model.g_architecture=skip"],  # StyleGAN2's skip generator: every block's toRGB summed
             "b4_128": ["schedule.batch_size={default: 16, 128: 4, 256: 4}"],  # batch 4 at 128 px too
             "b8_b4": ["schedule.batch_size={default: 8, 128: 4, 256: 4}"],  # and batch 8 below (digits: +57 modes)
+            # Twice the fade-in at 128 and 256 px (D's old path, which knows the colours, fades out more slowly):
+            # the 128 px stage alone kept its 16 modes and its yellows where the default's turned green.
+            "fade2": ["schedule.fade_kimg={default: 1.024, 128: 2.048, 256: 1.024}"],
         },
         resolution=256,
         metrics="[modes]",
