@@ -198,8 +198,8 @@ def digit_kl(labels: torch.Tensor) -> dict[str, float]:
 
     Where a stacked-digits KL comes from: with these near 0 and the joint KL high, G pairs its digits unevenly
     (coverage); with these high, it draws some digits too often in a channel (fidelity: a blurred or ambiguous
-    digit is read as whichever digit it is closest to, for this classifier often an 8). The joint KL is at
-    least their sum when the channels are independent."""
+    digit is read as whichever digit it is closest to, for this classifier often an 8). The joint KL is always
+    at least their sum (equal when the channels are independent); the rest is how unevenly G pairs digits."""
     labels = labels.flatten().long().cpu()
     digits_by_channel = {"red": labels // 100, "green": labels // 10 % 10, "blue": labels % 10}
     return {
