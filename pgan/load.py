@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from pgan.errors import UserError, first_line
-from pgan.networks import G_ARCHITECTURES, Generator, check_resolution, generator_from_config, resolutions_up_to
+from pgan.networks import (
+    G_ARCHITECTURES,
+    Generator,
+    check_resolution,
+    g_architecture_of,
+    generator_from_config,
+    resolutions_up_to,
+)
 
 FORMAT = "pgan-generator"
 VERSION = 1
@@ -122,8 +129,7 @@ def _generator_from_export_config(config: dict[str, Any], config_path: Path) -> 
             channels={int(k): int(v) for k, v in config["channels"].items()},
             # Absent from exports written before conditional models: those were unconditional.
             num_classes=int(config.get("num_classes") or 0),
-            # Absent from exports written before the skip generator: those were progan.
-            g_architecture=str(config.get("g_architecture") or "progan"),
+            g_architecture=g_architecture_of(config),
         )
         alpha = float(config["alpha"])
     except KeyError as exc:

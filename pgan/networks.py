@@ -48,6 +48,15 @@ LABELS_DTYPES = (torch.int64, torch.int32)  # what F.embedding accepts
 # bilinearly to the top (the top one's weighted by alpha), so a new block adds detail to the colours and
 # layout the lower ones have learnt instead of replacing them.
 G_ARCHITECTURES = ("progan", "skip")
+# How each architecture brings its previous resolution's image up to the new one during a fade-in (the reals D
+# sees are faded the same way: pgan.train.step.fade_reals).
+FADE_UPSAMPLE = {"progan": upsample_2x, "skip": upsample_2x_bilinear}
+
+
+def g_architecture_of(model: Mapping[str, Any]) -> str:
+    """The G architecture a model config section (or an export's config.json) names; absent in those written
+    before it existed, which were progan."""
+    return str(model.get("g_architecture") or "progan")
 
 
 def resolutions_up_to(resolution: int) -> list[int]:
@@ -277,7 +286,7 @@ class Generator(nn.Module):
         new = self.to_rgb[str(top)](self.blocks[str(top)](x))
         if alpha >= 1.0:  # stable phase: the old toRGB is not evaluated at all
             return new
-        old = upsample_2x(self.to_rgb[str(top // 2)](x))
+        old = FADE_UPSAMPLE["progan"](self.to_rgb[str(top // 2)](x))
         return fade(old, new, alpha)
 
     def _skip_image(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -286,7 +295,7 @@ class Generator(nn.Module):
         image = self.to_rgb["4"](x)
         for res in self.resolutions[1:]:
             x = self.blocks[str(res)](x)
-            image = upsample_2x_bilinear(image)
+            image = FADE_UPSAMPLE["skip"](image)
             if res < self.resolution or alpha >= 1.0:
                 image = image + self.to_rgb[str(res)](x)
             elif alpha > 0.0:  # alpha = 0: exactly the previous resolution's image, upsampled
@@ -407,7 +416,7 @@ def generator_from_config(model: Mapping[str, Any], resolution: int, num_classes
     return Generator(
         resolution,
         latent_dim=int(model["latent_dim"]),
-        architecture=str(model.get("g_architecture") or "progan"),  # absent before it existed: progan
+        architecture=g_architecture_of(model),
         **model_kwargs_from(model, num_classes),
     )
 

@@ -26,7 +26,7 @@ from pgan.metrics.modes import WORKING_RESOLUTION as MODES_MIN_RESOLUTION
 from pgan.metrics.quality import QUALITY_METRICS, QualityEvaluator, check_metric_names, features_for, nearest_k
 from pgan.metrics.swd import MIN_RESOLUTION as SWD_MIN_RESOLUTION
 from pgan.monitor import Monitor
-from pgan.networks import Generator
+from pgan.networks import Generator, g_architecture_of
 from pgan.schedule import Stage, alpha_at
 from pgan.train.step import fade_reals
 from pgan.train.watch import evaluation_samples
@@ -77,7 +77,7 @@ class MetricsWatch:
         m = cfg.metrics
         self.cfg, self.device, self.autocast, self.monitor = m, device, autocast, monitor
         self.seed = int(cfg.seed)
-        self.g_architecture = str(cfg.model.get("g_architecture") or "progan")  # how its reals are faded
+        self.g_architecture = g_architecture_of(cfg.model)  # how its reals are faded
         # Resolved once, before the first step: a missing Inception file stops the run at once, not at 1st eval.
         self.features: FeatureSpace | None = features_for(self.names, m.features, m.inception_weights, device)
         # Checked at start too: "modes" on data without known modes is a config error, not a mid-run surprise.

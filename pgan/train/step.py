@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pgan.dist import average_gradients, draw_for_rank
-from pgan.layers import at_least_fp32, downsample_2x, upsample_2x, upsample_2x_bilinear
+from pgan.layers import at_least_fp32, downsample_2x
 from pgan.losses import (
     Loss,
     approx_gradient_penalty,
@@ -19,6 +19,7 @@ from pgan.losses import (
     gradient_penalty,
     zero_centred_penalty,
 )
+from pgan.networks import FADE_UPSAMPLE
 from pgan.schedule import alpha_at
 from pgan.schedule import ema_beta as ema_beta_for
 from pgan.train.guard import guarded_step, nonfinite
@@ -34,8 +35,7 @@ def fade_reals(reals: Tensor, alpha: float, g_architecture: str = "progan") -> T
     a G of `g_architecture` upsamples its previous image: nearest for progan, bilinear for skip), 1 the real one."""
     if alpha >= 1.0:
         return reals
-    upsample = upsample_2x_bilinear if g_architecture == "skip" else upsample_2x
-    return torch.lerp(upsample(downsample_2x(reals)), reals, float(alpha))
+    return torch.lerp(FADE_UPSAMPLE[g_architecture](downsample_2x(reals)), reals, float(alpha))
 
 
 class Critic:

@@ -34,7 +34,7 @@ from pgan.metrics.diversity import (
 )
 from pgan.metrics.modes import ModeClassifier, mode_classifier_for, mode_coverage
 from pgan.monitor import Monitor
-from pgan.networks import Generator, generate_chunks
+from pgan.networks import Generator, g_architecture_of, generate_chunks
 from pgan.schedule import Stage, alpha_at
 from pgan.train.step import fade_reals
 
@@ -109,7 +109,7 @@ class CollapseWatch:
         self.autocast = autocast
         self.monitor = monitor
         self.thresholds = thresholds_from_config(cfg)
-        self.g_architecture = str(cfg.model.get("g_architecture") or "progan")  # how its reals are faded
+        self.g_architecture = g_architecture_of(cfg.model)  # how its reals are faded
         self.embedding = RandomEmbedding().to(device)
         # The fixed latent batch, the same for the whole run, drawn from its own generator.
         gen = torch.Generator().manual_seed(int(cfg.seed) + 7919)
