@@ -2,8 +2,9 @@
 
 A model at resolution R is a plain module with stable parameter names (`blocks.<res>.*`, `to_rgb.<res>.*`,
 `from_rgb.<res>.*`), so a model at 2R is *built* fresh and *initialised* from one at R (`grow_from`):
-shared layers are copied, the new block and the new RGB layer keep their fresh initialisation. Nothing is
-mutated in place, so optimizers and EMA copies are never silently reset.
+shared layers are copied, the new block and the new RGB layer keep their fresh initialisation (or start as
+the smaller model's function: `preserve_function`). Nothing is mutated in place, so optimizers and EMA copies
+are never silently reset.
 
 alpha (fade-in weight) is an argument of `forward`, never stored state:
 alpha = 0 -> only the previous resolution's path (its output upsampled / its input downsampled),
@@ -51,6 +52,9 @@ G_ARCHITECTURES = ("progan", "skip")
 # How each architecture brings its previous resolution's image up to the new one during a fade-in (the reals D
 # sees are faded the same way: pgan.train.step.fade_reals).
 FADE_UPSAMPLE = {"progan": upsample_2x, "skip": upsample_2x_bilinear}
+# How a grown model's new layers start (model.grow_init): `fresh`, drawn at random (ProGAN's); `preserve`, so
+# that at alpha = 1 the grown model computes about what the smaller one did (`preserve_function`).
+GROW_INITS = ("fresh", "preserve")
 
 
 def g_architecture_of(model: Mapping[str, Any]) -> str:
@@ -433,13 +437,16 @@ def networks_from(
     return G, D
 
 
-def grow_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+def grow_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor], grow_init: str = "fresh") -> list[str]:
     """Initialise `model` from the state of the same kind of model at half (or the same) resolution.
 
     Every parameter present in both is copied (shapes must agree); parameters only in `model` (the new
-    block and the new RGB layer) keep their fresh initialisation; parameters only in `state_dict` may only
-    be the older RGB layer, which the bigger model no longer needs. Returns the names left fresh.
+    block and the new RGB layer) keep their fresh initialisation (`grow_init="fresh"`) or start as the
+    smaller model's function (`"preserve"`, see preserve_function); parameters only in `state_dict` may only
+    be the older RGB layer, which the bigger model no longer needs. Returns the names not copied.
     """
+    if grow_init not in GROW_INITS:
+        raise ValueError(f"grow_init must be one of {', '.join(GROW_INITS)}, got {grow_init!r}")
     own = model.state_dict()
     mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     if mismatched:
@@ -456,4 +463,49 @@ def grow_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[
         for k, v in state_dict.items():
             if k in own:
                 own[k].copy_(v)
+    if grow_init == "preserve" and fresh:
+        preserve_function(model)
     return fresh
+
+
+def preserve_function(model: nn.Module) -> list[str]:
+    """Start the top block of a model just grown from half its resolution so that, at alpha = 1, it computes
+    about what the smaller model computed: a new stage then refines the smaller model's images instead of
+    learning colour and layout anew in layers drawn at random.
+
+    The new block's 3x3 convs start as identities (the centre tap, zero bias) where their input and output
+    widths agree; the new RGB layer starts as a copy of the previous resolution's where their widths agree
+    (G's toRGB, D's fromRGB), or, in the `skip` G, at zero (its image is then exactly the smaller one's,
+    upsampled). What it does not make exact are the LeakyReLUs the identities pass through (negative features
+    shrink by 0.2 at each) and, in D, the order of the 2x pooling and the nonlinearity. Layers whose widths
+    differ keep their random draw. Returns the names of the layers it set."""
+    top = model.resolution
+    if top == MIN_RESOLUTION:
+        return []
+    new, old = str(top), str(top // 2)
+    block = model.blocks[new]
+    names = [f"blocks.{new}.{name}" for name in ("conv1", "conv2") if _set_identity(getattr(block, name))]
+    rgb = model.to_rgb if isinstance(model, Generator) else model.from_rgb
+    with torch.no_grad():
+        if getattr(model, "architecture", "progan") == "skip":
+            rgb[new].weight.zero_()
+            rgb[new].bias.zero_()
+            names.append(f"to_rgb.{new}")
+        elif rgb[new].weight.shape == rgb[old].weight.shape:
+            rgb[new].load_state_dict(rgb[old].state_dict())
+            names.append(f"{'to_rgb' if isinstance(model, Generator) else 'from_rgb'}.{new}")
+    return names
+
+
+def _set_identity(conv: EqualizedConv2d) -> bool:
+    """Make a square conv the identity map (run-time weight: 1 at the centre tap of its own channel); False, and
+    unchanged, where its input and output widths differ."""
+    out_channels, in_channels, k, _ = conv.weight.shape
+    if out_channels != in_channels:
+        return False
+    with torch.no_grad():
+        conv.weight.zero_()
+        channel = torch.arange(out_channels)
+        conv.weight[channel, channel, k // 2, k // 2] = 1.0 / conv.scale
+        conv.bias.zero_()
+    return True

@@ -144,6 +144,8 @@ SUITES = {
             # Twice the fade-in at 128 and 256 px (D's old path, which knows the colours, fades out more slowly):
             # the 128 px stage alone kept its 16 modes and its yellows where the default's turned green.
             "fade2": ["schedule.fade_kimg={default: 1.024, 128: 2.048, 256: 1.024}"],
+            # Each new stage starts as the smaller model's function (identity convs, copied RGB layers).
+            "preserve": ["model.grow_init=preserve"],
         },
         resolution=256,
         metrics="[modes]",

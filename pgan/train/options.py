@@ -19,7 +19,7 @@ from pgan.augment import check_augment_config
 from pgan.errors import UserError
 from pgan.losses import Loss, make_loss
 from pgan.metrics.quality import SCORES
-from pgan.networks import G_ARCHITECTURES, networks_from
+from pgan.networks import G_ARCHITECTURES, GROW_INITS, networks_from
 from pgan.runtime import check_precision, check_threads
 from pgan.schedule import PlateauRule, Stage, advance_of, filled_settings, plateau_rules, stages_from_config
 from pgan.train.guard import check_guard_config
@@ -267,6 +267,8 @@ def check_model(model: DictConfig, resolution: int) -> None:
         raise UserError(
             f"model.g_architecture must be one of {', '.join(G_ARCHITECTURES)}, got {model.g_architecture!r}"
         )
+    if model.get("grow_init", "fresh") not in GROW_INITS:
+        raise UserError(f"model.grow_init must be one of {', '.join(GROW_INITS)}, got {model.grow_init!r}")
     try:
         with torch.device("meta"):
             networks_from(model, resolution)

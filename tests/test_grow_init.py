@@ -1,0 +1,119 @@
+"""model.grow_init=preserve: a grown model's new block starts as identity convs and its new RGB layer as a copy of
+the previous one, so that at alpha = 1 it computes what the smaller model computed (exactly where no LeakyReLU
+sees a negative feature), instead of a random function that the fade-in then hides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, assert_resumes_mid_fade_exactly, compose_config
+
+from pgan.checkpoint import load_checkpoint
+from pgan.errors import UserError
+from pgan.networks import Discriminator, Generator, grow_from, preserve_function
+from pgan.train.loop import train
+
+WIDE = dict(fmap_base=64, fmap_max=8, fmap_min=8)  # 8 channels everywhere: every new layer can be preserved
+NARROWING = dict(fmap_base=64, fmap_max=16, fmap_min=4)  # 16 channels at 8 px, 8 at 16 px
+
+
+def grown(kind: type, resolution: int, grow_init: str, widths: dict, **kw) -> tuple[torch.nn.Module, list[str]]:
+    torch.manual_seed(1)
+    small = kind(resolution // 2, **widths, **kw)
+    torch.manual_seed(2)
+    big = kind(resolution, **widths, **kw)
+    return big.requires_grad_(False), grow_from(big, small.state_dict(), grow_init)
+
+
+@pytest.mark.parametrize("resolution", [8, 16])
+def test_preserve_makes_the_new_convs_identities_and_copies_the_rgb_layer(resolution: int) -> None:
+    G, fresh = grown(Generator, resolution, "preserve", WIDE, latent_dim=16)
+    D, _ = grown(Discriminator, resolution, "preserve", WIDE)
+    x = torch.randn(2, 8, resolution, resolution)
+    for model in (G, D):
+        for conv in (model.blocks[str(resolution)].conv1, model.blocks[str(resolution)].conv2):
+            torch.testing.assert_close(conv(x), x)
+    old, new = str(resolution // 2), str(resolution)
+    assert torch.equal(G.to_rgb[new].weight, G.to_rgb[old].weight)
+    assert torch.equal(D.from_rgb[new].bias, D.from_rgb[old].bias)
+    assert sorted(fresh) == sorted(k for k in G.state_dict() if k.split(".")[1] == new)  # what grow_from returns
+
+
+def test_layers_whose_widths_differ_keep_their_random_draw() -> None:
+    G_fresh, _ = grown(Generator, 16, "fresh", NARROWING, latent_dim=16)
+    G, _ = grown(Generator, 16, "preserve", NARROWING, latent_dim=16)
+    assert preserve_function(G) == ["blocks.16.conv2"]  # conv1 is 16 -> 8, toRGB reads 8 channels, not 16
+    for name in ("blocks.16.conv1.weight", "to_rgb.16.weight"):
+        assert torch.equal(G.state_dict()[name], G_fresh.state_dict()[name])
+    assert not torch.equal(G.blocks["16"].conv2.weight, G_fresh.blocks["16"].conv2.weight)
+
+
+def positive_features(G: Generator) -> Generator:
+    """G with non-negative features out of its second-highest block (a large bias before its last LeakyReLU),
+    where the identity convs and LeakyReLUs of a preserved top block pass them through unchanged."""
+    below = G.blocks[str(G.resolution // 2)]
+    (below.conv if G.resolution == 8 else below.conv2).bias.fill_(100.0)
+    return G
+
+
+@pytest.mark.parametrize("resolution", [8, 16, 32])
+def test_a_preserved_generator_draws_the_smaller_ones_images(resolution: int) -> None:
+    z = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    G, _ = grown(Generator, resolution, "preserve", WIDE, latent_dim=16)
+    G = positive_features(G)
+    torch.testing.assert_close(G(z, 1.0), G(z, 0.0), atol=1e-5, rtol=1e-5)
+    # The same weights grown fresh draw something else at alpha = 1; preserved but with negative features,
+    # the LeakyReLUs change the image a little, not wholly.
+    G_fresh, _ = grown(Generator, resolution, "fresh", WIDE, latent_dim=16)
+    G_fresh = positive_features(G_fresh)
+    assert (G_fresh(z, 1.0) - G_fresh(z, 0.0)).norm() > 0.8 * G_fresh(z, 0.0).norm()  # measured 1.2-1.7
+    G, _ = grown(Generator, resolution, "preserve", WIDE, latent_dim=16)
+    assert 0 < (G(z, 1.0) - G(z, 0.0)).norm() < 0.6 * G(z, 0.0).norm()  # measured 0.2-0.45
+
+
+@pytest.mark.parametrize("resolution", [8, 16, 32])
+def test_a_preserved_discriminator_scores_as_the_smaller_one(resolution: int) -> None:
+    images = torch.rand(8, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    smooth = torch.nn.functional.interpolate(images[..., :4, :4], size=resolution, mode="bilinear")
+    D, _ = grown(Discriminator, resolution, "preserve", WIDE)
+    D.from_rgb[str(resolution)].bias.fill_(100.0)  # non-negative fromRGB features at both resolutions
+    D.from_rgb[str(resolution // 2)].bias.fill_(100.0)
+    torch.testing.assert_close(D(images, 1.0), D(images, 0.0), atol=1e-3, rtol=1e-5)
+    # Without the large biases, on smooth images: fresh layers score differently, preserved ones about the same.
+    D_fresh, _ = grown(Discriminator, resolution, "fresh", WIDE)
+    D, _ = grown(Discriminator, resolution, "preserve", WIDE)
+    assert (D_fresh(smooth, 1.0) - D_fresh(smooth, 0.0)).norm() > 0.4 * D_fresh(smooth, 0.0).norm()  # 0.55-0.83
+    assert 0 < (D(smooth, 1.0) - D(smooth, 0.0)).norm() < 0.3 * D(smooth, 0.0).norm()  # 0.03-0.22
+
+
+def test_a_preserved_skip_generator_adds_nothing_yet() -> None:
+    G, _ = grown(Generator, 16, "preserve", NARROWING, latent_dim=16, architecture="skip")
+    z = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(G(z, 1.0), G(z, 0.0))
+    assert torch.equal(G.to_rgb["16"].weight, torch.zeros_like(G.to_rgb["16"].weight))
+
+
+PRESERVE = ["model.grow_init=preserve", "model.channels={4: 8, 8: 8, 16: 8}"]
+
+
+def test_a_preserving_run_starts_each_stage_from_the_smaller_models_layers_and_resumes_exactly(tmp_path: Path) -> None:
+    assert_resumes_mid_fade_exactly([*TINY, *PRESERVE], tmp_path)
+    # 7 Adam steps of lr 0.001 into the 16 px stage, its new RGB layers are still within 0.1 of the 8 px ones
+    # they were copied from (each net's own; G_ema's from G_ema's); drawn fresh they would be N(0, 1) apart.
+    early = load_checkpoint(tmp_path / "full" / "stage-0016" / "ckpt-0000000056.pt")
+    previous = load_checkpoint(tmp_path / "full" / "stage-0008" / "final.pt")
+    for net, layer in (("G", "to_rgb"), ("G_ema", "to_rgb"), ("D", "from_rgb")):
+        for param in ("weight", "bias"):
+            moved = early[net][f"{layer}.16.{param}"] - previous[net][f"{layer}.8.{param}"]
+            assert moved.abs().max() < 0.1, (net, layer, param)
+    conv = early["G"]["blocks.16.conv1.weight"]
+    off_centre = conv.clone()
+    off_centre[:, :, 1, 1] -= torch.diag(torch.diag(conv[:, :, 1, 1]))
+    assert off_centre.abs().max() < 0.1 < torch.diag(conv[:, :, 1, 1]).min()  # still about the identity
+
+
+def test_an_unknown_grow_init_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="model.grow_init must be one of fresh, preserve, got 'copy'"):
+        train(compose_config(*TINY, "model.grow_init=copy"), tmp_path / "bad")
