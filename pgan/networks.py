@@ -473,39 +473,34 @@ def preserve_function(model: nn.Module) -> list[str]:
     about what the smaller model computed: a new stage then refines the smaller model's images instead of
     learning colour and layout anew in layers drawn at random.
 
-    The new block's 3x3 convs start as identities (the centre tap, zero bias) where their input and output
-    widths agree; the new RGB layer starts as a copy of the previous resolution's where their widths agree
-    (G's toRGB, D's fromRGB), or, in the `skip` G, at zero (its image is then exactly the smaller one's,
-    upsampled). What it does not make exact are the LeakyReLUs the identities pass through (negative features
-    shrink by 0.2 at each) and, in D, the order of the 2x pooling and the nonlinearity. Layers whose widths
-    differ keep their random draw. Returns the names of the layers it set."""
+    `progan` G and D: the new block's two 3x3 convs start as identities (the centre tap, zero bias) and the new
+    RGB layer (G's toRGB, D's fromRGB) as a copy of the previous resolution's. What it does not make exact are
+    the LeakyReLUs the identities pass through (negative features shrink by 0.2 at each) and, in D, the order
+    of the 2x pooling and the nonlinearity. All or nothing: where the new block changes the width (the `small`
+    model's 32 and 64 px), every new layer keeps its random draw (measured: identity convs beside random
+    ones drew halos and merged colours at 64 px). `skip` G: the new toRGB starts at zero, so the image is
+    exactly the smaller one's, upsampled, whatever the widths. Returns the names of the layers it set."""
     top = model.resolution
     if top == MIN_RESOLUTION:
         return []
     new, old = str(top), str(top // 2)
+    if getattr(model, "architecture", "progan") == "skip":
+        with torch.no_grad():
+            model.to_rgb[new].weight.zero_()
+            model.to_rgb[new].bias.zero_()
+        return [f"to_rgb.{new}"]
     block = model.blocks[new]
-    names = [f"blocks.{new}.{name}" for name in ("conv1", "conv2") if _set_identity(getattr(block, name))]
-    rgb = model.to_rgb if isinstance(model, Generator) else model.from_rgb
+    rgb_name = "to_rgb" if isinstance(model, Generator) else "from_rgb"
+    rgb = getattr(model, rgb_name)
+    square = all(conv.weight.shape[0] == conv.weight.shape[1] for conv in (block.conv1, block.conv2))
+    if not square or rgb[new].weight.shape != rgb[old].weight.shape:
+        return []
     with torch.no_grad():
-        if getattr(model, "architecture", "progan") == "skip":
-            rgb[new].weight.zero_()
-            rgb[new].bias.zero_()
-            names.append(f"to_rgb.{new}")
-        elif rgb[new].weight.shape == rgb[old].weight.shape:
-            rgb[new].load_state_dict(rgb[old].state_dict())
-            names.append(f"{'to_rgb' if isinstance(model, Generator) else 'from_rgb'}.{new}")
-    return names
-
-
-def _set_identity(conv: EqualizedConv2d) -> bool:
-    """Make a square conv the identity map (run-time weight: 1 at the centre tap of its own channel); False, and
-    unchanged, where its input and output widths differ."""
-    out_channels, in_channels, k, _ = conv.weight.shape
-    if out_channels != in_channels:
-        return False
-    with torch.no_grad():
-        conv.weight.zero_()
-        channel = torch.arange(out_channels)
-        conv.weight[channel, channel, k // 2, k // 2] = 1.0 / conv.scale
-        conv.bias.zero_()
-    return True
+        for conv in (block.conv1, block.conv2):
+            out_channels, _, k, _ = conv.weight.shape
+            channel = torch.arange(out_channels)
+            conv.weight.zero_()
+            conv.weight[channel, channel, k // 2, k // 2] = 1.0 / conv.scale  # run-time weight 1
+            conv.bias.zero_()
+        rgb[new].load_state_dict(rgb[old].state_dict())
+    return [f"blocks.{new}.conv1", f"blocks.{new}.conv2", f"{rgb_name}.{new}"]

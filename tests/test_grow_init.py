@@ -41,13 +41,15 @@ def test_preserve_makes_the_new_convs_identities_and_copies_the_rgb_layer(resolu
     assert sorted(fresh) == sorted(k for k in G.state_dict() if k.split(".")[1] == new)  # what grow_from returns
 
 
-def test_layers_whose_widths_differ_keep_their_random_draw() -> None:
-    G_fresh, _ = grown(Generator, 16, "fresh", NARROWING, latent_dim=16)
-    G, _ = grown(Generator, 16, "preserve", NARROWING, latent_dim=16)
-    assert preserve_function(G) == ["blocks.16.conv2"]  # conv1 is 16 -> 8, toRGB reads 8 channels, not 16
-    for name in ("blocks.16.conv1.weight", "to_rgb.16.weight"):
-        assert torch.equal(G.state_dict()[name], G_fresh.state_dict()[name])
-    assert not torch.equal(G.blocks["16"].conv2.weight, G_fresh.blocks["16"].conv2.weight)
+@pytest.mark.parametrize("kind", [Generator, Discriminator])
+def test_a_block_that_changes_the_width_keeps_its_random_draw(kind: type) -> None:
+    """All or nothing: identity convs beside random ones are not the smaller model's function."""
+    kw = {"latent_dim": 16} if kind is Generator else {}
+    fresh, _ = grown(kind, 16, "fresh", NARROWING, **kw)
+    model, _ = grown(kind, 16, "preserve", NARROWING, **kw)
+    assert preserve_function(model) == []  # G's conv1 is 16 -> 8 channels, D's conv2 8 -> 16
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
 
 
 def positive_features(G: Generator) -> Generator:

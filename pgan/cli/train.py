@@ -187,6 +187,10 @@ def main() -> None:
         refuse_held_run_dir(args)
         sys.argv = [sys.argv[0], *with_saved_overrides(args)]
         _hydra_main()
+        # Every rank done with its collectives before any leaves the group: a rank that tore gloo down while
+        # the other was still in its last all-reduce aborted once ("terminate called without an active
+        # exception"). Not on an error's way out, where the other ranks may never get here.
+        dist.barrier()
     except UserError as exc:
         exit_with_user_error(exc)
     finally:
