@@ -38,14 +38,15 @@ def test_every_option_composes(group: str, option: str) -> None:
 
 def test_default_run_is_8_to_256_on_shapes() -> None:
     """The default run is the documented 8 -> 256 px run of the small model on shapes, with the recipe
-    experiments/quality chose: rpgan, lr 0.004 (0.002 at 128-256 px), 16 channels at 64-256 px, batch 8 and 4
-    at 128 and 256 px."""
+    experiments/quality chose: rpgan, lr 0.004 (0.002 at 128 px, 0.001 at 256), 16 channels at 64-256 px, batch 8
+    and 4 at 128 and 256 px, new stages that start as the smaller model's function."""
     cfg = compose_config()
     stages = stages_from_config(cfg)
     assert [s.resolution for s in stages] == [8, 16, 32, 64, 128, 256]
     assert cfg.model.name == "small" and cfg.data.source == "shapes" and cfg.loss.name == "rpgan"
     assert [s.batch_size for s in stages] == [16, 16, 16, 16, 8, 4]
-    assert [s.lr for s in stages] == [0.004] * 4 + [0.002] * 2
+    assert [s.lr for s in stages] == [0.004] * 4 + [0.002, 0.001]
+    assert cfg.model.grow_init == "preserve"
     G = Generator(256, latent_dim=cfg.model.latent_dim, **model_kwargs_from(cfg.model))
     assert [G.blocks[str(r)].conv1.weight.shape[0] for r in (64, 128, 256)] == [16, 16, 16]
     # the paper's own loss stays one preset away
@@ -60,7 +61,7 @@ def test_paper256_is_the_paper_configuration() -> None:
     assert all(s.fade_kimg == 800 for s in stages[1:]) and all(s.stable_kimg == 800 for s in stages)
     assert [s.batch_size for s in stages] == [16] * 6 + [14]
     assert {s.lr for s in stages} == {0.001}
-    assert cfg.model.latent_dim == 512
+    assert cfg.model.latent_dim == 512 and cfg.model.grow_init == "fresh"
     G = Generator(256, latent_dim=cfg.model.latent_dim, **model_kwargs_from(cfg.model))
     assert G.blocks["32"].conv1.weight.shape[0] == 512 and G.blocks["256"].conv1.weight.shape[0] == 64
     # The paper's generator and discriminator have 23.1 M parameters each at 1024 px; at 256 px about 22 M.

@@ -46,6 +46,8 @@ class Suite:
 
 
 LOGS = ["log.progress_bar=false", "log.image_every_kimg=1.024"]
+# make train's recipe before model.grow_init=preserve became the default (2026-12-06).
+FRESH = ["model.grow_init=fresh", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}"]
 # The default schedule's first three stages, spelled out (so the suite does not move when the defaults do):
 # 8 -> 16 -> 32 px, 15.4 kimg in all, batch 16, lr 0.004.
 LOW_RES = [
@@ -61,6 +63,8 @@ SUITES = {
         common=[
             "data=stacked_digits",
             *LOW_RES,
+            # Every digits row was measured before preserve became the default (rpgan_b8_preserve overrides it).
+            "model.grow_init=fresh",
             "diversity.every_kimg=2.048",
             "checkpoint.every_kimg=4.096",
             *LOGS,
@@ -101,6 +105,8 @@ SUITES = {
                 "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
             ],
             "rpgan_b8_skip": ["loss=rpgan", "schedule.batch_size=8", "model.g_architecture=skip"],
+            # The 16 px stage starts as the 8 px model's function (the 32 px block changes the width: random).
+            "rpgan_b8_preserve": ["loss=rpgan", "schedule.batch_size=8", "model.grow_init=preserve"],
             "rpgan_b4_long": [
                 "loss=rpgan",
                 "schedule.batch_size=4",
@@ -124,8 +130,12 @@ SUITES = {
         common=[*LOGS],
         arms={
             "default": [],  # make train
+            # make train before 2026-12-06's grow_init=preserve: fresh new layers, lr 0.002 at 256 px. Every arm
+            # below up to fade2 was measured on top of it.
+            "fresh": FRESH,
             # The defaults before issue 17: WGAN-GP, 32 -> 256 px, lr 0.001-0.004, 8 channels at 128-256 px, fp32.
             "before": [
+                *FRESH,
                 "loss=wgan_gp",
                 "model.fmap_min=8",
                 "schedule.resolutions=[32,64,128,256]",
@@ -135,17 +145,18 @@ SUITES = {
                 "schedule.lr={32: 0.001, 64: 0.002, 128: 0.004, 256: 0.004}",
                 "precision=fp32",
             ],
-            "wgan_gp": ["loss=wgan_gp"],  # the new schedule and model with the old loss
-            "batch16": ["schedule.batch_size=16"],  # the 256 px stage at batch 16 (48 steps)
-            "plateau": ["schedule.advance=plateau"],  # make train, each stable phase ended by an SWD plateau
-            "skip": ["model.g_architecture=skip"],  # StyleGAN2's skip generator: every block's toRGB summed
-            "b4_128": ["schedule.batch_size={default: 16, 128: 4, 256: 4}"],  # batch 4 at 128 px too
-            "b8_b4": ["schedule.batch_size={default: 8, 128: 4, 256: 4}"],  # and batch 8 below (digits: +57 modes)
+            "wgan_gp": [*FRESH, "loss=wgan_gp"],  # the new schedule and model with the old loss
+            "batch16": [*FRESH, "schedule.batch_size=16"],  # the 256 px stage at batch 16 (48 steps)
+            "plateau": [*FRESH, "schedule.advance=plateau"],  # each stable phase ended by an SWD plateau
+            "skip": [*FRESH, "model.g_architecture=skip"],  # StyleGAN2's skip generator: every block's toRGB summed
+            "b4_128": [*FRESH, "schedule.batch_size={default: 16, 128: 4, 256: 4}"],  # batch 4 at 128 px too
+            "b8_b4": [*FRESH, "schedule.batch_size={default: 8, 128: 4, 256: 4}"],  # and batch 8 below (digits: +57)
             # Twice the fade-in at 128 and 256 px (D's old path, which knows the colours, fades out more slowly):
             # the 128 px stage alone kept its 16 modes and its yellows where the default's turned green.
-            "fade2": ["schedule.fade_kimg={default: 1.024, 128: 2.048, 256: 1.024}"],
-            # Each new stage starts as the smaller model's function (identity convs, copied RGB layers).
-            "preserve": ["model.grow_init=preserve"],
+            "fade2": [*FRESH, "schedule.fade_kimg={default: 1.024, 128: 2.048, 256: 1.024}"],
+            # Each new stage starts as the smaller model's function (identity convs, copied RGB layers), with
+            # the old lr 0.002 at 256 px (where seed 3's stage broke; the default now has 0.001 there).
+            "preserve": ["model.grow_init=preserve", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}"],
         },
         resolution=256,
         metrics="[modes]",

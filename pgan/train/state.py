@@ -168,7 +168,8 @@ class TrainState:
 
     def grow_from(self, previous: dict[str, Any] | None) -> None:
         """Start the stage from the previous stage's checkpoint (None: from scratch): the shared layers
-        continue, the new block keeps its fresh weights, the components start a new stage."""
+        continue, the new block keeps its fresh weights (or starts as the smaller model's function:
+        model.grow_init), the components start a new stage."""
         if previous is not None:
             try:
                 grow_init = self.options.model.get("grow_init", "fresh")
