@@ -157,6 +157,8 @@ SUITES = {
             # Each new stage starts as the smaller model's function (identity convs, copied RGB layers), with
             # the old lr 0.002 at 256 px (where seed 3's stage broke; the default now has 0.001 there).
             "preserve": ["model.grow_init=preserve", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}"],
+            # Twice the fade-in at 64 px, the one stage preserve cannot start as the 32 px model's function.
+            "fade64": ["schedule.fade_kimg={default: 1.024, 64: 2.048, 256: 0.512}"],
         },
         resolution=256,
         metrics="[modes]",
