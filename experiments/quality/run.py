@@ -46,8 +46,10 @@ class Suite:
 
 
 LOGS = ["log.progress_bar=false", "log.image_every_kimg=1.024"]
+# The fade-in before the 64 px stage's doubled to 2.048 kimg (2026-12-06).
+FADE_1 = "schedule.fade_kimg={16: 1.024, 32: 1.024, 64: 1.024, 128: 1.024, 256: 0.512}"
 # make train's recipe before model.grow_init=preserve became the default (2026-12-06).
-FRESH = ["model.grow_init=fresh", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}"]
+FRESH = ["model.grow_init=fresh", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}", FADE_1]
 # The default schedule's first three stages, spelled out (so the suite does not move when the defaults do):
 # 8 -> 16 -> 32 px, 15.4 kimg in all, batch 16, lr 0.004.
 LOW_RES = [
@@ -112,6 +114,20 @@ SUITES = {
                 "schedule.batch_size=4",
                 "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
             ],
+            # rpgan_b8_long with R1 / R2's gamma decaying (cosine) to a tenth over the run, as R3GAN does ...
+            "rpgan_b8_long_gdecay": [
+                "loss=rpgan",
+                "schedule.batch_size=8",
+                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
+                "loss.gamma_decay_kimg=51.2",
+            ],
+            # ... and with half the learning rate in the 32 px stage (do smaller steps draw sharper digits?).
+            "rpgan_b8_long_lr32": [
+                "loss=rpgan",
+                "schedule.batch_size=8",
+                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
+                "schedule.lr={default: 0.004, 32: 0.002}",
+            ],
             # The wide model for rpgan_long's 51.2 kimg.
             "rpgan_wide_long": [
                 "loss=rpgan",
@@ -156,8 +172,11 @@ SUITES = {
             "fade2": [*FRESH, "schedule.fade_kimg={default: 1.024, 128: 2.048, 256: 1.024}"],
             # Each new stage starts as the smaller model's function (identity convs, copied RGB layers), with
             # the old lr 0.002 at 256 px (where seed 3's stage broke; the default now has 0.001 there).
-            "preserve": ["model.grow_init=preserve", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}"],
-            # Twice the fade-in at 64 px, the one stage preserve cannot start as the 32 px model's function.
+            "preserve": ["model.grow_init=preserve", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}", FADE_1],
+            # preserve with lr 0.001 at 256 px: the default from then until the 64 px fade-in doubled.
+            "fade1": [FADE_1],
+            # Twice the fade-in at 64 px, the one stage preserve cannot start as the 32 px model's function
+            # (the default since 2026-12-06).
             "fade64": ["schedule.fade_kimg={default: 1.024, 64: 2.048, 256: 0.512}"],
         },
         resolution=256,
