@@ -128,6 +128,14 @@ SUITES = {
                 "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
                 "schedule.lr={default: 0.004, 32: 0.002}",
             ],
+            # ... and the wide model (128 channels to 16 px, 64 at 32 px) for rpgan_b8_long's 51.2 kimg.
+            "rpgan_wide_b8_long": [
+                "loss=rpgan",
+                "schedule.batch_size=8",
+                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
+                "model.fmap_base=1024",
+                "model.fmap_max=128",
+            ],
             # The wide model for rpgan_long's 51.2 kimg.
             "rpgan_wide_long": [
                 "loss=rpgan",
