@@ -14,6 +14,7 @@ the forward passes, their backward, and the gradient penalty's double backward a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -35,7 +36,7 @@ from torch.utils.flop_counter import flop_registry
 from pgan.cli import CONFIG_DIR
 from pgan.data import InfiniteSampler, make_dataset, wants_prepared
 from pgan.errors import UserError
-from pgan.losses import make_loss
+from pgan.losses import Loss, make_loss
 from pgan.networks import channels_for, check_resolution, model_kwargs_from, resolutions_up_to
 from pgan.runtime import apply_thread_budget, autocast_for, configure_backends, resolve_device, resolve_precision
 from pgan.schedule import ema_beta, stages_from_config
@@ -234,9 +235,20 @@ def check_bench_config(cfg: DictConfig) -> list[int]:
     return [int(r) for r in resolutions]
 
 
-def run_bench(cfg: DictConfig) -> list[BenchResult]:
-    """Measure every resolution x alpha of the bench config (see conf/bench.yaml)."""
-    resolutions = check_bench_config(cfg)
+@dataclass(frozen=True)
+class _Setup:
+    """What every measurement of one `pgan-bench` call shares."""
+
+    device: torch.device
+    loss: Loss  # for the precision in use
+    autocast: contextlib.AbstractContextManager
+    use_bf16: bool
+    ceiling_gflops: float  # the measured matmul ceiling of that precision
+    batch: int
+
+
+def _setup(cfg: DictConfig) -> _Setup:
+    """Device, threads, precision, the loss and the matmul ceiling, checked and resolved once."""
     check_speed(cfg.speed)
     device = resolve_device(cfg.device)
     apply_thread_budget(cfg.threads)
@@ -245,95 +257,106 @@ def run_bench(cfg: DictConfig) -> list[BenchResult]:
         loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
     except (TypeError, ValueError) as exc:
         raise UserError(f"loss: {exc}") from exc
-    loss = loss.for_precision(use_bf16)  # loss.penalty_sigma=auto
     configure_backends(device, cfg.precision)
-    autocast = autocast_for(device, use_bf16)
     size = int(cfg.matmul_size or (8192 if device.type == "cuda" else 4096))
-    ceiling = matmul_ceiling_gflops(device, torch.bfloat16 if use_bf16 else torch.float32, size)
-    batch = int(cfg.batch_size)
-    m = cfg.model
-    kwargs = model_kwargs_from(m)
-    table_kwargs = {k: kwargs[k] for k in ("fmap_base", "fmap_max", "fmap_min")}
+    return _Setup(
+        device=device,
+        loss=loss.for_precision(use_bf16),  # loss.penalty_sigma=auto
+        autocast=autocast_for(device, use_bf16),
+        use_bf16=use_bf16,
+        ceiling_gflops=matmul_ceiling_gflops(device, torch.bfloat16 if use_bf16 else torch.float32, size),
+        batch=int(cfg.batch_size),
+    )
+
+
+def run_bench(cfg: DictConfig) -> list[BenchResult]:
+    """Measure every resolution x alpha of the bench config (see conf/bench.yaml)."""
+    resolutions = check_bench_config(cfg)
+    setup = _setup(cfg)
     results = []
     for res in resolutions:
-        loader_speed, prepared = loader_img_per_s(cfg, res, batch, device, int(cfg.loader_batches))
-        channels = {
-            str(r): channels_for(r, **table_kwargs, table=kwargs.get("channels")) for r in resolutions_up_to(res)
-        }
+        loader = loader_img_per_s(cfg, res, setup.batch, setup.device, int(cfg.loader_batches))
         for alpha in cfg.alphas:
-            torch.manual_seed(int(cfg.seed))
-            G, D = build_models(cfg.model, res, device)
-            G_ema = copy.deepcopy(G).requires_grad_(False)
-            opt_G, opt_D = build_optimizers(G, D, float(cfg.lr), loss.lazy_ratio)
-            reals = (torch.rand(batch, int(m.image_channels), res, res, device=device) * 2 - 1).contiguous(
-                memory_format=torch.channels_last
-            )
-            beta = ema_beta(batch, 10.0)
-
-            G_fast, D_fast = fast_networks(G, D, bool(cfg.speed.compile), str(cfg.speed.compile_mode))
-            options = {"eager_D": D, "reuse_fakes": bool(cfg.speed.reuse_fakes)}
-            fixed = (G_ema, opt_G, opt_D, loss, reals, float(alpha), beta, autocast)
-            step = _counting(partial(train_step, G_fast, D_fast, *fixed, **options))  # step_index 0, 1, 2, ...
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            synchronize(device)
-            t0 = time.perf_counter()
-            step()  # with speed.compile, this one compiles
-            synchronize(device)
-            first_step_s = time.perf_counter() - t0
-            step_s = median_step_seconds(step, device, int(cfg.warmup_steps), int(cfg.repeats), int(cfg.steps))
-            # FLOPs over one full lazy-regularisation cycle (one iteration without it), per iteration; counted
-            # on the eager networks (the same operations: compiling fuses element-wise work, which counts zero).
-            with IterationFlops() as flops:
-                eager_step = _counting(partial(train_step, G, D, *fixed, **options))
-                for _ in range(loss.penalty_every):
-                    eager_step()
-            conv_s, profiled_step_s = convolution_seconds(step, device, int(cfg.steps))
-            img_per_s = batch / step_s
-            gflop_per_img = flops.total / loss.penalty_every / batch / 1e9
-            achieved = gflop_per_img * img_per_s
-            conv_gflops = flops.convolution / loss.penalty_every / 1e9 / conv_s
-            results.append(
-                BenchResult(
-                    resolution=res,
-                    alpha=float(alpha),
-                    batch_size=batch,
-                    img_per_s=round(img_per_s, 3),
-                    gflop_per_img=round(gflop_per_img, 4),
-                    achieved_gflops=round(achieved, 2),
-                    ceiling_gflops=round(ceiling, 1),
-                    mfu=round(achieved / ceiling, 4),
-                    conv_share=round(min(conv_s / profiled_step_s, 1.0), 4),
-                    conv_achieved_gflops=round(conv_gflops, 2),
-                    conv_mfu=round(conv_gflops / ceiling, 4),
-                    peak_mem_mb=round(peak_memory_mb(device), 1),
-                    loader_img_per_s=round(loader_speed, 1),
-                    loader_over_train=round(loader_speed / img_per_s, 2),
-                    loader_prepared=prepared,
-                    step_ms=round(step_s * 1000, 2),
-                    first_step_s=round(first_step_s, 2),
-                    compile=bool(cfg.speed.compile),
-                    compile_mode=str(cfg.speed.compile_mode),
-                    reuse_fakes=bool(cfg.speed.reuse_fakes),
-                    latent_dim=int(m.latent_dim),
-                    channels=channels,
-                    params_g=sum(p.numel() for p in G.parameters()),
-                    params_d=sum(p.numel() for p in D.parameters()),
-                    model=str(m.name),
-                    loss=loss.name,
-                    penalty_every=loss.penalty_every,
-                    penalty_mode=loss.penalty_mode,
-                    penalty_sigma=loss.penalty_sigma,
-                    threads=torch.get_num_threads(),
-                    precision="bf16" if use_bf16 else "fp32",
-                    device=_device_name(device),
-                    repeats=int(cfg.repeats),
-                    steps_per_repeat=int(cfg.steps),
-                )
-            )
-            del G, D, G_ema, opt_G, opt_D
+            results.append(_measure(cfg, setup, res, float(alpha), loader))
     return results
+
+
+def _measure(cfg: DictConfig, setup: _Setup, res: int, alpha: float, loader: tuple[float, bool]) -> BenchResult:
+    """Time the training iteration at `res` px and `alpha` on fresh networks, count its FLOPs, profile it."""
+    device, loss, batch = setup.device, setup.loss, setup.batch
+    torch.manual_seed(int(cfg.seed))
+    G, D = build_models(cfg.model, res, device)
+    G_ema = copy.deepcopy(G).requires_grad_(False)
+    opt_G, opt_D = build_optimizers(G, D, float(cfg.lr), loss.lazy_ratio)
+    reals = (torch.rand(batch, int(cfg.model.image_channels), res, res, device=device) * 2 - 1).contiguous(
+        memory_format=torch.channels_last
+    )
+    G_fast, D_fast = fast_networks(G, D, bool(cfg.speed.compile), str(cfg.speed.compile_mode))
+    options = {"eager_D": D, "reuse_fakes": bool(cfg.speed.reuse_fakes)}
+    fixed = (G_ema, opt_G, opt_D, loss, reals, alpha, ema_beta(batch, 10.0), setup.autocast)
+    step = _counting(partial(train_step, G_fast, D_fast, *fixed, **options))  # step_index 0, 1, 2, ...
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    step()  # with speed.compile, this one compiles
+    synchronize(device)
+    first_step_s = time.perf_counter() - t0
+    step_s = median_step_seconds(step, device, int(cfg.warmup_steps), int(cfg.repeats), int(cfg.steps))
+    # FLOPs over one full lazy-regularisation cycle (one iteration without it), per iteration; counted on the
+    # eager networks (the same operations: compiling fuses element-wise work, which counts zero).
+    with IterationFlops() as flops:
+        eager_step = _counting(partial(train_step, G, D, *fixed, **options))
+        for _ in range(loss.penalty_every):
+            eager_step()
+    conv_s, profiled_step_s = convolution_seconds(step, device, int(cfg.steps))
+    img_per_s = batch / step_s
+    gflop_per_img = flops.total / loss.penalty_every / batch / 1e9
+    conv_gflops = flops.convolution / loss.penalty_every / 1e9 / conv_s
+    return BenchResult(
+        resolution=res,
+        alpha=alpha,
+        batch_size=batch,
+        img_per_s=round(img_per_s, 3),
+        gflop_per_img=round(gflop_per_img, 4),
+        achieved_gflops=round(gflop_per_img * img_per_s, 2),
+        ceiling_gflops=round(setup.ceiling_gflops, 1),
+        mfu=round(gflop_per_img * img_per_s / setup.ceiling_gflops, 4),
+        conv_share=round(min(conv_s / profiled_step_s, 1.0), 4),
+        conv_achieved_gflops=round(conv_gflops, 2),
+        conv_mfu=round(conv_gflops / setup.ceiling_gflops, 4),
+        peak_mem_mb=round(peak_memory_mb(device), 1),
+        loader_img_per_s=round(loader[0], 1),
+        loader_over_train=round(loader[0] / img_per_s, 2),
+        loader_prepared=loader[1],
+        step_ms=round(step_s * 1000, 2),
+        first_step_s=round(first_step_s, 2),
+        compile=bool(cfg.speed.compile),
+        compile_mode=str(cfg.speed.compile_mode),
+        reuse_fakes=bool(cfg.speed.reuse_fakes),
+        latent_dim=int(cfg.model.latent_dim),
+        channels=_channels(cfg.model, res),
+        params_g=sum(p.numel() for p in G.parameters()),
+        params_d=sum(p.numel() for p in D.parameters()),
+        model=str(cfg.model.name),
+        loss=loss.name,
+        penalty_every=loss.penalty_every,
+        penalty_mode=loss.penalty_mode,
+        penalty_sigma=loss.penalty_sigma,
+        threads=torch.get_num_threads(),
+        precision="bf16" if setup.use_bf16 else "fp32",
+        device=_device_name(device),
+        repeats=int(cfg.repeats),
+        steps_per_repeat=int(cfg.steps),
+    )
+
+
+def _channels(model: DictConfig, res: int) -> dict[str, int]:
+    """The model's feature maps per resolution up to `res` ({"4": 64, ...})."""
+    kwargs = model_kwargs_from(model)
+    widths = {k: kwargs[k] for k in ("fmap_base", "fmap_max", "fmap_min")}
+    return {str(r): channels_for(r, **widths, table=kwargs.get("channels")) for r in resolutions_up_to(res)}
 
 
 def _counting(iteration: Callable[..., Any]) -> Callable[[], None]:
