@@ -1,0 +1,64 @@
+"""experiments/quality's arms are valid pgan-train runs, and the ones its README says reproduce the defaults do."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from helpers import compose_config
+
+from pgan.cli.train import replace_resolution_maps
+from pgan.train.options import TrainOptions
+
+RUN_PY = Path(__file__).resolve().parents[1] / "experiments" / "quality" / "run.py"
+
+
+def _load_run_py():
+    spec = importlib.util.spec_from_file_location("quality_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+QUALITY = _load_run_py()
+ARMS = [(suite, arm) for suite, s in QUALITY.SUITES.items() for arm in s.arms]
+
+
+def options_of(suite: str, arm: str) -> TrainOptions:
+    """What `pgan-train` resolves from the arm's command line (its maps replace the preset's, as in pgan-train)."""
+    s = QUALITY.SUITES[suite]
+    return TrainOptions.from_config(compose_config(*replace_resolution_maps([*s.common, *s.arms[arm], "seed=0"])))
+
+
+@pytest.mark.parametrize(("suite", "arm"), ARMS, ids=[f"{s}-{a}" for s, a in ARMS])
+def test_every_arm_is_a_valid_run_to_its_suites_resolution(suite: str, arm: str) -> None:
+    options = options_of(suite, arm)
+    assert options.stages[-1].resolution == QUALITY.SUITES[suite].resolution
+
+
+def test_the_default_arms_run_make_trains_recipe() -> None:
+    """`default` is make train itself, and `fade64` (measured before it became the default) is the same run."""
+    make_train = TrainOptions.from_config(compose_config())
+    for arm in ("default", "fade64"):
+        options = options_of("default", arm)
+        assert options.stages == make_train.stages, arm
+        assert options.model == make_train.model and options.loss == make_train.loss, arm
+
+
+def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
+    """fade1: the default before the 64 px fade doubled; FRESH arms: also before grow_init=preserve and lr 0.001
+    at 256 px. Each differs from today's defaults in exactly those settings."""
+    today = TrainOptions.from_config(compose_config()).stages
+    fade1 = options_of("default", "fade1").stages
+    assert [st.resolution for st in fade1] == [st.resolution for st in today]
+    assert fade1[3].resolution == 64 and fade1[3].fade_kimg == 1.024 and today[3].fade_kimg == 2.048
+    assert tuple(replace(st, fade_kimg=t.fade_kimg, start_nimg=t.start_nimg) for st, t in zip(fade1, today)) == today
+
+    fresh = options_of("default", "fresh")
+    assert fresh.model["grow_init"] == "fresh" and options_of("default", "default").model["grow_init"] == "preserve"
+    assert [st.lr for st in fresh.stages][-1] == 0.002 and today[-1].lr == 0.001
+    assert [st.fade_kimg for st in fresh.stages] == [st.fade_kimg for st in fade1]
