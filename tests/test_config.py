@@ -53,6 +53,22 @@ def test_default_run_is_8_to_256_on_shapes() -> None:
     assert compose_config("experiment=paper256").loss.name == "wgan_gp"
 
 
+def test_wide_is_the_small_model_twice_as_wide_up_to_64_px() -> None:
+    """model=wide: small's every other setting, channels 128 to 16 px, 64 at 32, 32 at 64, small's 16 above."""
+    small, wide = compose_config().model, compose_config("model=wide").model
+    assert wide.name == "wide"
+    assert {k: v for k, v in wide.items() if k not in ("name", "fmap_base", "fmap_max")} == {
+        k: v for k, v in small.items() if k not in ("name", "fmap_base", "fmap_max")
+    }
+    widths = {}
+    for model in (small, wide):
+        G = Generator(256, latent_dim=model.latent_dim, **model_kwargs_from(model))
+        widths[model.name] = [G.blocks["4"].conv.weight.shape[0]]
+        widths[model.name] += [G.blocks[str(r)].conv1.weight.shape[0] for r in (8, 16, 32, 64, 128, 256)]
+    assert widths["wide"] == [128, 128, 128, 64, 32, 16, 16]
+    assert widths["small"] == [64, 64, 64, 32, 16, 16, 16]
+
+
 def test_paper256_is_the_paper_configuration() -> None:
     """experiment=paper256: 4 -> 256 px, 800k + 800k images, batch 16 then 14, lr 1e-3, 512-wide model."""
     cfg = compose_config("experiment=paper256")
