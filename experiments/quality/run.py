@@ -207,6 +207,18 @@ def run_python(module: str, args: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
+def machine(run_dir: Path) -> dict:
+    """Where the run trained: the CPU's model name and the trainer's own device line (its precision and threads),
+    since bf16 on a CPU with AMX and fp32 on one without are different runs."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+    ]
+    lines = (run_dir / "train.out").read_text().splitlines()
+    device = next((line for line in lines if line.startswith("device ")), "unknown")
+    return {"cpu": names[0] if names else "unknown", "device": device}
+
+
 def last_verdict(run_dir: Path) -> dict:
     """The collapse watch's last record: its verdict, its own reading and the modes it counted."""
     lines = (run_dir / "collapse.jsonl").read_text().splitlines()
@@ -257,6 +269,7 @@ def run_arm(suite: Suite, arm: str, seed: int, out: Path, extra: list[str], thre
         "overrides": [*suite.arms[arm], *extra],
         "train_s": round(train_s, 1),
         "threads": threads,
+        "machine": machine(run_dir),
         "eval": evaluation,
         "watch": last_verdict(run_dir),
         "stable_kimg": stable_kimg_per_stage(run_dir),
