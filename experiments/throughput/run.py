@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS), help="pgan's settings")
     parser.add_argument("--profile", type=int, default=None, help="also write the per-op profile at this px")
     parser.add_argument("--profile-only", action="store_true", help="the profile, no side-by-side measurement")
+    parser.add_argument("--tag", default="", help="appended to the result file's name (another machine's run)")
     args = parser.parse_args()
     device = torch.device(args.device)
     (HERE / "results").mkdir(exist_ok=True)
@@ -231,7 +232,9 @@ def main() -> None:
     }
     out["variants"] = {v: VARIANTS[v] for v in args.variants}
     suffix = "" if args.variants[0] == "default" else f"_{args.variants[0]}"
-    (HERE / "results" / f"side_by_side_{device.type}{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (HERE / "results" / f"side_by_side_{device.type}{suffix}{args.tag}.json").write_text(
+        json.dumps(out, indent=2) + "\n"
+    )
     shown = ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items())
     print(f"\nceilings (GFLOP/s, a {size}² matmul, best of 10): {shown}; torch {torch.__version__}\n")
     print("| px | alpha | pgan img/s | peer img/s | speedup | pgan GFLOP/img | peer GFLOP/img | pgan MFU | peer MFU |")
