@@ -62,3 +62,13 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
     assert fresh.model["grow_init"] == "fresh" and options_of("default", "default").model["grow_init"] == "preserve"
     assert [st.lr for st in fresh.stages][-1] == 0.002 and today[-1].lr == 0.001
     assert [st.fade_kimg for st in fresh.stages] == [st.fade_kimg for st in fade1]
+
+
+def test_a_result_records_the_machine_and_the_trainers_device_line(tmp_path: Path) -> None:
+    """bf16 on a CPU with AMX and fp32 on one without are different runs: each result says which it was."""
+    line = "device cpu, fp32 (precision=auto), threads 1 (OMP_NUM_THREADS=1)"
+    (tmp_path / "train.out").write_text(f"run directory: {tmp_path}\n{line}\nstage 0: 8 px\n")
+    recorded = QUALITY.machine(tmp_path)
+    assert recorded["device"] == line
+    names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    assert recorded["cpu"] == (names[0].split(":", 1)[1].strip() if names else "unknown")
