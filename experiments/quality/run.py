@@ -59,6 +59,11 @@ LOW_RES = [
     "schedule.batch_size=16",
     "schedule.lr=0.004",
 ]
+# Four times as long at 16 and 32 px: 51.2 kimg in all.
+LONG = "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}"
+# Twice small's width up to 64 px (128 channels to 16 px, 64 at 32 px): what model=wide became.
+WIDE = ["model.fmap_base=1024", "model.fmap_max=128"]
+B8_LONG = ["loss=rpgan", "schedule.batch_size=8", LONG]
 
 SUITES = {
     "digits": Suite(
@@ -84,7 +89,7 @@ SUITES = {
             # ... or when the modes' KL to uniform stops improving (a metric for data with known modes).
             "rpgan_plateau_kl": ["loss=rpgan", "schedule.advance=plateau", "schedule.plateau.metric=kl_to_uniform"],
             # The same recipe four times as long at 16 and 32 px (51.2 kimg in all): what more images buy.
-            "rpgan_long": ["loss=rpgan", "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}"],
+            "rpgan_long": ["loss=rpgan", LONG],
             # About 8x the kimg (125 kimg, 98 of them at 32 px), with the default G_ema half-life and a 10x one.
             "rpgan_xlong": ["loss=rpgan", "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 98.304}"],
             "rpgan_xlong_ema": [
@@ -95,54 +100,25 @@ SUITES = {
             # Ablations of the 15.4-kimg recipe (2026-12-06): where the KL comes from is the digits' fidelity
             # (each channel over-produces 8s and under-produces 4s and 7s), so these try what sharpens digits.
             "rpgan_ema1": ["loss=rpgan", "schedule.ema_kimg=1.0"],
-            "rpgan_wide": ["loss=rpgan", "model.fmap_base=1024", "model.fmap_max=128"],  # 128 ch to 16 px, 64 at 32
+            "rpgan_wide": ["loss=rpgan", *WIDE],
             "rpgan_lr2": ["loss=rpgan", "schedule.lr=0.002"],
             "rpgan_gamma01": ["loss=rpgan", "loss.r1_gamma=0.1", "loss.r2_gamma=0.1"],
             "rpgan_b32": ["loss=rpgan", "schedule.batch_size=32"],
             "rpgan_b8": ["loss=rpgan", "schedule.batch_size=8"],
             "rpgan_b4": ["loss=rpgan", "schedule.batch_size=4"],
-            "rpgan_b8_long": [
-                "loss=rpgan",
-                "schedule.batch_size=8",
-                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
-            ],
+            "rpgan_b8_long": B8_LONG,
             "rpgan_b8_skip": ["loss=rpgan", "schedule.batch_size=8", "model.g_architecture=skip"],
             # The 16 px stage starts as the 8 px model's function (the 32 px block changes the width: random).
             "rpgan_b8_preserve": ["loss=rpgan", "schedule.batch_size=8", "model.grow_init=preserve"],
-            "rpgan_b4_long": [
-                "loss=rpgan",
-                "schedule.batch_size=4",
-                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
-            ],
+            "rpgan_b4_long": ["loss=rpgan", "schedule.batch_size=4", LONG],
             # rpgan_b8_long with R1 / R2's gamma decaying (cosine) to a tenth over the run, as R3GAN does ...
-            "rpgan_b8_long_gdecay": [
-                "loss=rpgan",
-                "schedule.batch_size=8",
-                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
-                "loss.gamma_decay_kimg=51.2",
-            ],
+            "rpgan_b8_long_gdecay": [*B8_LONG, "loss.gamma_decay_kimg=51.2"],
             # ... and with half the learning rate in the 32 px stage (do smaller steps draw sharper digits?).
-            "rpgan_b8_long_lr32": [
-                "loss=rpgan",
-                "schedule.batch_size=8",
-                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
-                "schedule.lr={default: 0.004, 32: 0.002}",
-            ],
+            "rpgan_b8_long_lr32": [*B8_LONG, "schedule.lr={default: 0.004, 32: 0.002}"],
             # ... and the wide model (128 channels to 16 px, 64 at 32 px) for rpgan_b8_long's 51.2 kimg.
-            "rpgan_wide_b8_long": [
-                "loss=rpgan",
-                "schedule.batch_size=8",
-                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
-                "model.fmap_base=1024",
-                "model.fmap_max=128",
-            ],
+            "rpgan_wide_b8_long": [*B8_LONG, *WIDE],
             # The wide model for rpgan_long's 51.2 kimg.
-            "rpgan_wide_long": [
-                "loss=rpgan",
-                "model.fmap_base=1024",
-                "model.fmap_max=128",
-                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}",
-            ],
+            "rpgan_wide_long": ["loss=rpgan", *WIDE, LONG],
         },
         resolution=32,
         metrics="[modes]",
