@@ -102,9 +102,9 @@ def test_rollback_restores_the_ok_checkpoint_lowers_lr_and_is_bounded(tmp_path: 
     ]
     latest = load_checkpoint(tmp_path / "stage-0008" / "latest.pt")
     assert latest["collapse"]["rollbacks"] == 2 and latest["collapse"]["lr_scale"] == 0.25
-    assert all(
-        group["lr"] == 0.001 * 0.25 for group in latest["opt_G"]["param_groups"] + latest["opt_D"]["param_groups"]
-    )
+    assert all(group["lr"] == 0.001 * 0.25 for group in latest["opt_G"]["param_groups"])
+    # D's Adam runs at lr * 4 / 5: rpgan's lazy regularisation every 4th iteration (StyleGAN2's correction).
+    assert all(group["lr"] == pytest.approx(0.001 * 0.25 * 4 / 5) for group in latest["opt_D"]["param_groups"])
     # The weights after the rollbacks differ from the first attempt's: a new latent stream and a lower lr.
     stopped = tmp_path / "stopped"
     with pytest.raises(CollapseStop):

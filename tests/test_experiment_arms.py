@@ -41,18 +41,29 @@ def test_every_arm_is_a_valid_run_to_its_suites_resolution(suite: str, arm: str)
 
 
 def test_the_default_arms_run_make_trains_recipe() -> None:
-    """`default` is make train itself, and `fade64` (measured before it became the default) is the same run."""
+    """`default` is make train itself, and `lazy4` (measured before it became the default) is the same run."""
     make_train = TrainOptions.from_config(compose_config())
-    for arm in ("default", "fade64"):
+    assert make_train.loss.name == "rpgan" and make_train.loss.penalty_every == 4
+    for arm in ("default", "lazy4"):
         options = options_of("default", arm)
         assert options.stages == make_train.stages, arm
         assert options.model == make_train.model and options.loss == make_train.loss, arm
 
 
 def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
-    """fade1: the default before the 64 px fade doubled; FRESH arms: also before grow_init=preserve and lr 0.001
-    at 256 px. Each differs from today's defaults in exactly those settings."""
-    today = TrainOptions.from_config(compose_config()).stages
+    """fade64: the default before lazy regularisation; fade1: also before the 64 px fade doubled; FRESH arms: also
+    before grow_init=preserve and lr 0.001 at 256 px. Each differs from today's defaults in exactly those settings,
+    and every digits arm but rpgan_lazy4 has the penalties on every step, as it was measured."""
+    make_train = TrainOptions.from_config(compose_config())
+    fade64 = options_of("default", "fade64")
+    assert fade64.stages == make_train.stages and fade64.model == make_train.model
+    assert fade64.loss == replace(make_train.loss, penalty_every=1)
+    for suite, arm in ARMS:
+        if arm not in ("default", "lazy4", "rpgan_lazy4"):
+            assert options_of(suite, arm).loss.penalty_every == 1, (suite, arm)
+    assert options_of("digits", "rpgan_lazy4").loss.penalty_every == 4
+
+    today = make_train.stages
     fade1 = options_of("default", "fade1").stages
     assert [st.resolution for st in fade1] == [st.resolution for st in today]
     assert fade1[3].resolution == 64 and fade1[3].fade_kimg == 1.024 and today[3].fade_kimg == 2.048

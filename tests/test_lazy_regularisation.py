@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, assert_same_state, compose_config, stats_rows
+from omegaconf import OmegaConf
 
 from pgan.checkpoint import load_checkpoint
 from pgan.losses import make_loss
 from pgan.networks import Discriminator, Generator
+from pgan.train.clock import TickSums
+from pgan.train.guard import Guard
 from pgan.train.loop import train
 from pgan.train.state import build_optimizers
 from pgan.train.step import d_penalty_step, d_step, train_step
@@ -45,13 +48,14 @@ class CountingD(torch.nn.Module):
 
 @pytest.mark.parametrize("name", ["wgan_gp", "logistic", "rpgan"])
 def test_the_lazy_penalty_step_is_k_times_the_penalty_and_the_main_step_has_none(name: str) -> None:
-    """Same weights, data and random draws: the lazy penalty step's penalty is k times the one a non-lazy D
-    step adds to its loss, and the lazy run's main D step has none and the same loss."""
+    """Same weights, data and random draws: the lazy penalty step applies k times the penalty a non-lazy D step
+    adds to its loss and reports it divided by k (Loss/gp reads the same for every k); the lazy run's main D step
+    has none, reports none, and has the same loss."""
     extra = {"wgan_gp": {}, "logistic": {"r1_gamma": 1.0}, "rpgan": {"r1_gamma": 1.0, "r2_gamma": 0.5}}[name]
     G, _ = tiny_nets()
     reals, z = torch.randn(4, 3, 8, 8), torch.randn(4, 16)
     fakes = G(z, 1.0).detach()
-    results = {}
+    results, grads = {}, {}
     for every in (1, 4):
         loss = make_loss(name, penalty_every=every, **extra)
         for lazy_step in (False, True):
@@ -60,12 +64,15 @@ def test_the_lazy_penalty_step_is_k_times_the_penalty_and_the_main_step_has_none
             opt = torch.optim.Adam(D.parameters(), fused=True)
             if lazy_step:
                 results[(every, "penalty")] = d_penalty_step(D, opt, loss, reals, fakes, 1.0)
+                grads[every] = [p.grad.clone() for p in D.parameters() if p.grad is not None]
             else:
                 results[(every, "main")] = d_step(G, D, opt, loss, reals, z, 1.0, None, every == 1, fakes=fakes)
+    for applied, once in zip(grads[4], grads[1], strict=True):
+        torch.testing.assert_close(applied, 4 * once, rtol=1e-5, atol=1e-7)
     eager, lazy, main = results[(1, "main")], results[(4, "penalty")], results[(4, "main")]
     assert eager["Loss/gp"].item() > 0
-    assert lazy["Loss/gp"].item() == pytest.approx(4 * eager["Loss/gp"].item(), rel=1e-5)
-    assert main["Loss/gp"].item() == 0
+    assert lazy["Loss/gp"].item() == pytest.approx(eager["Loss/gp"].item(), rel=1e-5)
+    assert "Loss/gp" not in main
     assert main["Loss/D"].item() == pytest.approx(eager["Loss/D"].item(), rel=1e-6)  # the loss itself unchanged
 
 
@@ -127,3 +134,32 @@ def test_lazy_run_trains_and_resumes_exactly(tmp_path: Path) -> None:
     assert_same_state(
         load_checkpoint(cut / "stage-0016" / "final.pt"), load_checkpoint(tmp_path / "full" / "stage-0016" / "final.pt")
     )
+
+
+def test_a_tick_averages_the_penalty_over_the_steps_that_computed_it() -> None:
+    """Under lazy regularisation only every k-th step reports Loss/gp: a tick's Loss/gp is the mean of those steps
+    (not diluted by the others, and absent from a tick that had none), a skipped step adds nothing, and a partial
+    tick saved before the counts existed (every scalar at every good step) resumes with the same means."""
+    guard = Guard(OmegaConf.create({"max_bad_steps": 4, "max_rollbacks": 1, "rollback_lr_scale": 0.5}), "cpu")
+    flag = lambda bad: torch.tensor(float(bad))  # noqa: E731
+    step = lambda d, gp=None, bad=0: {  # noqa: E731
+        "Guard/skipped_D": flag(bad),
+        "Guard/skipped_G": flag(0),
+        "Loss/D": torch.tensor(d),
+        **({} if gp is None else {"Loss/gp": torch.tensor(gp)}),
+    }
+    tick = TickSums()
+    for stats in (step(1.0, gp=0.5), step(2.0), step(3.0, gp=1.5, bad=1), step(4.0), step(5.0, gp=2.5)):
+        tick.add(stats, guard)
+    means = tick.take_means(guard)
+    assert means["Loss/D"] == pytest.approx((1 + 2 + 4 + 5) / 4) and means["Loss/gp"] == pytest.approx(1.5)
+    assert means["Guard/skipped_steps"] == 1 and tick.steps == 0
+    tick.add(step(6.0), guard)
+    assert "Loss/gp" not in tick.take_means(guard)
+
+    old = TickSums()
+    old.load_state_dict(
+        {"sums": {"Loss/D": torch.tensor(6.0), "Guard/good_steps": torch.tensor(3.0)}, "steps": 3}, "cpu"
+    )
+    old.add(step(2.0), guard)
+    assert old.take_means(guard)["Loss/D"] == pytest.approx(2.0)

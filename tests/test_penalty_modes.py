@@ -197,7 +197,7 @@ def test_the_approx_d_step_never_differentiates_twice(name: str) -> None:
     lazy = make_loss(name, penalty_mode="approx", penalty_sigma=1e-3, penalty_every=4, **gammas)
     torch.manual_seed(0)
     lazy_stats = d_penalty_step(D, opt, lazy, reals, fakes, 1.0, eager_D=Forbidden())
-    assert lazy_stats["Loss/gp"].item() == pytest.approx(4 * expected.item(), rel=1e-9)
+    assert lazy_stats["Loss/gp"].item() == pytest.approx(expected.item(), rel=1e-9)  # applied 4x, reported once
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,8 @@ def test_approx_runs_train_and_resume_mid_fade_bit_identically(loss: str, tmp_pa
     extra = ["augment.policy=[color,translation]", "augment.p=0.3"] if loss == "rpgan" else ["loss.penalty_every=2"]
     assert_resumes_mid_fade_exactly([*TINY, f"loss={loss}", *APPROX, *extra], tmp_path)
     rows = stats_rows(tmp_path / "full")
-    assert all(math.isfinite(r["Loss/gp"]) for r in rows) and all(r["Loss/gp"] > 0 for r in rows)
+    penalties = [r["Loss/gp"] for r in rows if "Loss/gp" in r]  # rpgan: lazy, in every other tick of 2 steps
+    assert len(penalties) >= len(rows) // 2 and all(math.isfinite(gp) and gp > 0 for gp in penalties)
 
 
 @pytest.mark.distributed

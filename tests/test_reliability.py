@@ -294,7 +294,9 @@ def test_a_run_of_non_finite_steps_rolls_back_with_lower_learning_rates(tmp_path
     assert "non-finite steps (loss or gradients inf/NaN)" in err and "rolled back to ckpt-0000000000.pt" in err
     final = _final(tmp_path)
     assert final["guard"]["rollbacks"] == 1 and final["guard"]["lr_scale"] == 0.5
-    assert all(g["lr"] == 0.0005 for g in final["opt_G"]["param_groups"] + final["opt_D"]["param_groups"])
+    assert all(g["lr"] == 0.0005 for g in final["opt_G"]["param_groups"])
+    # D's Adam runs at lr * 4 / 5: rpgan's lazy regularisation every 4th iteration (StyleGAN2's correction).
+    assert all(g["lr"] == pytest.approx(0.0005 * 4 / 5) for g in final["opt_D"]["param_groups"])
     assert all(v.isfinite().all() for v in final["G"].values())
 
 

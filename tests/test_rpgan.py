@@ -105,7 +105,8 @@ def test_penalty_parameter_gradients_match_finite_differences() -> None:
 @pytest.mark.parametrize("name", ["rpgan", "logistic", "hinge"])
 def test_d_step_adds_r1_and_r2_and_g_gets_no_gradient_from_it(name: str) -> None:
     """With a linear D the step's penalty is (gamma_1 + gamma_2) / 2 * ||w||^2 exactly; the fakes are detached,
-    so G's parameters get no gradient from the D step; with penalty_every=2 the lazy penalty step doubles it."""
+    so G's parameters get no gradient from the D step; with penalty_every=2 the lazy penalty step applies it
+    twice and reports it once (Loss/gp reads the same for every k)."""
     reals = torch.randn(4, 3, 4, 4, dtype=torch.float64)
     G, D = FixedG(torch.randn(4, 3, 4, 4, dtype=torch.float64)), LinearD((3, 4, 4))
     w_squared = D.w.detach().square().sum().item()
@@ -115,7 +116,7 @@ def test_d_step_adds_r1_and_r2_and_g_gets_no_gradient_from_it(name: str) -> None
     assert G.scale.grad is None
     lazy = make_loss(name, r1_gamma=0.5, r2_gamma=0.25, penalty_every=2)
     stats = d_penalty_step(D, frozen(D), lazy, reals, G(torch.zeros(4, 4)), 1.0)
-    assert stats["Loss/gp"].item() == pytest.approx(2 * 0.375 * w_squared, rel=1e-9)
+    assert stats["Loss/gp"].item() == pytest.approx(0.375 * w_squared, rel=1e-9)
     assert G.scale.grad is None
     r2_only = make_loss(name, r2_gamma=0.25)
     stats = d_step(G, D, frozen(D), r2_only, reals, torch.zeros(4, 4), 1.0)
@@ -200,7 +201,9 @@ def test_a_decaying_gamma_is_logged_and_follows_the_run_images(tmp_path: Path) -
     rows = stats_rows(tmp_path)
     scales = [r["Loss/gamma_scale"] for r in rows]
     assert scales == sorted(scales, reverse=True) and scales[0] < 1 and scales[-1] == pytest.approx(0.2)
-    assert rows[-1]["step"] > 100 and all(r["Loss/gp"] > 0 for r in rows)
+    # Lazy R1 / R2 every 4th step, ticks of 2 steps: at least every other tick has a penalty step, logged.
+    penalties = [r["Loss/gp"] for r in rows if "Loss/gp" in r]
+    assert rows[-1]["step"] > 100 and len(penalties) >= len(rows) // 2 and all(gp > 0 for gp in penalties)
 
 
 @pytest.mark.parametrize(

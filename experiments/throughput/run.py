@@ -67,10 +67,12 @@ def load_peer():
 
 
 # pgan's variants: pgan-train overrides of each. `default` is the iteration `pgan-train` runs with no overrides
-# (today: rpgan, with bf16 autocast on CPUs with native bf16); `wgan_gp` does the peer's work (its loss) in
-# pgan's default precision; `wgan_gp_fp32` the same in the peer's precision.
+# (today: rpgan with lazy R1 / R2 every 4th iteration, with bf16 autocast on CPUs with native bf16); `every_step`
+# the default before 2026-12-06's last change (R1 / R2 on every D step); `wgan_gp` does the peer's work (its
+# loss) in pgan's default precision; `wgan_gp_fp32` the same in the peer's precision.
 VARIANTS = {
     "default": [],
+    "every_step": ["loss.penalty_every=1"],
     "wgan_gp": ["loss=wgan_gp"],
     "wgan_gp_fp32": ["loss=wgan_gp", "precision=fp32"],
     "approx": ["loss.penalty_mode=approx"],

@@ -51,42 +51,50 @@ def due_after(intervals: Intervals, before: int, after: int, num_images: int) ->
 
 
 class TickSums:
-    """The current log tick's per-step scalars summed on the device, and its step count (checkpointed, so that
-    a resumed run logs the same averages as an uninterrupted one)."""
+    """The current log tick's per-step scalars summed on the device, each with the number of good steps that
+    reported it, and the tick's step count (checkpointed, so that a resumed run logs the same averages as an
+    uninterrupted one). A scalar only some steps report (lazy regularisation's `Loss/gp`) averages over those."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}  # key -> good steps that reported it (`Guard/good_steps`: all)
         self.steps = 0
 
     def add(self, stats: dict[str, torch.Tensor], guard: Guard) -> None:
         """Add one step's scalars; a skipped (non-finite) step counts for the guard and adds nothing else."""
         bad = torch.maximum(stats.pop("Guard/skipped_D"), stats.pop("Guard/skipped_G"))
         guard.record(bad)
-        stats = {k: torch.where(bad > 0, 0.0, v) for k, v in stats.items()} | {"Guard/good_steps": 1.0 - bad}
-        for k, v in stats.items():
+        good = 1.0 - bad
+        for k, v in (stats | {"Guard/good_steps": good}).items():
+            v = torch.where(bad > 0, 0.0, v)
             self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts[k] + good if k in self.counts else good
         self.steps += 1
 
     def take_means(self, guard: Guard) -> dict[str, float]:
-        """The tick's averages over its good steps (and over the ranks) and the guard's counts, then empty
-        (the tick's one host sync)."""
-        sums = dist.mean_across_ranks(dict(self.sums))
-        good_sum = sums.pop("Guard/good_steps")  # add() puts it in at every step; a tick follows at least one
-        *totals, good = torch.stack([*sums.values(), good_sum]).tolist()
-        good = round(good)
+        """The tick's averages, each over the good steps that reported it (and over the ranks, which skip the
+        same steps), and the guard's counts, then empty (the tick's one host sync)."""
+        keys = list(self.sums)  # add() puts Guard/good_steps in at every step; a tick follows at least one
+        both = dist.mean_across_ranks(self.sums | {f"{k}#count": c for k, c in self.counts.items()})
+        values = torch.stack([*(both[k] for k in keys), *(both[f"{k}#count"] for k in keys)]).tolist()
+        totals, reported = dict(zip(keys, values[: len(keys)])), dict(zip(keys, values[len(keys) :]))
+        good = round(totals.pop("Guard/good_steps"))
         skipped = self.steps - good
         guard.total_bad_steps += skipped
-        values = {k: v / good for k, v in zip(sums, totals)} if good else {}
-        self.sums, self.steps = {}, 0
-        return values | {"Guard/skipped_steps": skipped, "Guard/skipped_total": guard.total_bad_steps}
+        means = {k: v / reported[k] for k, v in totals.items() if round(reported[k])}
+        self.sums, self.counts, self.steps = {}, {}, 0
+        return means | {"Guard/skipped_steps": skipped, "Guard/skipped_total": guard.total_bad_steps}
 
     def state_dict(self) -> dict:
-        """For the checkpoint: the sums (on the device they live on) and the step count."""
-        return {"sums": self.sums, "steps": self.steps}
+        """For the checkpoint: the sums and their counts (on the device they live on) and the step count."""
+        return {"sums": self.sums, "counts": self.counts, "steps": self.steps}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        """Continue a partial tick from `state_dict()`."""
+        """Continue a partial tick from `state_dict()` (a checkpoint from before the counts: every scalar was
+        reported by every good step)."""
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        every = self.sums.get("Guard/good_steps")
+        self.counts = {k: v.to(device) for k, v in state.get("counts", dict.fromkeys(self.sums, every)).items()}
         self.steps = int(state["steps"])
 
 

@@ -145,7 +145,8 @@ def d_step(
 
     `with_penalty`: the loss's penalties (R1, and R2 on the detached fakes with `loss.r2_gamma > 0`, scaled by
     `gamma_scale`; or WGAN-GP) are added to this step's loss, sharing its D passes. Lazy regularisation
-    (`loss.penalty_every > 1`) leaves them out here and takes them in `d_penalty_step`. `D` may be a
+    (`loss.penalty_every > 1`) leaves them out here (and `Loss/gp` out of the stats) and takes them in
+    `d_penalty_step`. `D` may be a
     torch.compile'd module, `eager_D` the same network uncompiled (see `Critic`).
     The update is skipped on the device when the loss or a gradient is not finite (`Guard/skipped_D` is 1).
     """
@@ -166,10 +167,11 @@ def d_step(
     stats = {
         "Guard/skipped_D": skipped,
         "Loss/D": d_loss.detach(),
-        "Loss/gp": penalty.detach(),
         "Scores/real": real_scores.detach().mean(),
         "Scores/fake": fake_scores.detach().mean(),
     }
+    if with_penalty:
+        stats["Loss/gp"] = penalty.detach()
     if augment is not None:
         stats["Augment/rt"] = real_scores.detach().sign().mean()
     return stats
@@ -192,7 +194,8 @@ def d_penalty_step(
     """Lazy regularisation as StyleGAN2 does it: on every `loss.penalty_every`-th iteration, a D update of the
     penalties alone, times k, with their own D passes on the reals (R1), the detached `fakes` (R2) or their
     interpolates (WGAN-GP). D's Adam runs at lr * c and betas ** c (`Loss.lazy_ratio`) for the k + 1 updates
-    per k iterations. Returns the penalty (`Loss/gp`) and whether the update was skipped (non-finite)."""
+    per k iterations. Returns the penalty as a non-lazy step would add it (`Loss/gp`: the update's divided by k, so
+    it reads the same for every k) and whether the update was skipped (non-finite)."""
     critic = Critic(D, eager_D or D, loss, alpha, labels, autocast or contextlib.nullcontext(), augment)
     k = loss.penalty_every
     penalty = torch.zeros((), device=reals.device)
@@ -203,7 +206,7 @@ def d_penalty_step(
     if loss.penalty == "gp":
         d_reals, d_fakes = critic.augmented(reals), critic.augmented(fakes.detach())
         penalty = penalty + critic.interpolate_penalty(d_reals, d_fakes, loss.penalty_weight * k)
-    return {"Guard/skipped_D": _update(opt_D, D, penalty), "Loss/gp": penalty.detach()}
+    return {"Guard/skipped_D": _update(opt_D, D, penalty), "Loss/gp": penalty.detach() / k}
 
 
 def _update(opt: torch.optim.Optimizer, net: nn.Module, objective: Tensor) -> Tensor:
