@@ -9,10 +9,11 @@ first; a damaged one (truncated, corrupt, wrong shapes, non-finite values) is re
 A checkpoint is a dict of tensors and plain Python values only:
   format, version, stage (index), resolution (px), nimg (images shown in this stage), total_nimg (images
   shown over the whole run), done (True for a stage's final.pt), G, D, G_ema (state dicts), opt_G, opt_D
-  (optimizer state dicts), rng (torch CPU + CUDA generator states), tick (the partial log tick's sums and
-  step count), collapse (the collapse detector's state), guard (skipped steps, rollbacks, lr scale), augment
-  (the adaptive augmentation's p and its partial interval, or None: pgan.augment.AugmentPipe.state_dict),
-  config (the resolved run config), stage_info (the stage's schedule entry).
+  (optimizer state dicts), rng (torch CPU + CUDA generator states), tick (the partial log tick's sums, how many
+  steps reported each, and its step count), collapse (the collapse detector's state), guard (skipped steps,
+  rollbacks, lr scale), augment (the adaptive augmentation's p and its partial interval, or None:
+  pgan.augment.AugmentPipe.state_dict), config (the resolved run config), stage_info (the stage's schedule
+  entry).
 """
 
 from __future__ import annotations
