@@ -146,8 +146,7 @@ def d_step(
     `with_penalty`: the loss's penalties (R1, and R2 on the detached fakes with `loss.r2_gamma > 0`, scaled by
     `gamma_scale`; or WGAN-GP) are added to this step's loss, sharing its D passes. Lazy regularisation
     (`loss.penalty_every > 1`) leaves them out here (and `Loss/gp` out of the stats) and takes them in
-    `d_penalty_step`. `D` may be a
-    torch.compile'd module, `eager_D` the same network uncompiled (see `Critic`).
+    `d_penalty_step`. `D` may be a torch.compile'd module, `eager_D` the same network uncompiled (see `Critic`).
     The update is skipped on the device when the loss or a gradient is not finite (`Guard/skipped_D` is 1).
     """
     autocast = autocast or contextlib.nullcontext()
