@@ -174,6 +174,16 @@ def ema_beta(batch_size: int, half_life_kimg: float) -> float:
     return 0.5 ** (batch_size / (half_life_kimg * 1000))
 
 
+def ema_half_life_kimg(ema_kimg: float, rampup: float | None, stage_nimg: int) -> float:
+    """G_ema's half-life after `stage_nimg` images of a stage: `ema_kimg`, or with a `rampup` fraction (StyleGAN2-ADA's
+    ema_rampup, counted per stage here) min(ema_kimg, rampup * the stage's kimg so far). The rampup keeps G_ema
+    close to G while a stage is young (its new layers move fast) and lets it average over a growing window as
+    the stage goes on; at a stage's first step the half-life is 0, so G_ema starts the stage as G."""
+    if rampup is None:
+        return ema_kimg
+    return min(ema_kimg, rampup * stage_nimg / 1000)
+
+
 def stages_from_config(cfg: Mapping[str, Any]) -> list[Stage]:
     """The run's stages from a run config's `schedule` (a DictConfig or a config.yaml loaded as a dict), with a
     ValueError naming the setting for a bad schedule. (pgan-report and pgan-sample read a run's stages here,

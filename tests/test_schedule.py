@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pgan.schedule import Stage, alpha_at, build_stages, ema_beta, filled_settings, setting_at
+from pgan.schedule import Stage, alpha_at, build_stages, ema_beta, ema_half_life_kimg, filled_settings, setting_at
 
 # ---------------------------------------------------------------- build_stages
 
@@ -182,3 +182,23 @@ def test_ema_beta_halves_the_weight_after_one_half_life(batch, half_life_kimg):
 def test_ema_beta_is_zero_without_half_life(half_life_kimg):
     """A half-life of 0 (or less) means no averaging: beta 0, so the EMA copy follows G exactly."""
     assert ema_beta(16, half_life_kimg) == 0.0
+
+
+# ---------------------------------------------------------------- ema_half_life_kimg
+
+
+@pytest.mark.parametrize("stage_nimg", [0, 8, 10**6])
+def test_ema_half_life_is_ema_kimg_without_rampup(stage_nimg):
+    """No rampup: the configured half-life at every point of a stage."""
+    assert ema_half_life_kimg(0.1, None, stage_nimg) == 0.1
+
+
+@pytest.mark.parametrize(
+    ("stage_nimg", "expected_kimg"),
+    [(0, 0.0), (8, 0.0012), (1000, 0.15), (20_000, 3.0), (66_667, 10.0), (10**6, 10.0)],
+)
+def test_ema_half_life_grows_with_the_stage_up_to_ema_kimg(stage_nimg, expected_kimg):
+    """With rampup r the half-life is r x the stage's kimg so far, capped at ema_kimg (StyleGAN2-ADA's rule);
+    0 at the stage's first step, where beta is 0 and G_ema becomes G."""
+    assert ema_half_life_kimg(10.0, 0.15, stage_nimg) == pytest.approx(expected_kimg, rel=1e-4, abs=1e-12)
+    assert ema_beta(8, ema_half_life_kimg(10.0, 0.15, 0)) == 0.0

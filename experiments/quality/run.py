@@ -121,6 +121,10 @@ SUITES = {
             "rpgan_b8_long_lr32": [*B8_LONG, "schedule.lr={default: 0.004, 32: 0.002}"],
             # ... and the wide model (128 channels to 16 px, 64 at 32 px) for rpgan_b8_long's 51.2 kimg.
             "rpgan_wide_b8_long": [*B8_LONG, *WIDE],
+            # ... with G_ema averaging over a window that grows with the stage (StyleGAN2-ADA's EMA rampup): the
+            # digits' frequencies swing from snapshot to snapshot, and an average of the last ones reads closer
+            # to uniform (README).
+            "rpgan_wide_b8_long_ema": [*B8_LONG, *WIDE, "schedule.ema_kimg=10", "schedule.ema_rampup=0.15"],
             # The wide model for rpgan_long's 51.2 kimg.
             "rpgan_wide_long": ["loss=rpgan", *WIDE, LONG],
         },

@@ -179,7 +179,14 @@ def train_stage(
     classes = stage_classes(options, dataset)  # None: unconditional
     state = TrainState(options, stage, ctx.device, classes, guard, watch, resume, init and init[0])
     step = TrainStep(
-        state, options.loss, ctx.autocast, options.ema_kimg, options.compile, options.compile_mode, options.reuse_fakes
+        state,
+        options.loss,
+        ctx.autocast,
+        options.ema_kimg,
+        options.compile,
+        options.compile_mode,
+        options.reuse_fakes,
+        options.ema_rampup,
     )
     for watcher in (watch, ctx.metrics, ctx.plateau):
         if watcher is not None:

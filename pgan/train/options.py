@@ -8,6 +8,7 @@ from their own config sections, once, in `pgan.train.loop.train`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class TrainOptions:
     conditional: bool
     loss: Loss
     ema_kimg: float  # G_ema's half-life in thousands of images
+    ema_rampup: float | None  # or min(ema_kimg, this x the stage's kimg so far) (pgan.schedule.ema_half_life_kimg)
     intervals: Intervals
     snapshots_kept: int  # checkpoint.keep
     compile: bool
@@ -159,6 +161,7 @@ class TrainOptions:
             conditional=bool(cfg.model.get("conditional", False)),
             loss=loss,
             ema_kimg=float(cfg.schedule.ema_kimg),
+            ema_rampup=_ema_rampup(cfg.schedule),
             intervals=Intervals(
                 tick_nimg=_nimg(cfg.log.tick_kimg),
                 grid_nimg=_nimg(cfg.log.image_every_kimg),
@@ -221,6 +224,16 @@ def _stages(cfg: DictConfig) -> list[Stage]:
         return stages_from_config(cfg)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+
+
+def _ema_rampup(schedule: DictConfig) -> float | None:
+    """schedule.ema_rampup: null (a fixed half-life, and for configs from before it) or a fraction > 0."""
+    rampup = schedule.get("ema_rampup")
+    if rampup is None:
+        return None
+    if isinstance(rampup, bool) or not isinstance(rampup, int | float) or not math.isfinite(rampup) or rampup <= 0:
+        raise UserError(f"schedule.ema_rampup must be null or a number > 0, got {rampup!r}")
+    return float(rampup)
 
 
 def _advance(cfg: DictConfig, stages: list[Stage]) -> tuple[str, dict[int, PlateauRule]]:

@@ -20,7 +20,7 @@ from pgan.losses import (
     zero_centred_penalty,
 )
 from pgan.networks import FADE_UPSAMPLE
-from pgan.schedule import alpha_at
+from pgan.schedule import alpha_at, ema_half_life_kimg
 from pgan.schedule import ema_beta as ema_beta_for
 from pgan.train.guard import guarded_step, nonfinite
 
@@ -349,10 +349,11 @@ class TrainStep:
         compile: bool = False,
         compile_mode: str = "default",
         reuse_fakes: bool = False,
+        ema_rampup: float | None = None,
     ) -> None:
         self.state, self.loss, self.autocast, self.reuse_fakes = state, loss, autocast, reuse_fakes
         self.G, self.D = fast_networks(state.G, state.D, compile, compile_mode)
-        self.ema_beta = ema_beta_for(state.stage.batch_size, ema_kimg)
+        self.ema_kimg, self.ema_rampup = ema_kimg, ema_rampup
         self.compile_pending = {False, True} if compile else set()  # phases (alpha >= 1) not compiled yet
 
     def __call__(self, reals: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
@@ -370,7 +371,7 @@ class TrainStep:
             self.loss,
             reals,
             alpha,
-            self.ema_beta,
+            ema_beta_for(s.stage.batch_size, ema_half_life_kimg(self.ema_kimg, self.ema_rampup, s.nimg)),
             self.autocast,
             s.nimg // s.stage.batch_size,  # lazy regularisation resumes in phase
             eager_D=s.D,
