@@ -178,16 +178,7 @@ def train_stage(
     options, monitor, watch, guard = ctx.options, ctx.monitor, ctx.watch, ctx.guard
     classes = stage_classes(options, dataset)  # None: unconditional
     state = TrainState(options, stage, ctx.device, classes, guard, watch, resume, init and init[0])
-    step = TrainStep(
-        state,
-        options.loss,
-        ctx.autocast,
-        options.ema_kimg,
-        options.compile,
-        options.compile_mode,
-        options.reuse_fakes,
-        options.ema_rampup,
-    )
+    step = TrainStep(state, options, ctx.autocast)
     for watcher in (watch, ctx.metrics, ctx.plateau):
         if watcher is not None:
             watcher.begin_stage(stage, dataset)

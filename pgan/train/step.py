@@ -25,6 +25,7 @@ from pgan.schedule import ema_beta as ema_beta_for
 from pgan.train.guard import guarded_step, nonfinite
 
 if TYPE_CHECKING:
+    from pgan.train.options import TrainOptions
     from pgan.train.state import TrainState
 
 Augment = Callable[[Tensor], Tensor]  # D's input augmentation (pgan.augment.AugmentPipe), applied to reals and fakes
@@ -336,25 +337,15 @@ def fast_networks(G: nn.Module, D: nn.Module, compile: bool, mode: str = "defaul
 class TrainStep:
     """`train_step` bound to one stage's state: the loop calls `step(reals, labels)` and nothing more.
 
-    With `compile`, G and D run torch.compile'd (the penalty's double backward through the eager D); the first
+    With `speed.compile`, G and D run torch.compile'd (the penalty's double backward through the eager D); the first
     step of each phase (fading, stable) compiles its graphs, and says what that cost.
     """
 
-    def __init__(
-        self,
-        state: TrainState,
-        loss: Loss,
-        autocast: contextlib.AbstractContextManager,
-        ema_kimg: float,
-        compile: bool = False,
-        compile_mode: str = "default",
-        reuse_fakes: bool = False,
-        ema_rampup: float | None = None,
-    ) -> None:
-        self.state, self.loss, self.autocast, self.reuse_fakes = state, loss, autocast, reuse_fakes
-        self.G, self.D = fast_networks(state.G, state.D, compile, compile_mode)
-        self.ema_kimg, self.ema_rampup = ema_kimg, ema_rampup
-        self.compile_pending = {False, True} if compile else set()  # phases (alpha >= 1) not compiled yet
+    def __init__(self, state: TrainState, options: TrainOptions, autocast: contextlib.AbstractContextManager) -> None:
+        self.state, self.loss, self.autocast, self.reuse_fakes = state, options.loss, autocast, options.reuse_fakes
+        self.G, self.D = fast_networks(state.G, state.D, options.compile, options.compile_mode)
+        self.ema_kimg, self.ema_rampup = options.ema_kimg, options.ema_rampup
+        self.compile_pending = {False, True} if options.compile else set()  # phases (alpha >= 1) not compiled yet
 
     def __call__(self, reals: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         """One iteration at the state's image count (alpha and the lazy penalty's phase follow from it)."""
