@@ -66,6 +66,8 @@ LONG = "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 22.528}"
 # Twice small's width up to 64 px (128 channels to 16 px, 64 at 32 px): what model=wide became.
 WIDE = ["model.fmap_base=1024", "model.fmap_max=128"]
 B8_LONG = ["loss=rpgan", "schedule.batch_size=8", LONG]
+# G_ema's half-life min(10 kimg, 0.15 x the stage's kimg so far): StyleGAN2-ADA's EMA rampup, per stage.
+EMA_RAMPUP = ["schedule.ema_kimg=10", "schedule.ema_rampup=0.15"]
 
 SUITES = {
     "digits": Suite(
@@ -124,7 +126,14 @@ SUITES = {
             # ... with G_ema averaging over a window that grows with the stage (StyleGAN2-ADA's EMA rampup): the
             # digits' frequencies swing from snapshot to snapshot, and an average of the last ones reads closer
             # to uniform (README).
-            "rpgan_wide_b8_long_ema": [*B8_LONG, *WIDE, "schedule.ema_kimg=10", "schedule.ema_rampup=0.15"],
+            "rpgan_wide_b8_long_ema": [*B8_LONG, *WIDE, *EMA_RAMPUP],
+            # ... and twice as long at 32 px (73.7 kimg in all): its KL was still falling when the stage ended.
+            "rpgan_wide_b8_xlong_ema": [
+                *B8_LONG,
+                *WIDE,
+                *EMA_RAMPUP,
+                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 45.056}",
+            ],
             # The wide model for rpgan_long's 51.2 kimg.
             "rpgan_wide_long": ["loss=rpgan", *WIDE, LONG],
         },
