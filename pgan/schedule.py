@@ -112,6 +112,8 @@ def _setting(value: Any, res: int, key: str, kind: type, minimum: float, strict:
 def _checked(raw: Any, name: str, kind: type, minimum: float, strict: bool) -> Any:
     """`raw` converted to `kind` and range-checked; the ValueError starts with `name`."""
     try:
+        if isinstance(raw, bool):  # true is not 1
+            raise ValueError
         number = kind(raw)
         if kind is int and number != float(raw):
             raise ValueError
@@ -182,6 +184,13 @@ def ema_half_life_kimg(ema_kimg: float, rampup: float | None, stage_nimg: int) -
     if rampup is None:
         return ema_kimg
     return min(ema_kimg, rampup * stage_nimg / 1000)
+
+
+def ema_rampup_setting(schedule: Mapping[str, Any]) -> float | None:
+    """schedule.ema_rampup: None (a fixed half-life; also configs from before it) or a fraction > 0, with a
+    ValueError naming it for a bad value."""
+    rampup = schedule.get("ema_rampup")
+    return None if rampup is None else _checked(rampup, "schedule.ema_rampup", float, 0, strict=True)
 
 
 def stages_from_config(cfg: Mapping[str, Any]) -> list[Stage]:

@@ -8,7 +8,6 @@ from their own config sections, once, in `pgan.train.loop.train`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,15 @@ from pgan.losses import Loss, make_loss
 from pgan.metrics.quality import SCORES
 from pgan.networks import G_ARCHITECTURES, GROW_INITS, networks_from
 from pgan.runtime import check_precision, check_threads
-from pgan.schedule import PlateauRule, Stage, advance_of, filled_settings, plateau_rules, stages_from_config
+from pgan.schedule import (
+    PlateauRule,
+    Stage,
+    advance_of,
+    ema_rampup_setting,
+    filled_settings,
+    plateau_rules,
+    stages_from_config,
+)
 from pgan.train.guard import check_guard_config
 from pgan.train.metrics_watch import applies_at, check_metrics_config
 from pgan.train.plateau import check_plateau_metric
@@ -227,13 +234,11 @@ def _stages(cfg: DictConfig) -> list[Stage]:
 
 
 def _ema_rampup(schedule: DictConfig) -> float | None:
-    """schedule.ema_rampup: null (a fixed half-life, and for configs from before it) or a fraction > 0."""
-    rampup = schedule.get("ema_rampup")
-    if rampup is None:
-        return None
-    if isinstance(rampup, bool) or not isinstance(rampup, int | float) or not math.isfinite(rampup) or rampup <= 0:
-        raise UserError(f"schedule.ema_rampup must be null or a number > 0, got {rampup!r}")
-    return float(rampup)
+    """schedule.ema_rampup (pgan.schedule.ema_rampup_setting), a bad value as a UserError."""
+    try:
+        return ema_rampup_setting(schedule)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def _advance(cfg: DictConfig, stages: list[Stage]) -> tuple[str, dict[int, PlateauRule]]:
