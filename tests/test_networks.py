@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgan.networks import Discriminator, Generator, channels_for, grow_from
+from pgan.networks import Discriminator, Generator, channels_for, eval_chunk, grow_from
 from pgan.train.step import ema_update, fade_reals
+from pgan.train.watch import evaluation_samples
 
 LATENT = 16
 SMALL = {"fmap_base": 64, "fmap_max": 16, "fmap_min": 4}  # widths 16, 16, 8, 4, 4, ...
@@ -370,3 +371,25 @@ def test_ema_update_repeated_converges_geometrically():
         ema_update(G_ema, G, 0.8)
     for (k, e), (_, s), (_, g) in zip(G_ema.named_parameters(), start.named_parameters(), G.named_parameters()):
         torch.testing.assert_close(e - g, 0.8**5 * (s - g), rtol=1e-10, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize(
+    "device, res, chunk",
+    [("cpu", 8, 4096), ("cpu", 128, 16), ("cpu", 256, 4), ("cpu", 1024, 1), ("cuda", 256, 32), ("cuda", 2048, 1)],
+)
+def test_eval_chunk_is_cache_sized_on_a_cpu_and_memory_bounded_elsewhere(device, res, chunk):
+    """2**18 pixels a pass on a CPU, 2**21 on an accelerator, never fewer than one image."""
+    assert eval_chunk(torch.device(device), res) == chunk
+
+
+@pytest.mark.parametrize("chunk", [None, 3])  # None: eval_chunk's (all 11 at once at 32 px); 3: 3 + 3 + 3 + 2
+def test_evaluation_samples_do_not_depend_on_the_pass_size(chunk):
+    """The collapse watch's samples are G's images of its latents whatever the chunking, and G's mode is restored."""
+    G = make_g(32).train()
+    z = torch.randn(11, LATENT, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = G.eval()(z, 0.5)
+    G.train()
+    chunked = evaluation_samples(G, z, 0.5, torch.autocast("cpu", enabled=False), chunk)
+    torch.testing.assert_close(chunked, expected, atol=1e-4, rtol=0)  # conv kernels differ a little by batch size
+    assert G.training

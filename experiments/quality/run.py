@@ -134,6 +134,13 @@ SUITES = {
                 *EMA_RAMPUP,
                 "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 45.056}",
             ],
+            # ... and 24.6 kimg longer still at 32 px (98.3 kimg in all): xlong's KL was 0.119 and still falling.
+            "rpgan_wide_b8_xxlong_ema": [
+                *B8_LONG,
+                *WIDE,
+                *EMA_RAMPUP,
+                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 69.632}",
+            ],
             # The wide model for rpgan_long's 51.2 kimg.
             "rpgan_wide_long": ["loss=rpgan", *WIDE, LONG],
         },

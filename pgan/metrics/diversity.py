@@ -105,11 +105,15 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def pairwise_ms_ssim(images: torch.Tensor, seed: int = 0, max_elements: int = 2**24) -> torch.Tensor:
+def pairwise_ms_ssim(images: torch.Tensor, seed: int = 0, max_elements: int | None = None) -> torch.Tensor:
     """MS-SSIM of n // 2 disjoint random pairs of `images` (one value per pair, on the CPU).
 
-    Pairs are processed in chunks of at most `max_elements` values per image tensor to bound memory at 1024 px.
+    Pairs are processed in chunks of at most `max_elements` values per image tensor; by default 2**20 on a CPU,
+    where cache-sized chunks are fastest (512 images at 256 px: 2.8 s against 9.6 s with 2**24, 2 EPYC cores),
+    and 2**24 on an accelerator, where the size only bounds memory at 1024 px.
     """
+    if max_elements is None:
+        max_elements = 2**20 if images.device.type == "cpu" else 2**24
     n = images.shape[0]
     if n < 2:
         raise ValueError(f"pairwise MS-SSIM needs at least 2 images, got {n}")

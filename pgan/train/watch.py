@@ -34,7 +34,7 @@ from pgan.metrics.diversity import (
 )
 from pgan.metrics.modes import ModeClassifier, mode_classifier_for, mode_coverage
 from pgan.monitor import Monitor
-from pgan.networks import Generator, g_architecture_of, generate_chunks
+from pgan.networks import Generator, eval_chunk, g_architecture_of, generate_chunks
 from pgan.schedule import Stage, alpha_at
 from pgan.train.step import fade_reals
 
@@ -83,14 +83,14 @@ def check_diversity_config(cfg: DictConfig) -> None:
 
 @torch.no_grad()
 def evaluation_samples(
-    G: Generator, z: torch.Tensor, alpha: float, autocast: contextlib.AbstractContextManager
+    G: Generator, z: torch.Tensor, alpha: float, autocast: contextlib.AbstractContextManager, chunk: int | None = None
 ) -> torch.Tensor:
-    """G's images for latents `z` in eval mode, float32 on G's device, in chunks that bound memory at high
-    resolution; G's train/eval mode is restored (what the collapse watch and the metrics evaluate). A
-    class-conditional G generates sample i in class i mod num_classes (pgan.networks.cycle_labels)."""
+    """G's images for latents `z` in eval mode, float32 on G's device, `chunk` images a pass (default: sized for
+    the device, `pgan.networks.eval_chunk`); G's train/eval mode is restored (what the collapse watch and the metrics
+    evaluate). A class-conditional G generates sample i in class i mod num_classes (pgan.networks.cycle_labels)."""
     was_training = G.training
     G.eval()
-    chunk = max(4, 2**21 // (G.resolution * G.resolution))
+    chunk = chunk or eval_chunk(next(G.parameters()).device, G.resolution)
     with autocast:
         images = torch.cat([part.float() for part in generate_chunks(G, z, alpha, chunk)])
     G.train(was_training)
