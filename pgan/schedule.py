@@ -186,11 +186,12 @@ def ema_half_life_kimg(ema_kimg: float, rampup: float | None, stage_nimg: int) -
     return min(ema_kimg, rampup * stage_nimg / 1000)
 
 
-def ema_rampup_setting(schedule: Mapping[str, Any]) -> float | None:
-    """schedule.ema_rampup: None (a fixed half-life; also configs from before it) or a fraction > 0, with a
-    ValueError naming it for a bad value."""
+def ema_settings(schedule: Mapping[str, Any]) -> tuple[float, float | None]:
+    """(schedule.ema_kimg, schedule.ema_rampup): a half-life >= 0 (0: G_ema is G) and None (a fixed half-life;
+    also configs from before the rampup) or a fraction > 0, with a ValueError naming the key for a bad value."""
+    ema_kimg = _checked(schedule.get("ema_kimg"), "schedule.ema_kimg", float, 0, strict=False)
     rampup = schedule.get("ema_rampup")
-    return None if rampup is None else _checked(rampup, "schedule.ema_rampup", float, 0, strict=True)
+    return ema_kimg, None if rampup is None else _checked(rampup, "schedule.ema_rampup", float, 0, strict=True)
 
 
 def stages_from_config(cfg: Mapping[str, Any]) -> list[Stage]:

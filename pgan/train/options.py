@@ -25,7 +25,7 @@ from pgan.schedule import (
     PlateauRule,
     Stage,
     advance_of,
-    ema_rampup_setting,
+    ema_settings,
     filled_settings,
     plateau_rules,
     stages_from_config,
@@ -132,6 +132,7 @@ class TrainOptions:
         check_threads(cfg.threads)
         stages = _stages(cfg)
         advance, plateau = _advance(cfg, stages)
+        ema_kimg, ema_rampup = _ema(cfg.schedule)
         check_model(cfg.model, stages[-1].resolution)
         check_batches(stages, int(cfg.model.mbstd_group_size), world_size)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -167,8 +168,8 @@ class TrainOptions:
             model=config["model"],
             conditional=bool(cfg.model.get("conditional", False)),
             loss=loss,
-            ema_kimg=float(cfg.schedule.ema_kimg),
-            ema_rampup=_ema_rampup(cfg.schedule),
+            ema_kimg=ema_kimg,
+            ema_rampup=ema_rampup,
             intervals=Intervals(
                 tick_nimg=_nimg(cfg.log.tick_kimg),
                 grid_nimg=_nimg(cfg.log.image_every_kimg),
@@ -233,10 +234,10 @@ def _stages(cfg: DictConfig) -> list[Stage]:
         raise UserError(str(exc)) from exc
 
 
-def _ema_rampup(schedule: DictConfig) -> float | None:
-    """schedule.ema_rampup (pgan.schedule.ema_rampup_setting), a bad value as a UserError."""
+def _ema(schedule: DictConfig) -> tuple[float, float | None]:
+    """schedule.ema_kimg and ema_rampup (pgan.schedule.ema_settings), a bad value as a UserError."""
     try:
-        return ema_rampup_setting(schedule)
+        return ema_settings(schedule)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
