@@ -118,18 +118,32 @@ def cycle_labels(n: int, num_classes: int) -> torch.Tensor | None:
     return torch.arange(n) % num_classes if num_classes else None
 
 
-# Pixels per forward pass when a batch of evaluation samples is generated (the collapse watch, the metrics watch).
-# On a CPU small passes keep every activation in cache: at 256 px, 4 images a pass generated 512 samples in
-# 7.3 s where 32 a pass took 15.9 s (2 EPYC cores, fp32; experiments/throughput, "Evaluation cost"). On an
-# accelerator larger passes amortise the kernel launches and the size only bounds memory.
-EVAL_CHUNK_PIXELS_CPU = 2**18
+# How many images a forward pass takes when evaluation samples are generated (the collapse watch, the metrics
+# watch, pgan-eval, pgan-sample). On a CPU, passes whose largest feature map stays near cache size are the
+# fastest: 2**21 elements (8 MB in fp32), e.g. 2 images at 256 px for the small model, whose 512 samples then
+# took 7.3 s where 32 a pass took 16.8 s, and 8 at 128 px: 2.3 s against 5.3 s with 128 (2 EPYC cores;
+# experiments/throughput, "Evaluation cost"). On an accelerator larger passes amortise the kernel launches,
+# and their size only bounds memory.
+EVAL_CHUNK_ELEMENTS_CPU = 2**21
 EVAL_CHUNK_PIXELS_ACCELERATOR = 2**21
 
 
-def eval_chunk(device: torch.device, resolution: int) -> int:
-    """Images per forward pass for generating evaluation samples of `resolution` px on `device` (at least 1)."""
-    pixels = EVAL_CHUNK_PIXELS_CPU if device.type == "cpu" else EVAL_CHUNK_PIXELS_ACCELERATOR
-    return max(1, pixels // (resolution * resolution))
+def largest_activation(G: nn.Module) -> int:
+    """Elements of G's largest feature map for one image: the widest convolution's channels x its pixels, over
+    G's blocks (a block's upsampled input counts with the channels it arrives with)."""
+    return max(
+        max(conv.weight.shape[:2]) * int(res) ** 2
+        for res, block in G.blocks.items()
+        for conv in block.modules()
+        if isinstance(conv, EqualizedConv2d)
+    )
+
+
+def eval_chunk(device: torch.device, G: nn.Module) -> int:
+    """Images per forward pass for generating G's evaluation samples on `device` (at least 1)."""
+    if device.type == "cpu":
+        return max(1, EVAL_CHUNK_ELEMENTS_CPU // largest_activation(G))
+    return max(1, EVAL_CHUNK_PIXELS_ACCELERATOR // (G.resolution * G.resolution))
 
 
 def generate_chunks(

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pgan.errors import UserError
-from pgan.networks import Generator, generate_chunks
+from pgan.networks import Generator, eval_chunk, generate_chunks
 from pgan.schedule import Stage, alpha_at
 
 
@@ -95,10 +95,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(
-    G: Generator, z: torch.Tensor, alpha: float = 1.0, batch_size: int = 32, labels: torch.Tensor | None = None
+    G: Generator, z: torch.Tensor, alpha: float = 1.0, batch_size: int | None = None, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """G(z) in batches, on G's device, as float images in [-1, 1] on the CPU. A class-conditional G takes
-    `labels` [N] (default: sample i in class i mod num_classes, pgan.networks.cycle_labels)."""
+    """G(z) in batches (default: sized for G's device, pgan.networks.eval_chunk), on G's device, as float images
+    in [-1, 1] on the CPU. A class-conditional G takes `labels` [N] (default: sample i in class i mod
+    num_classes, pgan.networks.cycle_labels)."""
+    batch_size = batch_size or eval_chunk(next(G.parameters()).device, G)
     return torch.cat([part.float().cpu() for part in generate_chunks(G, z, alpha, batch_size, labels)])
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgan.networks import Discriminator, Generator, channels_for, eval_chunk, grow_from
+from pgan.networks import Discriminator, Generator, channels_for, eval_chunk, grow_from, largest_activation
 from pgan.train.step import ema_update, fade_reals
 from pgan.train.watch import evaluation_samples
 
@@ -373,13 +373,24 @@ def test_ema_update_repeated_converges_geometrically():
         torch.testing.assert_close(e - g, 0.8**5 * (s - g), rtol=1e-10, atol=1e-12, msg=k)
 
 
-@pytest.mark.parametrize(
-    "device, res, chunk",
-    [("cpu", 8, 4096), ("cpu", 128, 16), ("cpu", 256, 4), ("cpu", 1024, 1), ("cuda", 256, 32), ("cuda", 2048, 1)],
-)
+def test_largest_activation_is_the_widest_feature_map_of_one_image():
+    """SMALL's widths: 16 channels to 8 px, 8 at 16 px, 4 from 32 px; a block's upsampled input counts with the
+    channels it arrives with (16 px: 16 in, on 16 x 16 pixels)."""
+    assert largest_activation(make_g(8)) == 16 * 8 * 8
+    assert largest_activation(make_g(16)) == 16 * 16 * 16
+    assert largest_activation(make_g(64)) == 4 * 64 * 64
+
+
+@pytest.mark.parametrize(("device", "res", "chunk"), [("cpu", 16, 512), ("cpu", 64, 128), ("cuda", 64, 512)])
 def test_eval_chunk_is_cache_sized_on_a_cpu_and_memory_bounded_elsewhere(device, res, chunk):
-    """2**18 pixels a pass on a CPU, 2**21 on an accelerator, never fewer than one image."""
-    assert eval_chunk(torch.device(device), res) == chunk
+    """On a CPU 2**21 elements of G's largest feature map a pass, on an accelerator 2**21 pixels."""
+    assert eval_chunk(torch.device(device), make_g(res)) == chunk
+
+
+def test_eval_chunk_is_at_least_one_image():
+    G = make_g(256, fmap_base=128, fmap_max=128, fmap_min=128)  # 128 channels at 256 px: 2**23 elements
+    assert largest_activation(G) == 2**23
+    assert eval_chunk(torch.device("cpu"), G) == 1
 
 
 @pytest.mark.parametrize("chunk", [None, 3])  # None: eval_chunk's (all 11 at once at 32 px); 3: 3 + 3 + 3 + 2

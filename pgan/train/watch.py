@@ -90,7 +90,7 @@ def evaluation_samples(
     evaluate). A class-conditional G generates sample i in class i mod num_classes (pgan.networks.cycle_labels)."""
     was_training = G.training
     G.eval()
-    chunk = chunk or eval_chunk(next(G.parameters()).device, G.resolution)
+    chunk = chunk or eval_chunk(next(G.parameters()).device, G)
     with autocast:
         images = torch.cat([part.float() for part in generate_chunks(G, z, alpha, chunk)])
     G.train(was_training)
