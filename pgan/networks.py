@@ -147,11 +147,13 @@ def eval_chunk(device: torch.device, G: nn.Module) -> int:
 
 
 def generate_chunks(
-    G: nn.Module, z: torch.Tensor, alpha: float, chunk: int, labels: torch.Tensor | None = None
+    G: nn.Module, z: torch.Tensor, alpha: float, chunk: int | None = None, labels: torch.Tensor | None = None
 ) -> Iterator[torch.Tensor]:
     """G's images for latents `z` (and `labels`; for a conditional G by default `cycle_labels`), `chunk` at a
-    time, each on G's device (the caller picks no_grad, autocast, eval mode and where the images go)."""
+    time (default: sized for G's device, `eval_chunk`), each on G's device (the caller picks no_grad, autocast,
+    eval mode and where the images go)."""
     device = next(G.parameters()).device
+    chunk = chunk or eval_chunk(device, G)
     if labels is None:
         labels = cycle_labels(len(z), G.num_classes)
     for i in range(0, len(z), chunk):

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pgan.errors import UserError
-from pgan.networks import Generator, eval_chunk, generate_chunks
+from pgan.networks import Generator, generate_chunks
 from pgan.schedule import Stage, alpha_at
 
 
@@ -100,7 +100,6 @@ def generate(
     """G(z) in batches (default: sized for G's device, pgan.networks.eval_chunk), on G's device, as float images
     in [-1, 1] on the CPU. A class-conditional G takes `labels` [N] (default: sample i in class i mod
     num_classes, pgan.networks.cycle_labels)."""
-    batch_size = batch_size or eval_chunk(next(G.parameters()).device, G)
     return torch.cat([part.float().cpu() for part in generate_chunks(G, z, alpha, batch_size, labels)])
 
 

@@ -38,6 +38,11 @@ MIN_SCALE_SIDE = 4  # the coarsest MS-SSIM scale keeps at least this many pixels
 DATA_RANGE = 2.0  # images in [-1, 1]
 K1, K2 = 0.01, 0.03
 
+# Values per image tensor in one chunk of pairwise MS-SSIM: cache-sized on a CPU (experiments/throughput,
+# "Evaluation cost"), on an accelerator only a bound on memory at 1024 px.
+MSSSIM_CHUNK_ELEMENTS_CPU = 2**20
+MSSSIM_CHUNK_ELEMENTS_ACCELERATOR = 2**24
+
 EMBEDDING_SIDE = 64  # images are resized to this before the random embedding, whatever their resolution
 EMBEDDING_SEED = 1234
 BOOTSTRAP_RESAMPLES = 1000
@@ -113,7 +118,8 @@ def pairwise_ms_ssim(images: torch.Tensor, seed: int = 0, max_elements: int | No
     and 2**24 on an accelerator, where the size only bounds memory at 1024 px.
     """
     if max_elements is None:
-        max_elements = 2**20 if images.device.type == "cpu" else 2**24
+        cpu = images.device.type == "cpu"
+        max_elements = MSSSIM_CHUNK_ELEMENTS_CPU if cpu else MSSSIM_CHUNK_ELEMENTS_ACCELERATOR
     n = images.shape[0]
     if n < 2:
         raise ValueError(f"pairwise MS-SSIM needs at least 2 images, got {n}")

@@ -34,7 +34,7 @@ from pgan.metrics.diversity import (
 )
 from pgan.metrics.modes import ModeClassifier, mode_classifier_for, mode_coverage
 from pgan.monitor import Monitor
-from pgan.networks import Generator, eval_chunk, g_architecture_of, generate_chunks
+from pgan.networks import Generator, g_architecture_of, generate_chunks
 from pgan.schedule import Stage, alpha_at
 from pgan.train.step import fade_reals
 
@@ -90,7 +90,6 @@ def evaluation_samples(
     evaluate). A class-conditional G generates sample i in class i mod num_classes (pgan.networks.cycle_labels)."""
     was_training = G.training
     G.eval()
-    chunk = chunk or eval_chunk(next(G.parameters()).device, G)
     with autocast:
         images = torch.cat([part.float() for part in generate_chunks(G, z, alpha, chunk)])
     G.train(was_training)
