@@ -181,6 +181,19 @@ LOSS_NAMES = ("wgan_gp", "logistic", "hinge", "rpgan")
 PENALTY_MODES = ("exact", "approx")
 
 
+def check_number(
+    key: str, value: object, low: float, high: float | None = None, strict: bool = False, meaning: str = ""
+) -> None:
+    """A ValueError naming `key` unless `value` is a finite number (not a bool) >= `low` (> with `strict`) and
+    <= `high` when given."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    in_range = number and (value > low if strict else value >= low) and (high is None or value <= high)
+    if not in_range:
+        bound = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if strict else '>='} {low:g}"
+        note = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{key} must be a finite number {bound}{note}, got {value!r}")
+
+
 def make_loss(
     name: str,
     drift: float = 0.001,
@@ -201,15 +214,16 @@ def make_loss(
         every = int(penalty_every)
     except (TypeError, ValueError):
         every = 0
-    if every < 1 or every != penalty_every:
+    if every < 1 or every != penalty_every or isinstance(penalty_every, bool):
         raise ValueError(f"loss.penalty_every must be an integer >= 1, got {penalty_every!r}")
-    for key, gamma in (("r1_gamma", r1_gamma), ("r2_gamma", r2_gamma)):
-        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 0:
-            raise ValueError(f"loss.{key} must be a number >= 0, got {gamma!r}")
-    if not isinstance(gamma_decay_kimg, (int, float)) or not gamma_decay_kimg >= 0:
-        raise ValueError(f"loss.gamma_decay_kimg must be >= 0 (0: constant gamma), got {gamma_decay_kimg!r}")
-    if not isinstance(gamma_final_scale, (int, float)) or not 0 <= gamma_final_scale <= 1:
-        raise ValueError(f"loss.gamma_final_scale must be in [0, 1], got {gamma_final_scale!r}")
+    check_number("loss.r1_gamma", r1_gamma, low=0.0)
+    check_number("loss.r2_gamma", r2_gamma, low=0.0)
+    check_number("loss.gamma_decay_kimg", gamma_decay_kimg, low=0.0, meaning="0: constant gamma")
+    check_number("loss.gamma_final_scale", gamma_final_scale, low=0.0, high=1.0)
+    if name == "wgan_gp":
+        check_number("loss.gp_weight", gp_weight, low=0.0)
+        check_number("loss.gp_target", gp_target, low=0.0, strict=True)
+        check_number("loss.drift", drift, low=0.0)
     if penalty_mode not in PENALTY_MODES:
         raise ValueError(f"loss.penalty_mode must be one of {', '.join(PENALTY_MODES)}, got {penalty_mode!r}")
     auto = penalty_sigma == "auto"

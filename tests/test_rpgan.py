@@ -138,11 +138,19 @@ def test_rpgan_g_step_compares_with_the_reals() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["loss=rpgan", "loss.r2_gamma=-1"], "loss.r2_gamma must be a number >= 0"),
+        (["loss=rpgan", "loss.r2_gamma=-1"], "loss.r2_gamma must be a finite number >= 0"),
         (["loss=wgan_gp", "+loss.r2_gamma=1.0"], "r2_gamma applies to logistic, hinge and rpgan"),
+        # An infinite gamma made every penalty step non-finite, which the guard skipped: the penalty was off.
+        (["loss=rpgan", "loss.r1_gamma=inf"], "loss.r1_gamma must be a finite number >= 0, got inf"),
+        (["loss=rpgan", "loss.penalty_every=true"], "loss.penalty_every must be an integer >= 1, got True"),
+        # WGAN-GP's own keys: a zero target skipped every step, a string failed mid-training.
+        (["loss=wgan_gp", "loss.gp_target=0"], "loss.gp_target must be a finite number > 0"),
+        (["loss=wgan_gp", "loss.gp_weight=abc"], "loss.gp_weight must be a finite number >= 0, got 'abc'"),
+        (["loss=wgan_gp", "loss.gp_weight=nan"], "loss.gp_weight must be a finite number >= 0"),
+        (["loss=wgan_gp", "loss.drift=-1"], "loss.drift must be a finite number >= 0"),
     ],
 )
-def test_bad_r2_settings_are_one_line_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
+def test_bad_loss_settings_are_one_line_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=message):
         train(compose_config(*TINY, *overrides), tmp_path / "run")
 
@@ -209,8 +217,8 @@ def test_a_decaying_gamma_is_logged_and_follows_the_run_images(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["loss=rpgan", "loss.gamma_decay_kimg=-1"], "loss.gamma_decay_kimg must be >= 0"),
-        (["loss=rpgan", "loss.gamma_final_scale=2"], "loss.gamma_final_scale must be in"),
+        (["loss=rpgan", "loss.gamma_decay_kimg=-1"], "loss.gamma_decay_kimg must be a finite number >= 0"),
+        (["loss=rpgan", "loss.gamma_final_scale=2"], "loss.gamma_final_scale must be a finite number in \\[0, 1\\]"),
         (["loss=wgan_gp", "+loss.gamma_decay_kimg=1"], "which wgan_gp does not use"),
     ],
 )
