@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import PGAN_TRAIN, TINY, compose_config, file_listing, wait_for
+from helpers import PGAN_TRAIN, TINY, TINY_8PX, compose_config, file_listing, wait_for
 
 from pgan.cli.train import replace_resolution_maps
 from pgan.errors import UserError
@@ -137,3 +137,37 @@ def test_per_resolution_maps_fill_their_gaps_and_the_stage_line_says_how(tmp_pat
     cfg = compose_config(*TINY, "stage=16", f"init_from={tmp_path / 'run' / 'stage-0008' / 'final.pt'}")
     train(cfg, tmp_path / "grown")
     assert f"growing 16 px from {tmp_path / 'run' / 'stage-0008' / 'final.pt'}" in capsys.readouterr().out
+
+
+@pytest.mark.subprocess
+def test_a_refused_resume_leaves_the_runs_saved_overrides_as_they_were(tmp_path: Path) -> None:
+    """Hydra rewrites DIR/.hydra/ before the trainer checks the overrides; a resume refused for a bad value
+    puts it back, so the next plain resume runs with the run's own overrides (it used to reapply the bad one).
+    With hydra.run.dir given twice, the lock and the saved overrides are the last one's, as Hydra's run dir."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run([PGAN_TRAIN, *TINY_8PX, f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    decoy = tmp_path / "decoy"
+    for args in (["loss.r1_gamma=-1"], [f"hydra.run.dir={decoy}", "loss.r1_gamma=-1"]):
+        refused = subprocess.run(
+            [PGAN_TRAIN, *args, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=BOUND_S
+        )
+        assert refused.returncode == 2 and "loss.r1_gamma" in refused.stderr, refused.stderr
+        assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == before
+        assert not decoy.exists()
+    resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=BOUND_S)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "loss.r1_gamma" not in resumed.stdout
+
+
+def test_a_resume_through_other_resolutions_is_one_line_naming_the_schedule(tmp_path: Path) -> None:
+    """A run grown 8 -> 16 px, resumed with schedule.resolutions=[16,32] (its first stage dropped): its layers
+    would not load (a traceback before); now a UserError naming schedule.resolutions. Adding a stage after
+    the last one still resumes."""
+    run_dir = tmp_path / "run"
+    train(compose_config(*TINY), run_dir)
+    with pytest.raises(UserError, match=r"grew through \[8, 16\] px .* schedule.resolutions=\[16, 32\] does not"):
+        train(compose_config(*TINY, "schedule.resolutions=[16,32]"), run_dir)
+    train(compose_config(*TINY, "schedule.resolutions=[8,16,32]"), run_dir)
+    assert (run_dir / "stage-0032" / "final.pt").is_file()

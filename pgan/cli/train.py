@@ -17,7 +17,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
+from pgan.cli import CONFIG_DIR, EXIT_USER_ERROR, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError
 from pgan.schedule import PER_RESOLUTION, PLATEAU_PER_RESOLUTION
 
@@ -56,8 +56,8 @@ def replace_resolution_maps(args: list[str]) -> list[str]:
 
 
 def _run_dir_arg(args: list[str]) -> str | None:
-    """The run directory `hydra.run.dir=` names among `args`, if any."""
-    return next((a.split("=", 1)[1] for a in args if _override_key(a) == "hydra.run.dir"), None)
+    """The run directory `hydra.run.dir=` names among `args`, if any (the last one, as Hydra takes it)."""
+    return next((a.split("=", 1)[1] for a in reversed(args) if _override_key(a) == "hydra.run.dir"), None)
 
 
 def with_saved_overrides(args: list[str]) -> list[str]:
@@ -176,6 +176,21 @@ def refuse_held_run_dir(args: list[str]) -> None:
         check_free(Path(run_dir))
 
 
+def run_hydra_keeping_a_refused_runs_record(run_dir: str | None) -> None:
+    """_hydra_main(); where it refuses the command (a user error, exit 2) on an existing run directory, that run's
+    .hydra/ is put back as it was, so the next plain resume reapplies the run's own overrides, not the refused."""
+    from pgan import dist
+    from pgan.train.rundir import hydra_record, restore_hydra_record
+
+    record = hydra_record(Path(run_dir)) if run_dir is not None and dist.current().is_main else {}
+    try:
+        _hydra_main()
+    except SystemExit as exc:
+        if exc.code == EXIT_USER_ERROR and record:
+            restore_hydra_record(Path(run_dir), record)
+        raise
+
+
 def main() -> None:
     """Console entry point of `pgan-train` (also under `torchrun --nproc_per_node=N -m pgan.train`)."""
     from pgan import dist
@@ -186,7 +201,7 @@ def main() -> None:
         args = join_ranks(args)
         refuse_held_run_dir(args)
         sys.argv = [sys.argv[0], *with_saved_overrides(args)]
-        _hydra_main()
+        run_hydra_keeping_a_refused_runs_record(_run_dir_arg(args))
         # Every rank done with its collectives before any leaves the group: a rank that tore gloo down while
         # the other was still in its last all-reduce aborted once ("terminate called without an active
         # exception"). Not on an error's way out, where the other ranks may never get here.

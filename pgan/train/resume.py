@@ -61,6 +61,7 @@ def find_resume_point(options: TrainOptions, run_dir: Path) -> dict[str, Any] | 
         if found is not None:
             state, path = found
             check_same_architecture(options, state["config"], f"the run in {run_dir}")
+            check_same_growth(options, state, run_dir)
             print(f"resuming from {path} ({state['total_nimg'] / 1000:.3f} kimg)", flush=True)
             return state
     # Checkpoints set aside by an earlier attempt count too: repeating the command must not start afresh.
@@ -71,6 +72,20 @@ def find_resume_point(options: TrainOptions, run_dir: Path) -> dict[str, Any] | 
             "start a new run in another directory"
         )
     return None
+
+
+def check_same_growth(options: TrainOptions, state: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume a checkpoint whose run grew through other resolutions up to its stage than this
+    schedule does (its layers are named by the resolutions it grew through: a first stage dropped or added
+    would not load)."""
+    theirs = [int(r) for r in state["config"]["schedule"]["resolutions"]]
+    upto = theirs[: theirs.index(int(state["resolution"])) + 1]
+    ours = [st.resolution for st in options.stages][: len(upto)]
+    if ours != upto:
+        raise UserError(
+            f"the run in {run_dir} grew through {upto} px up to its newest checkpoint; schedule.resolutions="
+            f"{[st.resolution for st in options.stages]} does not: resume it with its own schedule.resolutions"
+        )
 
 
 def grows_from(options: TrainOptions, run_dir: Path, stage: Stage) -> tuple[dict[str, Any], Path] | None:

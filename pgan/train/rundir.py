@@ -134,3 +134,16 @@ def discard_unstarted(run_dir: Path) -> None:
     """Remove a run directory that holds only Hydra's files (a user error stopped the run before it began)."""
     if written_by_hydra_only(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def hydra_record(run_dir: Path) -> dict[str, bytes]:
+    """The files of an existing run directory's .hydra/ (its saved config and overrides), to put back if the
+    command about to run is refused: Hydra rewrites them before the trainer can check the overrides."""
+    folder = Path(run_dir) / ".hydra"
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
+def restore_hydra_record(run_dir: Path, record: dict[str, bytes]) -> None:
+    """Put an existing run's .hydra/ files back as `hydra_record` found them (a refused resume changes nothing)."""
+    for name, content in record.items():
+        (Path(run_dir) / ".hydra" / name).write_bytes(content)
