@@ -128,6 +128,10 @@ def busy_cpus(cpus: list[int], window_s: float = 0.25, threshold: float = 0.5) -
     return busy
 
 
+# threads=N beyond this many a usable core is refused: 5000 threads on 2 cores made no progress in 5 minutes.
+MAX_THREADS_PER_CORE = 4
+
+
 def check_threads(setting: str | int) -> str | int:
     """`setting` if it is a thread setting (auto, or an integer >= 1), else a one-line user error."""
     if setting != "auto" and (isinstance(setting, bool) or not isinstance(setting, int) or setting < 1):
@@ -158,7 +162,14 @@ def thread_budget(setting: str | int, processes: int = 1) -> ThreadBudget:
     on this machine. OpenMP threads wait for each other at every operation: one that shares its core with
     another job slows them all (measured: 2.1x on a 2-core machine with one core taken, experiments/throughput)."""
     if check_threads(setting) != "auto":
-        return ThreadBudget(setting, len(usable_cpus()), 0, f"threads={setting}")
+        cpus = len(usable_cpus())
+        if setting > MAX_THREADS_PER_CORE * cpus:
+            raise UserError(
+                f"threads={setting} is more than {MAX_THREADS_PER_CORE} a core this process may use ({cpus}): "
+                f"OpenMP threads sharing a core wait for each other at every operation; use threads=auto or at "
+                f"most {MAX_THREADS_PER_CORE * cpus}"
+            )
+        return ThreadBudget(setting, cpus, 0, f"threads={setting}")
     if os.environ.get("OMP_NUM_THREADS"):
         n = torch.get_num_threads()
         return ThreadBudget(n, len(usable_cpus()), 0, f"OMP_NUM_THREADS={n}")

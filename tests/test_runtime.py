@@ -113,6 +113,13 @@ def test_a_bad_thread_setting_is_one_user_error(setting):
         runtime.thread_budget(setting)
 
 
+def test_more_threads_than_four_a_usable_core_is_one_user_error():
+    cores = len(runtime.usable_cpus())
+    assert runtime.thread_budget(4 * cores).threads == 4 * cores
+    with pytest.raises(UserError, match=f"threads={4 * cores + 1} is more than 4 a core .* at most {4 * cores}"):
+        runtime.thread_budget(4 * cores + 1)
+
+
 def test_threads_n_and_omp_num_threads_are_taken_as_given(monkeypatch):
     budget = runtime.thread_budget(3)
     assert (budget.threads, budget.source) == (3, "threads=3")
