@@ -202,6 +202,8 @@ def stages_from_config(cfg: Mapping[str, Any]) -> list[Stage]:
     The first stage fades in too when the run grows it from `init_from` (a smaller checkpoint).
     """
     s = cfg["schedule"]
+    if isinstance(s["resolutions"], (str, int, float)):  # a list or a ListConfig; `schedule.resolutions=8`
+        raise ValueError(f"schedule.resolutions must be a list of resolutions in px, got {s['resolutions']!r}")
     resolutions = [int(r) for r in s["resolutions"]]
     if not resolutions or any(b <= a for a, b in zip(resolutions, resolutions[1:])):
         raise ValueError(f"schedule.resolutions must be a non-empty increasing list, got {resolutions}")

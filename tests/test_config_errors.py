@@ -39,6 +39,15 @@ from pgan.train.loop import train
         (["checkpoint.keep=0"], "checkpoint.keep must be >= 1"),
         (["guard.max_bad_steps=0"], "guard.max_bad_steps must be >= 1"),
         (["guard.rollback_lr_scale=2"], r"guard.rollback_lr_scale must be in \(0, 1\]"),
+        # Intervals that used to mean "every step" (a checkpoint or a grid a step), and counts that were tracebacks.
+        (["checkpoint.every_kimg=0"], "checkpoint.every_kimg must be a finite number > 0, got 0"),
+        (["log.image_every_kimg=-1"], "log.image_every_kimg must be a finite number > 0, got -1"),
+        (["log.tick_kimg=0"], "log.tick_kimg must be a finite number > 0"),
+        (["metrics.every_kimg=-1"], r"metrics.every_kimg must be > 0 \(or null: off\), got -1"),
+        (["data.num_workers=-1"], "data.num_workers must be an integer >= 0, got -1"),
+        (["data.num_workers=abc"], "data.num_workers must be an integer >= 0, got 'abc'"),
+        (["log.grid_size=0"], "log.grid_size must be an integer >= 1, got 0"),
+        (["schedule.resolutions=8"], "schedule.resolutions must be a list of resolutions in px, got 8"),
     ],
 )
 def test_bad_settings_name_the_key_before_anything_is_written(

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pgan.augment import check_augment_config
 from pgan.errors import UserError
-from pgan.losses import Loss, make_loss
+from pgan.losses import Loss, check_number, make_loss
 from pgan.metrics.quality import SCORES
 from pgan.networks import G_ARCHITECTURES, GROW_INITS, networks_from
 from pgan.runtime import check_precision, check_threads
@@ -170,18 +170,12 @@ class TrainOptions:
             loss=loss,
             ema_kimg=ema_kimg,
             ema_rampup=ema_rampup,
-            intervals=Intervals(
-                tick_nimg=_nimg(cfg.log.tick_kimg),
-                grid_nimg=_nimg(cfg.log.image_every_kimg),
-                diversity_nimg=_nimg(cfg.diversity.every_kimg) if cfg.diversity.enabled else 0,
-                metrics_nimg=_nimg(cfg.metrics.every_kimg) if cfg.metrics.every_kimg else 0,
-                snapshot_nimg=_nimg(cfg.checkpoint.every_kimg),
-            ),
+            intervals=_intervals(cfg),
             snapshots_kept=int(cfg.checkpoint.keep),
             compile=bool(cfg.speed.compile),
             compile_mode=str(cfg.speed.compile_mode),
             reuse_fakes=bool(cfg.speed.reuse_fakes),
-            num_workers=int(cfg.data.num_workers),
+            num_workers=_count("data.num_workers", cfg.data.num_workers, low=0),
             loader_timeout_s=float(cfg.loader.timeout_s),
             loader_max_restarts=int(cfg.loader.max_restarts),
             augment=augment,
@@ -194,8 +188,8 @@ class TrainOptions:
             collapse_max_rollbacks=int(cfg.diversity.max_rollbacks),
             collapse_lr_scale=float(cfg.diversity.rollback_lr_scale),
             metric_names=tuple(metric_names),
-            grid_size=int(cfg.log.grid_size),
-            grid_classes=int(cfg.log.grid_classes),
+            grid_size=_count("log.grid_size", cfg.log.grid_size, low=1),
+            grid_classes=_count("log.grid_classes", cfg.log.grid_classes, low=1),
             progress_bar=bool(cfg.log.progress_bar),
         )
 
@@ -224,6 +218,35 @@ class TrainOptions:
 def _nimg(kimg: Any, minimum: int = 1) -> int:
     """An interval in kimg as whole images (at least `minimum`)."""
     return max(minimum, round(float(kimg) * 1000))
+
+
+def _interval_nimg(key: str, kimg: Any) -> int:
+    """The interval `key` in kimg (a finite number > 0) as whole images, at least 1; else a one-line error (a zero
+    or negative interval used to mean every step: a checkpoint or a grid a step)."""
+    try:
+        check_number(key, kimg, low=0.0, strict=True)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    return _nimg(kimg)
+
+
+def _intervals(cfg: DictConfig) -> Intervals:
+    """How often the trainer logs, writes grids, evaluates and snapshots, each interval checked."""
+    watch, metrics = cfg.diversity, cfg.metrics
+    return Intervals(
+        tick_nimg=_interval_nimg("log.tick_kimg", cfg.log.tick_kimg),
+        grid_nimg=_interval_nimg("log.image_every_kimg", cfg.log.image_every_kimg),
+        diversity_nimg=_interval_nimg("diversity.every_kimg", watch.every_kimg) if watch.enabled else 0,
+        metrics_nimg=_interval_nimg("metrics.every_kimg", metrics.every_kimg) if metrics.every_kimg else 0,
+        snapshot_nimg=_interval_nimg("checkpoint.every_kimg", cfg.checkpoint.every_kimg),
+    )
+
+
+def _count(key: str, value: Any, low: int) -> int:
+    """`value` if it is an integer >= `low` (not a bool), else a one-line error naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{key} must be an integer >= {low}, got {value!r}")
+    return value
 
 
 def _stages(cfg: DictConfig) -> list[Stage]:
