@@ -48,6 +48,16 @@ from pgan.train.loop import train
         (["data.num_workers=abc"], "data.num_workers must be an integer >= 0, got 'abc'"),
         (["log.grid_size=0"], "log.grid_size must be an integer >= 1, got 0"),
         (["schedule.resolutions=8"], "schedule.resolutions must be a list of resolutions in px, got 8"),
+        # Missing Inception weights: found before the run writes anything, named by the trainer's own keys.
+        (
+            ["metrics.every_kimg=0.064", "metrics.names=[fid]", "metrics.inception_weights=/no/such.pth"],
+            "metrics.inception_weights=/no/such.pth: no such file",
+        ),
+        (
+            ["schedule.advance=plateau", "schedule.plateau.metric=fid", "schedule.plateau.min_stable_kimg=0.016"]
+            + ["metrics.inception_weights=/no/such.pth"],
+            "metrics.inception_weights=/no/such.pth: no such file",
+        ),
     ],
 )
 def test_bad_settings_name_the_key_before_anything_is_written(

@@ -79,40 +79,58 @@ def hub_inception_weights() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
-def find_inception_weights(path: str | os.PathLike | None) -> Path | None:
-    """The weights file: `path` when given (it must exist), else torch.hub's cached copy, else None."""
+def find_inception_weights(path: str | os.PathLike | None, keys: str = "") -> Path | None:
+    """The weights file: `path` when given (it must exist), else torch.hub's cached copy, else None. `keys`:
+    the prefix of the command's keys in messages (the trainer's are `metrics.`)."""
     if path is not None:
         weights = Path(path).expanduser()
         if not weights.is_file():
-            raise UserError(f"inception_weights={path}: no such file")
+            raise UserError(f"{keys}inception_weights={path}: no such file")
         return weights
     cached = hub_inception_weights()
     return cached if cached.is_file() else None
 
 
 def feature_space(
-    kind: str, weights: str | os.PathLike | None, device: torch.device, *, random_by_default: bool = True
+    kind: str,
+    weights: str | os.PathLike | None,
+    device: torch.device,
+    *,
+    random_by_default: bool = True,
+    keys: str = "",
 ) -> FeatureSpace:
     """The feature space `kind` (auto | inception | random) on `device`.
 
     With `random_by_default=False` (FID/KID requested), `auto` without Inception weights is an error rather
     than a quiet switch to random features, whose numbers must never be mistaken for a published-style FID.
     """
-    if kind not in FEATURE_SPACES:
-        raise UserError(f"features={kind}: unknown (available: {', '.join(FEATURE_SPACES)})")
-    found = find_inception_weights(weights) if kind != "random" else None
-    if kind == "inception" or (kind == "auto" and found is not None):
-        if found is None:
-            raise UserError(missing_weights_message())
+    found = check_feature_space(kind, weights, random_by_default=random_by_default, keys=keys)
+    if found is not None:
         return FeatureSpace("inception", InceptionFeatures(found).to(device).eval())
-    if kind == "auto" and not random_by_default:
-        raise UserError(missing_weights_message() + ", or features=random for offline (non-standard) FID/KID")
     return FeatureSpace("random", RandomEmbedding().to(device).eval())
 
 
-def missing_weights_message() -> str:
-    """The one line saying where Inception weights were looked for."""
+def check_feature_space(
+    kind: str, weights: str | os.PathLike | None, *, random_by_default: bool = True, keys: str = ""
+) -> Path | None:
+    """`feature_space`'s checks without building it: the Inception weights it would use (None: random features),
+    or its one-line error naming the command's keys (prefixed by `keys`). The trainer checks before writing."""
+    if kind not in FEATURE_SPACES:
+        raise UserError(f"{keys}features={kind}: unknown (available: {', '.join(FEATURE_SPACES)})")
+    found = find_inception_weights(weights, keys) if kind != "random" else None
+    if kind == "inception" or (kind == "auto" and found is not None):
+        if found is None:
+            raise UserError(missing_weights_message(keys))
+        return found
+    if kind == "auto" and not random_by_default:
+        offline = f", or {keys}features=random for offline (non-standard) FID/KID"
+        raise UserError(missing_weights_message(keys) + offline)
+    return None
+
+
+def missing_weights_message(keys: str = "") -> str:
+    """The one line saying where Inception weights were looked for (`keys`: the command's key prefix)."""
     return (
         f"Inception-v3 FID weights not found (looked for {hub_inception_weights()}; nothing is downloaded): "
-        f"pass inception_weights=PATH to a copy of {INCEPTION_FILE}"
+        f"pass {keys}inception_weights=PATH to a copy of {INCEPTION_FILE}"
     )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pgan.errors import UserError
-from pgan.metrics.features import FeatureSpace, feature_space
+from pgan.metrics.features import FeatureSpace, check_feature_space, feature_space
 from pgan.metrics.modes import ModeClassifier, digit_kl, mode_coverage
 from pgan.metrics.prdc import density_coverage, precision_recall
 from pgan.metrics.swd import MIN_RESOLUTION as SWD_MIN_RESOLUTION
@@ -109,13 +109,25 @@ def nearest_k(names: Sequence[str], pr_k: int, coverage_k: int) -> int:
     return max(int(pr_k) if "pr" in names else 0, int(coverage_k) if "coverage" in names else 0)
 
 
-def features_for(names: Sequence[str], kind: str, weights: str | None, device: torch.device) -> FeatureSpace | None:
+def features_for(
+    names: Sequence[str], kind: str, weights: str | None, device: torch.device, keys: str = ""
+) -> FeatureSpace | None:
     """The feature space `kind` for the metrics `names` (None if none of them needs one); with fid / kid asked
     for, `auto` without Inception weights is an error rather than random features (see `feature_space`)."""
     if not any(n in FEATURE_METRICS for n in names):
         return None
-    wants_fid = any(n in ("fid", "kid") for n in names)
-    return feature_space(str(kind), weights, device, random_by_default=not wants_fid)
+    return feature_space(str(kind), weights, device, random_by_default=not wants_fid(names), keys=keys)
+
+
+def check_features_for(names: Sequence[str], kind: str, weights: str | None, keys: str = "") -> None:
+    """`features_for`'s one-line errors, without loading any weights (the trainer checks before it writes)."""
+    if any(n in FEATURE_METRICS for n in names):
+        check_feature_space(str(kind), weights, random_by_default=not wants_fid(names), keys=keys)
+
+
+def wants_fid(names: Sequence[str]) -> bool:
+    """Whether FID or KID is among `names` (they need Inception features, or an explicit features=random)."""
+    return any(n in ("fid", "kid") for n in names)
 
 
 def check_metric_names(names: Sequence[str], available: Sequence[str] = QUALITY_METRICS) -> list[str]:

@@ -23,7 +23,14 @@ from pgan.metrics.diversity import sample_dataset
 from pgan.metrics.features import FEATURE_SPACES, FeatureSpace
 from pgan.metrics.modes import MODE_SOURCES, ModeClassifier, mode_classifier_for, no_classifier_message
 from pgan.metrics.modes import WORKING_RESOLUTION as MODES_MIN_RESOLUTION
-from pgan.metrics.quality import QUALITY_METRICS, QualityEvaluator, check_metric_names, features_for, nearest_k
+from pgan.metrics.quality import (
+    QUALITY_METRICS,
+    QualityEvaluator,
+    check_features_for,
+    check_metric_names,
+    features_for,
+    nearest_k,
+)
 from pgan.metrics.swd import MIN_RESOLUTION as SWD_MIN_RESOLUTION
 from pgan.monitor import Monitor
 from pgan.networks import Generator, g_architecture_of
@@ -59,6 +66,8 @@ def check_metrics_config(cfg: DictConfig) -> list[str]:
     k = nearest_k(names, m.pr_k, m.coverage_k)
     if k and min(int(m.num_fake), int(m.num_real)) <= k:
         raise UserError(f"metrics.num_fake and num_real must be > {k} for pr / coverage with k={k}")
+    if m.every_kimg is not None:
+        check_features_for(names, m.features, m.inception_weights, keys="metrics.")
     return names
 
 
@@ -79,7 +88,9 @@ class MetricsWatch:
         self.seed = int(cfg.seed)
         self.g_architecture = g_architecture_of(cfg.model)  # how its reals are faded
         # Resolved once, before the first step: a missing Inception file stops the run at once, not at 1st eval.
-        self.features: FeatureSpace | None = features_for(self.names, m.features, m.inception_weights, device)
+        self.features: FeatureSpace | None = features_for(
+            self.names, m.features, m.inception_weights, device, keys="metrics."
+        )
         # Checked at start too: "modes" on data without known modes is a config error, not a mid-run surprise.
         self.modes: ModeClassifier | None = mode_classifier_for(cfg.data) if "modes" in self.names else None
         gen = torch.Generator().manual_seed(self.seed + LATENT_SEED_OFFSET)

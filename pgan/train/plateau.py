@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from pgan import dist
 from pgan.errors import UserError
 from pgan.metrics.modes import MODE_SOURCES, no_classifier_message
-from pgan.metrics.quality import SCORES, nearest_k
+from pgan.metrics.quality import SCORES, check_features_for, nearest_k
 from pgan.monitor import Monitor
 from pgan.schedule import PlateauRule, Stage, plateau_evaluation_due, plateau_progress, plateau_reached, stable_nimg
 from pgan.train.metrics_watch import SMALLEST_RESOLUTION, MetricsWatch, applies_at
@@ -51,6 +51,7 @@ def check_plateau_metric(cfg: DictConfig) -> None:
     k = nearest_k([family], m.pr_k, m.coverage_k)
     if k and min(int(m.num_fake), int(m.num_real)) <= k:
         raise UserError(f"schedule.plateau.metric={metric}: metrics.num_fake and num_real must be > {k} (k={k})")
+    check_features_for([family], m.features, m.inception_weights, keys="metrics.")
 
 
 class Plateau:
