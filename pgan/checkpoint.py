@@ -179,6 +179,19 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive starts as every zip file does
+
+
+def _unreadable(path: Path, why: str) -> CheckpointDamaged:
+    """The error for a file torch.load could not read: a damaged checkpoint if it starts as torch.save's archive
+    does (e.g. truncated), else not a checkpoint at all (torch's own message would suggest an unsafe load)."""
+    with path.open("rb") as f:
+        archive = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    if archive:
+        return CheckpointDamaged(f"cannot load checkpoint {path}: damaged file ({why})")
+    return CheckpointDamaged(f"not a pgan checkpoint: {path} (not a torch.save archive)")
+
+
 def load_checkpoint(
     path: Path | str, map_location: str | torch.device = "cpu", validate: bool = True
 ) -> dict[str, Any]:
@@ -206,13 +219,12 @@ def load_checkpoint(
                 f"refusing to load {path}: it holds pickled Python objects{what}, which could run code; pgan "
                 "checkpoints hold tensors and plain values only"
             ) from exc
-        raise CheckpointDamaged(f"cannot load checkpoint {path}: damaged file ({first or type(exc).__name__})") from exc
+        raise _unreadable(path, first or type(exc).__name__) from exc
     except Exception as exc:  # a truncated or corrupt file: torch's zip reader raises RuntimeError, EOFError, ...
         first = first_line(exc)
         if "DataLoader" in first:
             raise  # torch's SIGCHLD handler fired during the load: a worker's failure, not the file's
-        why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-        raise CheckpointDamaged(f"cannot load checkpoint {path}: damaged file ({why})") from exc
+        raise _unreadable(path, f"{type(exc).__name__}: {first}" if first else type(exc).__name__) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointDamaged(f"not a pgan checkpoint: {path}")
     missing = [k for k in REQUIRED_KEYS if k not in state]

@@ -123,11 +123,13 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(reference: Path, tmp
     assert not list(run_dir.rglob("ckpt-*.pt")) and not (run_dir / STAGE / "final.pt").exists()
 
 
-def test_random_bytes_are_a_damaged_file_not_pickled_code(tmp_path: Path) -> None:
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(bytes(range(256)) * 8)
-    with pytest.raises(CheckpointDamaged, match=r"garbage.pt: damaged file"):
-        load_checkpoint(garbage)
+def test_random_bytes_or_text_are_not_a_checkpoint_and_not_pickled_code(tmp_path: Path) -> None:
+    """Neither is called pickled code, nor gets torch's advice to retry with weights_only=False; a truncated
+    archive stays a damaged checkpoint (test above)."""
+    for name, content in (("garbage.pt", bytes(range(256)) * 8), ("notes.pt", b"hello world\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointDamaged, match=rf"not a pgan checkpoint: .*{name} \(not a torch.save archive\)$"):
+            load_checkpoint(tmp_path / name)
 
 
 def _tiny_checkpoint(path: Path, nimg: int) -> Path:
