@@ -171,3 +171,16 @@ def test_a_resume_through_other_resolutions_is_one_line_naming_the_schedule(tmp_
         train(compose_config(*TINY, "schedule.resolutions=[16,32]"), run_dir)
     train(compose_config(*TINY, "schedule.resolutions=[8,16,32]"), run_dir)
     assert (run_dir / "stage-0032" / "final.pt").is_file()
+
+
+def test_a_resume_names_the_settings_changed_since_its_checkpoint(tmp_path: Path, capsys) -> None:
+    """A resume with another seed and loss settings says so in one line (it used to take them silently);
+    where and how it runs (threads) is not a change; a plain resume prints no such line."""
+    run_dir = tmp_path / "run"
+    train(compose_config(*TINY_8PX), run_dir)
+    capsys.readouterr()
+    train(compose_config(*TINY_8PX, "seed=3", "loss.r1_gamma=0.5", "threads=1"), run_dir)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("settings changed")]
+    assert lines == ["settings changed since that checkpoint: loss.r1_gamma: 1.0 -> 0.5; seed: 0 -> 3"]
+    train(compose_config(*TINY_8PX), run_dir)
+    assert "settings changed" not in capsys.readouterr().out

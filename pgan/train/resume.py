@@ -63,6 +63,9 @@ def find_resume_point(options: TrainOptions, run_dir: Path) -> dict[str, Any] | 
             check_same_architecture(options, state["config"], f"the run in {run_dir}")
             check_same_growth(options, state, run_dir)
             print(f"resuming from {path} ({state['total_nimg'] / 1000:.3f} kimg)", flush=True)
+            changed = changed_settings(state["config"], options.config)
+            if changed:
+                print(f"settings changed since that checkpoint: {'; '.join(changed)}", flush=True)
             return state
     # Checkpoints set aside by an earlier attempt count too: repeating the command must not start afresh.
     tried += [path for st in options.selected for path in damaged_files(run_dir / st.name)]
@@ -72,6 +75,25 @@ def find_resume_point(options: TrainOptions, run_dir: Path) -> dict[str, Any] | 
             "start a new run in another directory"
         )
     return None
+
+
+# Settings that may differ between attempts without changing what the run computes (where it runs, and how).
+RUNTIME_KEYS = frozenset({"device", "threads", "stage", "init_from", "log.progress_bar", "data.num_workers"})
+
+
+def changed_settings(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
+    """The settings of a checkpoint's config (`saved`) that this run's config (`ours`) changes, as
+    'key: old -> new' (nested keys dotted), RUNTIME_KEYS aside: a resume takes them silently otherwise."""
+    changed = []
+    for key in sorted(set(saved) | set(ours)):
+        name, old, new = f"{prefix}{key}", saved.get(key), ours.get(key)
+        if name in RUNTIME_KEYS or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_settings(old, new, f"{name}.")
+        else:
+            changed.append(f"{name}: {old!r} -> {new!r}")
+    return changed
 
 
 def check_same_growth(options: TrainOptions, state: dict[str, Any], run_dir: Path) -> None:
