@@ -74,6 +74,8 @@ def test_cli_prints_json_last_and_exits_0_whatever_the_verdict(folders) -> None:
     [
         (["fake=/nonexistent/fakes", "real=/tmp"], "fake=/nonexistent/fakes"),
         (["metrics=[fid2]"], "unknown fid2"),
+        (["metrics=fid2"], "unknown fid2 "),  # one name as a string: the name, not its letters f, i, d, 2
+        (["metrics=[]"], "metrics=[] asks for nothing"),
         ([], "exactly one of fake=FOLDER or ckpt=CHECKPOINT"),
         (["ckpt=/nonexistent.pt"], "/nonexistent.pt"),
     ],

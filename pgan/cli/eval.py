@@ -60,6 +60,8 @@ def evaluate(cfg: DictConfig) -> dict:
     from pgan.sample import generate, seeded_latents
 
     names = check_metric_names(cfg.metrics, METRICS)
+    if not names:
+        raise UserError(f"metrics=[] asks for nothing (available: {', '.join(METRICS)})")
     if (cfg.fake is None) == (cfg.ckpt is None):
         raise UserError("give exactly one of fake=FOLDER or ckpt=CHECKPOINT")
     device = resolve_device(cfg.device)

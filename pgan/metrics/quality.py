@@ -131,8 +131,9 @@ def wants_fid(names: Sequence[str]) -> bool:
 
 
 def check_metric_names(names: Sequence[str], available: Sequence[str] = QUALITY_METRICS) -> list[str]:
-    """`names` as a list, or a user error naming the unknown ones."""
-    names = [str(n) for n in names]
+    """`names` as a list, or a user error naming the unknown ones. One name given as a string (`metrics=modes`)
+    is that name, not its letters."""
+    names = [names] if isinstance(names, str) else [str(n) for n in names]
     unknown = [n for n in names if n not in available]
     if unknown:
         raise UserError(f"metrics: unknown {', '.join(unknown)} (available: {', '.join(available)})")
