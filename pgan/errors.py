@@ -1,5 +1,7 @@
 """Errors a user can cause (bad paths, data or configuration)."""
 
+import math
+
 
 class UserError(Exception):
     """A mistake in the user's input: the CLI prints its message as one line and exits non-zero."""
@@ -9,3 +11,16 @@ def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message ("" when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+def check_number(
+    key: str, value: object, low: float, high: float | None = None, strict: bool = False, meaning: str = ""
+) -> None:
+    """A ValueError naming `key` unless `value` is a finite number (not a bool) >= `low` (> with `strict`) and
+    <= `high` when given."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    in_range = number and (value > low if strict else value >= low) and (high is None or value <= high)
+    if not in_range:
+        bound = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if strict else '>='} {low:g}"
+        note = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{key} must be a finite number {bound}{note}, got {value!r}")

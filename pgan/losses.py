@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pgan.errors import check_number
 from pgan.layers import at_least_fp32
 
 
@@ -179,19 +180,6 @@ class Loss:
 
 LOSS_NAMES = ("wgan_gp", "logistic", "hinge", "rpgan")
 PENALTY_MODES = ("exact", "approx")
-
-
-def check_number(
-    key: str, value: object, low: float, high: float | None = None, strict: bool = False, meaning: str = ""
-) -> None:
-    """A ValueError naming `key` unless `value` is a finite number (not a bool) >= `low` (> with `strict`) and
-    <= `high` when given."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    in_range = number and (value > low if strict else value >= low) and (high is None or value <= high)
-    if not in_range:
-        bound = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if strict else '>='} {low:g}"
-        note = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{key} must be a finite number {bound}{note}, got {value!r}")
 
 
 def make_loss(

@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pgan.augment import check_augment_config
-from pgan.errors import UserError
-from pgan.losses import Loss, check_number, make_loss
+from pgan.errors import UserError, check_number
+from pgan.losses import Loss, make_loss
 from pgan.metrics.quality import SCORES
 from pgan.networks import G_ARCHITECTURES, GROW_INITS, networks_from
 from pgan.runtime import check_precision, check_threads
