@@ -231,13 +231,14 @@ def _interval_nimg(key: str, kimg: Any) -> int:
 
 
 def _intervals(cfg: DictConfig) -> Intervals:
-    """How often the trainer logs, writes grids, evaluates and snapshots, each interval checked."""
+    """How often the trainer logs, writes grids, evaluates and snapshots (the evaluations' intervals are checked
+    with the rest of their sections: check_diversity_config, check_metrics_config)."""
     watch, metrics = cfg.diversity, cfg.metrics
     return Intervals(
         tick_nimg=_interval_nimg("log.tick_kimg", cfg.log.tick_kimg),
         grid_nimg=_interval_nimg("log.image_every_kimg", cfg.log.image_every_kimg),
-        diversity_nimg=_interval_nimg("diversity.every_kimg", watch.every_kimg) if watch.enabled else 0,
-        metrics_nimg=_interval_nimg("metrics.every_kimg", metrics.every_kimg) if metrics.every_kimg else 0,
+        diversity_nimg=_nimg(watch.every_kimg) if watch.enabled else 0,
+        metrics_nimg=_nimg(metrics.every_kimg) if metrics.every_kimg else 0,
         snapshot_nimg=_interval_nimg("checkpoint.every_kimg", cfg.checkpoint.every_kimg),
     )
 
