@@ -35,7 +35,7 @@ from torch.utils.flop_counter import flop_registry
 
 from pgan.cli import CONFIG_DIR
 from pgan.data import InfiniteSampler, make_dataset, wants_prepared
-from pgan.errors import UserError
+from pgan.errors import UserError, check_int
 from pgan.losses import Loss, make_loss
 from pgan.networks import channels_for, check_resolution, model_kwargs_from, resolutions_up_to
 from pgan.runtime import apply_thread_budget, autocast_for, configure_backends, resolve_device, resolve_precision
@@ -211,20 +211,23 @@ def loader_img_per_s(
 
 def check_bench_config(cfg: DictConfig) -> list[int]:
     """The resolutions to measure, with one-line errors for impossible settings."""
-    resolutions = list(cfg.resolutions)
-    if not resolutions:
-        raise UserError("resolutions must list at least one resolution, e.g. resolutions=[32,64]")
+    if not OmegaConf.is_list(cfg.resolutions) or not cfg.resolutions:
+        raise UserError(
+            f"resolutions must list at least one resolution, e.g. resolutions=[32,64], got {cfg.resolutions!r}"
+        )
+    resolutions = [check_int("each of resolutions", res) for res in cfg.resolutions]
     for res in resolutions:
         try:
-            check_resolution(int(res))
-        except (TypeError, ValueError) as exc:
+            check_resolution(res)
+        except ValueError as exc:
             raise UserError(f"resolutions: {exc}") from exc
-    batch, group = int(cfg.batch_size), int(cfg.model.mbstd_group_size)
-    if batch <= 0 or batch % min(group, batch):
-        raise UserError(f"batch_size must be > 0 and divisible by model.mbstd_group_size={group}, got {batch}")
+    batch, group = check_int("batch_size", cfg.batch_size, low=1), int(cfg.model.mbstd_group_size)
+    if batch % min(group, batch):
+        raise UserError(f"batch_size must be divisible by model.mbstd_group_size={group}, got {batch}")
     for key in ("warmup_steps", "steps", "repeats", "loader_batches"):
-        if int(cfg[key]) < (0 if key == "warmup_steps" else 1):
-            raise UserError(f"{key} must be >= {0 if key == 'warmup_steps' else 1}, got {cfg[key]}")
+        check_int(key, cfg[key], low=0 if key == "warmup_steps" else 1)
+    if cfg.matmul_size is not None:
+        check_int("matmul_size", cfg.matmul_size, low=1)
     every = cfg.loss.get("penalty_every", 1)
     if not isinstance(every, int) or every < 1:
         raise UserError(f"loss.penalty_every must be an integer >= 1, got {every!r}")
@@ -232,7 +235,7 @@ def check_bench_config(cfg: DictConfig) -> list[int]:
         raise UserError(f"steps ({cfg.steps}) must be a multiple of loss.penalty_every ({every}): whole lazy cycles")
     if any(not 0 <= float(a) <= 1 for a in cfg.alphas):
         raise UserError(f"alphas must be in [0, 1], got {list(cfg.alphas)}")
-    return [int(r) for r in resolutions]
+    return resolutions
 
 
 @dataclass(frozen=True)
@@ -420,15 +423,31 @@ def switches(r: BenchResult) -> str:
     )
 
 
+def _preset_stages(name: str) -> list:
+    """The stages of the schedule preset `name` (conf/schedule/<name>.yaml), or a UserError naming it."""
+    path = Path(CONFIG_DIR) / "schedule" / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"project={name}: no schedule preset {path}")
+    return stages_from_config({"schedule": OmegaConf.load(path)})
+
+
+def check_project(name: str, resolutions: list[int]) -> None:
+    """Before any measurement: `name` is a schedule preset and `resolutions` measures at least one of its stages
+    (with none, the projection was "0 h")."""
+    wanted = [st.resolution for st in _preset_stages(name)]
+    if not set(wanted) & set(resolutions):
+        raise UserError(
+            f"project={name}: its stages are {wanted} px and resolutions={resolutions} measures none of them, "
+            f"e.g. resolutions=[{','.join(map(str, wanted))}]"
+        )
+
+
 def project_schedule(results: list[BenchResult], name: str) -> dict[str, Any]:
     """The wall-clock of the schedule preset `name` (conf/schedule/<name>.yaml) at the measured rates: each
     stage's fade-in at the rate measured fading in (alpha < 1) and its stable phase at alpha = 1. Stages whose
     rates were not measured are listed under `missing` and left out of `total_h`. The rates are those of this
     run's batch size; the schedule's own batch sizes are listed beside them."""
-    path = Path(CONFIG_DIR) / "schedule" / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"project={name}: no schedule preset {path}")
-    stages = stages_from_config({"schedule": OmegaConf.load(path)})
+    stages = _preset_stages(name)
     fading = {r.resolution: r.img_per_s for r in results if r.alpha < 1}
     stable = {r.resolution: r.img_per_s for r in results if r.alpha >= 1}
     rows, missing = [], []

@@ -198,6 +198,10 @@ def load_checkpoint(
     """Load a pgan checkpoint with `torch.load(weights_only=True)`; a user-facing error if it is not one, or
     (with `validate`) if its networks do not have the shapes its own config implies or hold non-finite values."""
     path = Path(path)
+    if path.is_dir():
+        inside = next((path / name for name in ("final.pt", "latest.pt") if (path / name).is_file()), None)
+        hint = f": did you mean {inside}?" if inside else " (a .pt file such as <run>/stage-0064/final.pt)"
+        raise UserError(f"not a checkpoint: {path} is a folder{hint}")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:

@@ -24,3 +24,16 @@ def check_number(
         bound = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if strict else '>='} {low:g}"
         note = f" ({meaning})" if meaning else ""
         raise ValueError(f"{key} must be a finite number {bound}{note}, got {value!r}")
+
+
+def check_int(key: str, value: object, low: int | None = None, high: int | None = None) -> int:
+    """`value` if it is an integer (not a bool) in [low, high] (each bound when given), else a UserError naming
+    `key`: a config value that `int()` would turn into a traceback ("abc") or quietly into nonsense (0, -2)."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            bound = f" in [{low}, {high}]"
+        else:
+            bound = f" >= {low}" if low is not None else (f" <= {high}" if high is not None else "")
+        raise UserError(f"{key} must be an integer{bound}, got {value!r}")
+    return value

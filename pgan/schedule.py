@@ -76,9 +76,13 @@ def setting_at(value: Any, resolution: int, key: str) -> tuple[Any, str | None]:
         if str(k) == DEFAULT_KEY:
             continue
         try:
-            named[int(k)] = v
+            check_resolution(int(str(k)))
+            named[int(str(k))] = v
         except (TypeError, ValueError):
-            raise ValueError(f"schedule.{key} has the key {k!r}: keys are resolutions in px or 'default'") from None
+            raise ValueError(
+                f"schedule.{key} has the key {k!r}: keys are resolutions in px (powers of two, "
+                f"{MIN_RESOLUTION}-{MAX_RESOLUTION}) or 'default'"
+            ) from None
     if resolution in named:
         return named[resolution], None
     if DEFAULT_KEY in value:

@@ -192,11 +192,17 @@ def test_iteration_flops_count_the_gradient_penalty() -> None:
         ("loss.penalty_every=0", "error: loss.penalty_every must be"),
         ("project=weekly", "error: project=weekly: no schedule preset"),
         ("threads=0", "error: threads must be auto or an integer >= 1"),
+        # Tracebacks before, and a projection of nothing ("0 h").
+        ("resolutions=8", "error: resolutions must list at least one resolution, e.g. resolutions=[32,64], got 8"),
+        ("resolutions=[8,abc]", "error: each of resolutions must be an integer, got 'abc'"),
+        ("matmul_size=-5", "error: matmul_size must be an integer >= 1, got -5"),
+        ("batch_size=abc", "error: batch_size must be an integer >= 1, got 'abc'"),
+        ("resolutions=[4] project=quick", "error: project=quick: its stages are [8, 16, 32, 64, 128, 256] px and"),
     ],
 )
 @pytest.mark.subprocess
 def test_bad_settings_are_one_line_exit_2(override: str, message: str) -> None:
-    result = subprocess.run([PGAN_BENCH, override], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([PGAN_BENCH, *override.split()], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

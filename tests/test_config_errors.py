@@ -10,6 +10,7 @@ import torch
 from helpers import PGAN_TRAIN, TINY, compose_config
 
 from pgan.cli import user_error_line
+from pgan.cli.train import unread_plateau_note
 from pgan.errors import UserError
 from pgan.train.loop import train
 
@@ -48,6 +49,14 @@ from pgan.train.loop import train
         (["data.num_workers=abc"], "data.num_workers must be an integer >= 0, got 'abc'"),
         (["log.grid_size=0"], "log.grid_size must be an integer >= 1, got 0"),
         (["schedule.resolutions=8"], "schedule.resolutions must be a list of resolutions in px, got 8"),
+        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["data.size=0"], "data.size must be an integer >= 1, got 0"),
+        (["data.size=abc"], "data.size must be an integer >= 1, got 'abc'"),
+        (["data.seed=-3"], "data.seed must be an integer >= 0, got -3"),
+        (["data=digits", "data.size=0"], "data.size must be an integer >= 1, got 0"),
+        # A map key that is no resolution was ignored (a typo: 17 for 16 px).
+        (["schedule.lr={8: 0.004, 17: 0.1}"], r"schedule.lr has the key 17: keys are resolutions in px \(powers"),
+        (["schedule.stable_kimg={8: 0.032, 6: 1}"], "schedule.stable_kimg has the key 6"),
         # Missing Inception weights: found before the run writes anything, named by the trainer's own keys.
         (
             ["metrics.every_kimg=0.064", "metrics.names=[fid]", "metrics.inception_weights=/no/such.pth"],
@@ -88,6 +97,17 @@ def test_init_from_another_architecture_names_the_differing_keys(run_8px: Path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("with_final", [True, False])
+def test_init_from_a_folder_says_it_is_a_folder(run_8px: Path, tmp_path: Path, with_final: bool) -> None:
+    """A folder (a stage directory, an export directory) is not "not found": the message says what it is."""
+    folder = run_8px / "stage-0008" if with_final else tmp_path / "export"
+    folder.mkdir(exist_ok=True)
+    hint = f"did you mean {folder / 'final.pt'}" if with_final else r"a .pt file such as"
+    with pytest.raises(UserError, match=rf"not a checkpoint: {folder} is a folder.*{hint}"):
+        train(compose_config(*TINY, "stage=16", f"init_from={folder}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_the_wrong_resolution_is_refused(run_8px: Path, tmp_path: Path) -> None:
     ckpt = run_8px / "stage-0008" / "final.pt"
     with pytest.raises(UserError, match="is a 8 px checkpoint; stage 32 grows from a 16 px one"):
@@ -125,3 +145,21 @@ def test_a_user_error_from_a_loader_worker_prints_as_its_own_line() -> None:
     )
     assert user_error_line(wrapped) == "cannot read image /data/a.png: truncated"
     assert user_error_line(UserError("plain")) == "plain"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "note"),
+    [
+        (["schedule.plateau.patience=5"], "note: schedule.plateau.patience is read only with schedule.advance=plateau"),
+        (
+            ["schedule.plateau.patience=5", "++schedule.plateau.min_stable_kimg={8: 1}"],
+            "note: schedule.plateau.min_stable_kimg, schedule.plateau.patience are read only with",
+        ),
+        (["schedule.plateau.patience=5", "schedule.advance=plateau"], None),
+        (["schedule.lr=0.002"], None),
+    ],
+)
+def test_plateau_settings_without_the_plateau_advance_get_a_note(overrides: list[str], note: str | None) -> None:
+    """A user who sets schedule.plateau.* but forgot schedule.advance=plateau is told that nothing reads them."""
+    found = unread_plateau_note(compose_config(*overrides), overrides)
+    assert found == note if note is None else found.startswith(note)

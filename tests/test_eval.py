@@ -52,7 +52,7 @@ def test_checkpoint_against_a_dataset_config(tiny_run_8px: Path, tmp_path: Path)
     # An export of the same G_ema gives the same images (pgan-sample's latents for the seed): the same numbers.
     export_safetensors(*load_generator(final), tmp_path / "export")
     assert run_eval(f"ckpt={tmp_path / 'export'}", "data=shapes", "num_fake=64", "num_real=64") == result
-    with pytest.raises(UserError, match="num_fake must be >= 1"):
+    with pytest.raises(UserError, match="num_fake must be an integer >= 1, got 0"):
         run_eval(f"ckpt={final}", "num_fake=0")
 
 
@@ -78,11 +78,28 @@ def test_cli_prints_json_last_and_exits_0_whatever_the_verdict(folders) -> None:
         (["metrics=[]"], "metrics=[] asks for nothing"),
         ([], "exactly one of fake=FOLDER or ckpt=CHECKPOINT"),
         (["ckpt=/nonexistent.pt"], "/nonexistent.pt"),
+        # Values that were tracebacks (seed=abc) or ran (pr_k=0: every ball holds only its own centre).
+        (["fake=/tmp", "seed=abc"], "seed must be an integer, got 'abc'"),
+        (["fake=/tmp", "pr_k=0"], "pr_k must be an integer >= 1, got 0"),
+        (["fake=/tmp", "coverage_k=x"], "coverage_k must be an integer >= 1, got 'x'"),
+        (["fake=/tmp", "num_real=0"], "num_real must be an integer >= 1, got 0"),
+        (["fake=/tmp", "resolution=abc"], "resolution must be an integer, got 'abc'"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(overrides: list[str], message: str, folders) -> None:
     with pytest.raises(UserError, match=message.replace("[", r"\[")):
         run_eval(*overrides)
+
+
+@pytest.mark.parametrize("side", ["real", "fake"])
+def test_an_empty_folder_is_named_by_its_own_key(folders, tmp_path: Path, side: str) -> None:
+    """Not "data.path", which pgan-eval's user never set."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    other = "fake" if side == "real" else "real"
+    given = {side: tmp_path / "empty", other: folders["healthy"]}
+    with pytest.raises(UserError, match=f"no usable images under the {side}= folder {tmp_path / 'empty'}: 1 files"):
+        run_eval(*(f"{k}={v}" for k, v in given.items()), "resolution=32")
 
 
 @pytest.mark.subprocess

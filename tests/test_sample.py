@@ -16,7 +16,7 @@ import torch
 from helpers import TINY, compose_config
 from PIL import Image
 
-from pgan.cli.sample import sample, timelapse
+from pgan.cli.sample import overrides_of, sample, timelapse
 from pgan.errors import UserError
 from pgan.sample import HOLD_LAST, mp4_codec, run_frames, save_timelapse, seeded_latents, slerp, timelapse_images
 from pgan.schedule import stages_from_config
@@ -124,9 +124,18 @@ def test_a_latent_walk_as_a_strip_and_as_a_looping_gif(checkpoint: Path, tmp_pat
             ["out=x.png", "ckpt=/no/such.pt"], "error: checkpoint not found: /no/such.pt", marks=pytest.mark.subprocess
         ),
         (["out=x.jpg"], "error: out=x.jpg: expected FILE.png (a grid) or DIR/"),
-        (["out=x.png", "psi=-1"], "error: psi must be > 0"),
+        (["out=x.png", "psi=-1"], "error: psi must be a finite number > 0 (or null for no truncation), got -1"),
+        (["out=x.png", "psi=abc"], "error: psi must be a finite number > 0 (or null for no truncation), got 'abc'"),
         (["out=x.png", "which=D"], "error: which must be G_ema or G"),
-        (["n=0", "out=x.png"], "error: n must be >= 1"),
+        (["n=0", "out=x.png"], "error: n must be an integer >= 1, got 0"),
+        # Values that were tracebacks (n=abc) or quietly ran (nrow=0 drew one row, frame_ms=-5 wrote a GIF).
+        (["n=abc", "out=x.png"], "error: n must be an integer >= 1, got 'abc'"),
+        (["seed=abc", "out=x.png"], "error: seed must be an integer, got 'abc'"),
+        (["nrow=0", "out=x.png"], "error: nrow must be an integer >= 1, got 0"),
+        (["nrow=-2", "out=x.png"], "error: nrow must be an integer >= 1, got -2"),
+        (["to_seed=3", "steps=1", "out=x.gif"], "error: steps must be an integer >= 2, got 1"),
+        (["to_seed=x", "out=x.gif"], "error: to_seed must be an integer, got 'x'"),
+        (["to_seed=3", "frame_ms=-5", "out=x.gif"], "error: frame_ms must be an integer >= 1, got -5"),
     ],
 )
 def test_user_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -181,6 +190,19 @@ def test_pgan_sample_timelapse_writes_one_captioned_frame_per_grid(two_stage_run
         gif.seek(0)
         caption = np.asarray(gif.convert("RGB"))[:14]
         assert caption.max() > 200  # white caption text on the black bar (GIF palettes round it)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["timelapse", "run=r", "out=t.gif"],
+        ["device=cpu", "timelapse", "run=r", "out=t.gif"],
+        ["run=r", "out=t.gif", "timelapse"],
+    ],
+)
+def test_the_timelapse_subcommand_may_stand_anywhere(args: list[str]) -> None:
+    assert overrides_of(args) == ["mode=timelapse", *(a for a in args if a != "timelapse")]
+    assert overrides_of(["ckpt=x.pt", "out=g.png"]) == ["ckpt=x.pt", "out=g.png"]
 
 
 def test_timelapse_of_something_else_is_a_one_line_error(tmp_path: Path) -> None:
@@ -243,7 +265,7 @@ def test_mp4_without_pyav_is_a_one_line_error(two_stage_run: Path, tmp_path: Pat
     ("out", "extra", "message"),
     [
         ("x.webm", [], r"^out=.*x\.webm: the time-lapse is written as FILE\.gif or FILE\.mp4$"),
-        ("x.mp4", ["frame_ms=0"], r"^frame_ms must be >= 1, got 0$"),
+        ("x.mp4", ["frame_ms=0"], r"^frame_ms must be an integer >= 1, got 0$"),
     ],
 )
 def test_bad_time_lapse_settings_are_one_line_errors(

@@ -20,11 +20,11 @@ from pgan.errors import UserError
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pgan.bench import project_schedule, run_bench, to_json_lines, to_table
+    from pgan.bench import check_bench_config, check_project, project_schedule, run_bench, to_json_lines, to_table
 
     try:
         if cfg.project is not None:
-            project_schedule([], str(cfg.project))  # a bad preset name fails before the measurements
+            check_project(str(cfg.project), check_bench_config(cfg))  # before the measurements
         results = run_bench(cfg)
         projection = project_schedule(results, str(cfg.project)) if cfg.project is not None else None
     except UserError as exc:

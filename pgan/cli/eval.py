@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
-from pgan.errors import UserError
+from pgan.errors import UserError, check_int
 from pgan.metrics.quality import QUALITY_METRICS, check_metric_names
 
 METRICS = ("diversity", *QUALITY_METRICS)
@@ -44,7 +44,19 @@ def _first_image_side(folder: Path) -> int:
         raise UserError(f"cannot read image {files[0]}: {exc}") from exc
 
 
-def _check_resolution(resolution: int) -> None:
+def check_eval_config(cfg: DictConfig) -> None:
+    """One-line errors for settings that are not whole numbers in range (they were tracebacks, or ran)."""
+    check_int("num_fake", cfg.num_fake, low=1)
+    check_int("num_real", cfg.num_real, low=1)
+    check_int("seed", cfg.seed)
+    check_int("pr_k", cfg.pr_k, low=1)
+    check_int("coverage_k", cfg.coverage_k, low=1)
+    if cfg.resolution is not None:
+        _check_resolution(cfg.resolution)
+
+
+def _check_resolution(resolution: object) -> None:
+    check_int("resolution", resolution)
     if resolution < 4:
         raise UserError(f"resolution {resolution} px is too small for the diversity metrics (at least 4 px)")
 
@@ -64,13 +76,12 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UserError(f"metrics=[] asks for nothing (available: {', '.join(METRICS)})")
     if (cfg.fake is None) == (cfg.ckpt is None):
         raise UserError("give exactly one of fake=FOLDER or ckpt=CHECKPOINT")
+    check_eval_config(cfg)
     device = resolve_device(cfg.device)
     apply_thread_budget(cfg.get("threads", "auto"))
     thresholds = thresholds_from_config(cfg)
     channels = int(cfg.data.get("channels", 3))
     if cfg.ckpt is not None:
-        if int(cfg.num_fake) < 1:
-            raise UserError(f"num_fake must be >= 1, got {cfg.num_fake}")
         G, alpha = load_generator(str(cfg.ckpt))  # a checkpoint's G_ema, an export directory or a Hub repo id
         G = G.to(device)
         channels = G.image_channels
@@ -87,9 +98,11 @@ def evaluate(cfg: DictConfig) -> dict:
         folder = _folder(cfg.fake, "fake")
         resolution = int(cfg.resolution or _first_image_side(folder))
         _check_resolution(resolution)
-        fakes = sample_dataset(FolderDataset(folder, resolution, channels), int(cfg.num_fake), int(cfg.seed))
+        fakes = sample_dataset(
+            FolderDataset(folder, resolution, channels, key="the fake= folder"), int(cfg.num_fake), int(cfg.seed)
+        )
     if cfg.real is not None:
-        real_data = FolderDataset(_folder(cfg.real, "real"), resolution, channels)
+        real_data = FolderDataset(_folder(cfg.real, "real"), resolution, channels, key="the real= folder")
     else:
         real_data = make_dataset({**OmegaConf.to_container(cfg.data), "channels": channels}, resolution)
     reals = sample_dataset(real_data, int(cfg.num_real), int(cfg.seed) + 1)

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
-from pgan.errors import UserError
+from pgan.errors import UserError, check_int, check_number
 
 
 def sample(cfg: DictConfig) -> list[Path]:
@@ -31,12 +31,19 @@ def sample(cfg: DictConfig) -> list[Path]:
             raise UserError(f"{key}= is required, e.g. pgan-sample ckpt=runs/x/stage-0256/final.pt out=grid.png")
     if cfg.which not in ("G_ema", "G"):
         raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
-    n, steps = int(cfg.n), int(cfg.steps)
-    if n < 1 or steps < 2:
-        raise UserError(f"n must be >= 1 and steps >= 2, got n={n}, steps={steps}")
-    psi = None if cfg.psi is None else float(cfg.psi)
-    if psi is not None and psi <= 0:
-        raise UserError(f"psi must be > 0 (or null for no truncation), got {psi}")
+    n, steps = check_int("n", cfg.n, low=1), check_int("steps", cfg.steps, low=2)
+    seed = check_int("seed", cfg.seed)
+    if cfg.nrow is not None:
+        check_int("nrow", cfg.nrow, low=1)
+    if cfg.to_seed is not None:
+        check_int("to_seed", cfg.to_seed)
+    check_int("frame_ms", cfg.frame_ms, low=1)
+    psi = cfg.psi
+    try:
+        if psi is not None:
+            check_number("psi", psi, low=0.0, strict=True, meaning="or null for no truncation")
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     out = Path(str(cfg.out)).expanduser()
     walk = cfg.to_seed is not None
     if out.suffix.lower() not in ((".png", ".gif") if walk else (".png", "")):
@@ -45,11 +52,11 @@ def sample(cfg: DictConfig) -> list[Path]:
     G, alpha = load_generator(str(Path(str(cfg.ckpt)).expanduser()), str(cfg.which))
     G = G.to(resolve_device(cfg.device))
     if walk:
-        start = seeded_latents(int(cfg.seed), 1, G.latent_dim, psi)[0]
+        start = seeded_latents(seed, 1, G.latent_dim, psi)[0]
         end = seeded_latents(int(cfg.to_seed), 1, G.latent_dim, psi)[0]
         z = slerp(start, end, torch.linspace(0, 1, steps))
     else:
-        z = seeded_latents(int(cfg.seed), n, G.latent_dim, psi)
+        z = seeded_latents(seed, n, G.latent_dim, psi)
     labels = class_choice_labels(G, cfg.get("class"), len(z))  # None: image i in class i mod num_classes
     images = (generate(G, z, alpha, labels=labels) + 1) / 2  # [0, 1] for save_image / PIL
     try:
@@ -68,7 +75,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for i, img in enumerate(images):
-            path = out / f"seed{int(cfg.seed)}-{i:04d}.png"
+            path = out / f"seed{seed}-{i:04d}.png"
             save_image(img, path)
             written.append(path)
         return written
@@ -88,8 +95,7 @@ def timelapse(cfg: DictConfig) -> list[Path]:
     run_dir, out = Path(str(cfg.run)).expanduser(), Path(str(cfg.out)).expanduser()
     if out.suffix.lower() not in (".gif", ".mp4"):
         raise UserError(f"out={cfg.out}: the time-lapse is written as FILE.gif or FILE.mp4")
-    if int(cfg.frame_ms) < 1:
-        raise UserError(f"frame_ms must be >= 1, got {cfg.frame_ms}")
+    check_int("frame_ms", cfg.frame_ms, low=1)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"run={cfg.run}: not a pgan run directory (no config.yaml)")
     stages = run_stages(run_dir)  # as trained: where schedule.advance=plateau ended stages early
@@ -117,10 +123,16 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(path, flush=True)
 
 
+def overrides_of(args: list[str]) -> list[str]:
+    """The command line as Hydra overrides: the subcommand `timelapse`, wherever it stands, is mode=timelapse."""
+    if "timelapse" not in args:
+        return list(args)
+    return ["mode=timelapse", *(a for a in args if a != "timelapse")]
+
+
 def main() -> None:
     """Console entry point of `pgan-sample` (`pgan-sample timelapse ...` is `pgan-sample mode=timelapse ...`)."""
-    if sys.argv[1:2] == ["timelapse"]:
-        sys.argv = [sys.argv[0], "mode=timelapse", *sys.argv[2:]]
+    sys.argv = [sys.argv[0], *overrides_of(sys.argv[1:])]
     exit_on_bad_overrides("sample", sys.argv[1:])
     _hydra_main()
 

@@ -55,6 +55,21 @@ def replace_resolution_maps(args: list[str]) -> list[str]:
     return out
 
 
+def unread_plateau_note(cfg: DictConfig, overrides: list[str]) -> str | None:
+    """A note when the command sets schedule.plateau.* but the run advances at fixed lengths, where nothing reads
+    them (a user who forgot schedule.advance=plateau); not an error: a sweep over advance=fixed,plateau with
+    one set of plateau settings is a fair comparison."""
+    if str(cfg.schedule.get("advance", "fixed")) != "fixed":
+        return None
+    keys = sorted({_override_key(o) for o in overrides if _override_key(o).startswith("schedule.plateau.")})
+    if not keys:
+        return None
+    return (
+        f"note: {', '.join(keys)} {'is' if len(keys) == 1 else 'are'} read only with schedule.advance=plateau; "
+        "this run's stages end at their fixed lengths (schedule.advance=fixed)"
+    )
+
+
 def _run_dir_arg(args: list[str]) -> str | None:
     """The run directory `hydra.run.dir=` names among `args`, if any (the last one, as Hydra takes it)."""
     return next((a.split("=", 1)[1] for a in reversed(args) if _override_key(a) == "hydra.run.dir"), None)
@@ -86,6 +101,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         join_slurm_tasks(cfg)
+        note = unread_plateau_note(cfg, list(HydraConfig.get().overrides.task))
+        if note and dist.current().is_main:
+            print(note, flush=True)
         train(cfg, run_dir)
     except UserError as exc:
         # A user error before the run began (a bad setting, a missing dataset): nothing is left behind, not

@@ -14,7 +14,7 @@ from pgan.data.prepared import PreparedImages, prepare, wants_prepared
 from pgan.data.sampler import InfiniteSampler
 from pgan.data.shapes import ShapesDataset
 from pgan.data.torchvision_source import TorchvisionDataset
-from pgan.errors import UserError
+from pgan.errors import UserError, check_int
 
 __all__ = [
     "ClassLabels",
@@ -66,19 +66,12 @@ def make_dataset(
 def _make_source(cfg: Mapping, resolution: int, scan_cache: str | Path | None, min_images: int) -> Dataset:
     """The dataset cfg["source"] names, decoding or rendering every item when it is read."""
     source = _required(cfg, "source")
-    channels = int(cfg.get("channels", 3))
-    if source == "shapes":
-        return ShapesDataset(
-            resolution, size=int(cfg.get("size", 50000)), seed=int(cfg.get("seed", 0)), channels=channels
-        )
-    if source == "digits":
-        return DigitsDataset(
-            resolution, channels=channels, size=int(cfg.get("size", NUM_DIGITS)), seed=int(cfg.get("seed", 0))
-        )
-    if source == "stacked_digits":
-        return StackedDigitsDataset(
-            resolution, size=int(cfg.get("size", 50000)), seed=int(cfg.get("seed", 0)), channels=channels
-        )
+    channels = check_int("data.channels", cfg.get("channels", 3))
+    if source in ("shapes", "digits", "stacked_digits"):
+        size = check_int("data.size", cfg.get("size", NUM_DIGITS if source == "digits" else 50000), low=1)
+        seed = check_int("data.seed", cfg.get("seed", 0), low=0)
+        procedural = {"shapes": ShapesDataset, "digits": DigitsDataset, "stacked_digits": StackedDigitsDataset}
+        return procedural[source](resolution, size=size, seed=seed, channels=channels)
     if source == "folder":
         return FolderDataset(
             str(_required(cfg, "path")),

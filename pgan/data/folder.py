@@ -183,13 +183,13 @@ class FolderReport:
 # ---------------------------------------------------------------- the dataset
 
 
-def _folder_root(path: str | Path) -> Path:
-    """`path` as a folder that exists, else a UserError naming it."""
+def _folder_root(path: str | Path, key: str) -> Path:
+    """`path` as a folder that exists, else a UserError naming it (as the setting `key`)."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise UserError(f"data.path does not exist: {root}")
+        raise UserError(f"{key} does not exist: {root}")
     if not root.is_dir():
-        raise UserError(f"data.path is not a folder: {root} (expected a folder of {_EXTENSIONS} images)")
+        raise UserError(f"{key} is not a folder: {root} (expected a folder of {_EXTENSIONS} images)")
     return root
 
 
@@ -234,20 +234,18 @@ def _select(scan: Scan, report: FolderReport) -> list[tuple[str, int, int]]:
     return usable
 
 
-def _check_enough(report: FolderReport, root: Path, min_images: int) -> None:
+def _check_enough(report: FolderReport, root: Path, min_images: int, key: str) -> None:
     """A UserError saying why when the report's usable images are none or fewer than `min_images`."""
     if not report.usable:
         found = f"{report.files} files, {report.skipped_summary()}" if report.files else "no files"
         hint = ""
         if "too_small" in report.skipped:
             hint = f"; data.small_images=upscale keeps the images smaller than {report.resolution} px"
-        raise UserError(
-            f"no usable images under data.path {root}: {found} (looked recursively for {_EXTENSIONS}){hint}"
-        )
+        raise UserError(f"no usable images under {key} {root}: {found} (looked recursively for {_EXTENSIONS}){hint}")
     if report.usable < min_images:
         skipped = f"; skipped {report.skipped_summary()}" if report.skipped else ""
         raise UserError(
-            f"only {report.usable} usable images under data.path {root}, fewer than the {min_images} needed{skipped}"
+            f"only {report.usable} usable images under {key} {root}, fewer than the {min_images} needed{skipped}"
         )
 
 
@@ -264,21 +262,24 @@ class FolderDataset(Dataset):
         min_images: int = 1,
         scan_cache: str | Path | None = None,
         scan_workers: int | None = None,
+        key: str = "data.path",
     ) -> None:
+        """`key`: the setting that named `path`, as the errors name it (pgan-eval's real= and fake=)."""
         self.mode = pil_mode(channels)
         if small_images not in SMALL_IMAGES:
             raise UserError(f"data.small_images must be skip or upscale, got {small_images!r}")
-        root = _folder_root(path)
+        root = _folder_root(path, key)
         workers = scan_workers if scan_workers is not None else min(os.cpu_count() or 1, 8)
         cache = Path(scan_cache).expanduser() if scan_cache is not None else None
         scan = scan_folder(root, cache, max(1, workers))
         report = FolderReport(str(root), resolution, channels, small_images, decoded=scan.decoded, cached=scan.cached)
         usable = _select(scan, report)
-        _check_enough(report, root, min_images)
+        _check_enough(report, root, min_images, key)
         if cache is not None:
             scan.save(cache)  # only now: a dataset that fails its checks writes nothing
 
         self.root = root
+        self.key = key
         self.files = [root / rel for rel, _size, _mtime in usable]
         self.resolution = resolution
         self.channels = channels
@@ -322,7 +323,7 @@ class FolderDataset(Dataset):
                     file=sys.stderr,
                     flush=True,
                 )
-        raise UserError(f"no image under data.path {self.root} decodes any more")
+        raise UserError(f"no image under {self.key} {self.root} decodes any more")
 
     def load(self, index: int) -> Image.Image:
         """The PIL image at `index`, converted by pgan.data.pil's rules, cropped and resized."""

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pgan.augment import check_augment_config
-from pgan.errors import UserError, check_number
+from pgan.errors import UserError, check_int, check_number
 from pgan.losses import Loss, make_loss
 from pgan.metrics.quality import SCORES
 from pgan.networks import G_ARCHITECTURES, GROW_INITS, networks_from
@@ -154,7 +154,7 @@ class TrainOptions:
         inject = cfg.guard.get("inject_nonfinite")
         return cls(
             config=config,
-            seed=int(cfg.seed),
+            seed=check_int("seed", cfg.seed),
             device=str(cfg.device),
             precision=str(cfg.precision),
             threads=cfg.threads,
@@ -175,7 +175,7 @@ class TrainOptions:
             compile=bool(cfg.speed.compile),
             compile_mode=str(cfg.speed.compile_mode),
             reuse_fakes=bool(cfg.speed.reuse_fakes),
-            num_workers=_count("data.num_workers", cfg.data.num_workers, low=0),
+            num_workers=check_int("data.num_workers", cfg.data.num_workers, low=0),
             loader_timeout_s=float(cfg.loader.timeout_s),
             loader_max_restarts=int(cfg.loader.max_restarts),
             augment=augment,
@@ -188,8 +188,8 @@ class TrainOptions:
             collapse_max_rollbacks=int(cfg.diversity.max_rollbacks),
             collapse_lr_scale=float(cfg.diversity.rollback_lr_scale),
             metric_names=tuple(metric_names),
-            grid_size=_count("log.grid_size", cfg.log.grid_size, low=1),
-            grid_classes=_count("log.grid_classes", cfg.log.grid_classes, low=1),
+            grid_size=check_int("log.grid_size", cfg.log.grid_size, low=1),
+            grid_classes=check_int("log.grid_classes", cfg.log.grid_classes, low=1),
             progress_bar=bool(cfg.log.progress_bar),
         )
 
@@ -241,13 +241,6 @@ def _intervals(cfg: DictConfig) -> Intervals:
         metrics_nimg=_nimg(metrics.every_kimg) if metrics.every_kimg else 0,
         snapshot_nimg=_interval_nimg("checkpoint.every_kimg", cfg.checkpoint.every_kimg),
     )
-
-
-def _count(key: str, value: Any, low: int) -> int:
-    """`value` if it is an integer >= `low` (not a bool), else a one-line error naming `key`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UserError(f"{key} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def _stages(cfg: DictConfig) -> list[Stage]:
