@@ -182,6 +182,17 @@ def link_checkpoint(src: Path, dst: Path) -> None:
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive starts as every zip file does
 
 
+def _reads_whole(path: Path) -> bool:
+    """Whether every byte of `path` reads without an OSError (then an OSError of torch.load was about its content)."""
+    try:
+        with path.open("rb") as f:
+            while f.read(1 << 24):
+                pass
+    except OSError:
+        return False
+    return True
+
+
 def _unreadable(path: Path, why: str) -> CheckpointDamaged:
     """The error for a file torch.load could not read: a damaged checkpoint if it starts as torch.save's archive
     does (e.g. truncated), else not a checkpoint at all (torch's own message would suggest an unsafe load)."""
@@ -208,7 +219,10 @@ def load_checkpoint(
         state = torch.load(path, map_location=map_location, weights_only=True)
     except MemoryError:
         raise
-    except OSError as exc:  # the file system (permissions, I/O), not the file: never a reason to set it aside
+    except OSError as exc:
+        if _reads_whole(path):  # its bytes read fine: torch's reader choked on them (a truncated archive: EINVAL)
+            raise _unreadable(path, f"{type(exc).__name__}: {first_line(exc)}") from exc
+        # The file system (permissions, I/O), not the file: never a reason to set it aside.
         raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
     except pickle.UnpicklingError as exc:
         # weights_only=True refuses anything but tensors and plain values: a checkpoint that would run code.

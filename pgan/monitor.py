@@ -47,6 +47,16 @@ def resource_stats(device: torch.device) -> dict[str, float]:
 JSONL_FILES = ("stats", "collapse", "metrics")
 
 
+def _step_of(line: str) -> int | None:
+    """The "step" of one jsonl record, or None for a line that is not a whole record (cut short, or garbage)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 class Monitor:
     """TensorBoard writer + jsonl log for one run directory.
 
@@ -64,8 +74,17 @@ class Monitor:
         for name in JSONL_FILES:
             path = self.run_dir / f"{name}.jsonl"
             if purge_step is not None and path.is_file():
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < purge_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+                steps = [_step_of(line) for line in lines]
+                if None in steps:
+                    print(
+                        f"warning: {path}: dropped {steps.count(None)} line(s) that are not whole records "
+                        "(a write cut short when the run was killed?)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                kept = [line for line, step in zip(lines, steps) if step is not None and step < purge_step]
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             self._jsonl[name] = open(path, "a", encoding="utf-8")
 
     def restart(self, purge_step: int) -> None:

@@ -314,6 +314,32 @@ def test_torchvision_unknown_name_is_a_user_error(tmp_path: Path) -> None:
         make_dataset(load_conf("torchvision", name="NotADataset", path=str(tmp_path)), 8)
 
 
+def test_torchvision_split_other_than_train_or_test_is_refused(mnist_root: Path) -> None:
+    """MNIST-like classes take train=True/False: any other split used to read the test files silently."""
+    with pytest.raises(UserError, match="data.split must be train or test for MNIST, got 'bogus'"):
+        make_dataset(load_conf("torchvision", path=str(mnist_root), split="bogus"), 8)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("FakeData", "unexpected keyword argument 'root'"), ("DatasetFolder", "loader"), ("VisionDataset", "")],
+)
+def test_torchvision_classes_pgan_cannot_build_are_one_line(name: str, why: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=f"data.name={name} cannot be read from data.path alone .*{why}"):
+        make_dataset(load_conf("torchvision", name=name, path=str(tmp_path)), 8)
+
+
+def test_torchvision_image_folder_ignores_hidden_folders(tmp_path: Path) -> None:
+    """pgan's prepared store lives in data.path/.pgan-prepared by default: not a class of ImageFolder."""
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 200 if label == "a" else 0, 0)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / ".pgan-prepared").mkdir()
+    dataset = make_dataset(load_conf("torchvision", name="ImageFolder", path=str(tmp_path)), 8)
+    assert len(dataset) == 6 and dataset.dataset.classes == ["a", "b"]
+
+
 # ---------------------------------------------------------------- sampler
 
 

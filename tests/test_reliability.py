@@ -38,6 +38,7 @@ from pgan.checkpoint import (
 )
 from pgan.errors import UserError
 from pgan.losses import make_loss
+from pgan.monitor import Monitor
 from pgan.networks import Discriminator, Generator
 from pgan.train.guard import GuardGaveUp
 from pgan.train.loop import train
@@ -130,6 +131,34 @@ def test_random_bytes_or_text_are_not_a_checkpoint_and_not_pickled_code(tmp_path
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CheckpointDamaged, match=rf"not a pgan checkpoint: .*{name} \(not a torch.save archive\)$"):
             load_checkpoint(tmp_path / name)
+
+
+def test_an_archive_cut_anywhere_is_a_damaged_checkpoint(tmp_path: Path) -> None:
+    """Whatever the length it was cut to: torch's reader fails with EOFError, RuntimeError or an OSError
+    (EINVAL, at some lengths), and each is a damaged file to set aside, not a file-system error that stops
+    every resume."""
+    whole = tmp_path / "whole.pt"
+    save_checkpoint(whole, {"nimg": 1, "G": torch.randn(100_000)})
+    data = whole.read_bytes()
+    for length in (100, 1000, 5000, 5500, 20_000, 68_000, len(data) // 2, len(data) - 100):
+        cut = tmp_path / f"cut-{length}.pt"
+        cut.write_bytes(data[:length])
+        with pytest.raises(CheckpointDamaged, match=rf"cannot load checkpoint {cut}: damaged file"):
+            load_checkpoint(cut)
+
+
+def test_a_log_line_cut_short_by_a_kill_is_dropped_when_the_run_resumes(tmp_path: Path, capfd) -> None:
+    """A SIGKILL mid-write leaves half a jsonl line: the resume drops it (and any other line that is not a whole
+    record) with a warning, instead of failing on it at every attempt."""
+    whole = ['{"step": 1, "Loss/D": 0.5}', '{"step": 2, "Loss/D": 0.4}', '{"step": 3, "Loss/D": 0.3}']
+    (tmp_path / "stats.jsonl").write_text("\n".join(whole) + '\n{"step": 4, "Loss/D": 0.')
+    (tmp_path / "collapse.jsonl").write_text('{"step": 2, "state": "ok"}\n[1, 2]\n{"step": "x"}\n')
+    Monitor(tmp_path, purge_step=3).close()
+    assert (tmp_path / "stats.jsonl").read_text().splitlines() == whole[:2]
+    assert (tmp_path / "collapse.jsonl").read_text() == '{"step": 2, "state": "ok"}\n'
+    err = capfd.readouterr().err
+    assert f"warning: {tmp_path / 'stats.jsonl'}: dropped 1 line(s) that are not whole records" in err
+    assert f"{tmp_path / 'collapse.jsonl'}: dropped 2 line(s)" in err
 
 
 def _tiny_checkpoint(path: Path, nimg: int) -> Path:

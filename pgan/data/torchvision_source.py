@@ -2,6 +2,7 @@
 
 import difflib
 import inspect
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,24 @@ def dataset_class(name: str) -> type[Dataset]:
     )
 
 
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden folders as classes: pgan's prepared store (`.pgan-prepared`,
+    made in data.path by default) was read as a class of no images and failed every later run."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
 def split_arguments(cls: type[Dataset], split: str) -> dict[str, object]:
-    """The constructor arguments selecting `split`: train=bool for MNIST/CIFAR-like, split=str for CelebA/SVHN-like."""
+    """The constructor arguments selecting `split`: train=bool for MNIST/CIFAR-like (data.split train or test),
+    split=str for CelebA/SVHN-like (torchvision checks the value)."""
     parameters = inspect.signature(cls).parameters
     if "train" in parameters:
+        if split not in ("train", "test"):
+            raise UserError(f"data.split must be train or test for {cls.__name__}, got {split!r}")
         return {"train": split == "train"}
     if "split" in parameters:
         return {"split": split}
@@ -73,12 +88,23 @@ class TorchvisionDataset(Dataset):
     def __init__(self, name: str, path: str | Path, resolution: int, channels: int = 3, split: str = "train") -> None:
         self.mode = pil_mode(channels)
         cls = dataset_class(name)
+        if cls is torchvision.datasets.ImageFolder:
+            cls = ImageFolder
         root = Path(path).expanduser()
         arguments = split_arguments(cls, split)
         downloadable = "download" in inspect.signature(cls).parameters
         try:
             # Never download: training must not reach the network, and a silent multi-GB download surprises.
             self.dataset = cls(root=str(root), **arguments, **({"download": False} if downloadable else {}))
+            len(self.dataset)  # an abstract class (VisionDataset) builds, and fails here
+        except (TypeError, NotImplementedError) as error:
+            # A class that needs more than root= and a split (FakeData, DatasetFolder's loader, Kinetics' clip
+            # length) or none at all (VisionDataset, the abstract base).
+            why = _one_line(error) or type(error).__name__
+            raise UserError(
+                f"torchvision dataset data.name={name} cannot be read from data.path alone ({why}); "
+                f"pgan reads datasets built from root= and a split, e.g. {', '.join(EXAMPLE_NAMES[:4])} or ImageFolder"
+            ) from error
         except (RuntimeError, FileNotFoundError) as error:
             # torchvision raises RuntimeError("Dataset not found ...") or FileNotFoundError for missing files.
             if downloadable:
