@@ -37,3 +37,10 @@ def check_int(key: str, value: object, low: int | None = None, high: int | None 
             bound = f" >= {low}" if low is not None else (f" <= {high}" if high is not None else "")
         raise UserError(f"{key} must be an integer{bound}, got {value!r}")
     return value
+
+
+def check_bool(key: str, value: object) -> bool:
+    """`value` if it is true or false, else a UserError naming `key` (a string such as "maybe" is truthy)."""
+    if not isinstance(value, bool):
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    return value

@@ -182,8 +182,13 @@ def test_a_missing_checkpoint_is_one_line_before_gradio_is_imported(tmp_path: Pa
     [
         ([], "ckpt= is required"),
         (["which=D"], "which must be G_ema or G"),
-        (["max_images=0"], "max_images must be >= 1"),
-        (["port=70000"], "port must be in 0..65535"),
+        (["max_images=0"], "max_images must be an integer >= 1, got 0"),
+        (["port=70000"], r"port must be an integer in 0..65535 \(0 or null: any free port\), got 70000"),
+        # Tracebacks before (abc; 1.5: gradio's slider), or served on port 1 (port=1.5).
+        (["max_images=abc"], "max_images must be an integer >= 1, got 'abc'"),
+        (["max_images=1.5"], "max_images must be an integer >= 1, got 1.5"),
+        (["port=abc"], "port must be an integer in 0..65535 .*, got 'abc'"),
+        (["port=1.5"], "port must be an integer in 0..65535 .*, got 1.5"),
     ],
 )
 def test_bad_settings_are_user_errors(checkpoint: Path, args: list[str], message: str) -> None:

@@ -4,6 +4,7 @@ PyTorch, one loader for checkpoints / export directories / Hub repo ids, one-lin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WAIT_TIMEOUT_S
+from helpers import WAIT_TIMEOUT_S, compose_config
 
 from pgan.checkpoint import generator_from_checkpoint, load_checkpoint
+from pgan.cli.export import export
 from pgan.errors import UserError
 from pgan.export import (
     CONFIG,
@@ -239,6 +241,47 @@ def test_pgan_export_of_a_bad_source_exits_2_with_one_line(tmp_path: Path, bad: 
     assert result.returncode == 2
     assert result.stderr.strip().startswith(expected) and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["atol=abc"], "atol must be a finite number > 0, got 'abc'"),
+        (["format=onnx", "opset=abc"], "opset must be an integer >= 1, got 'abc'"),
+        (["format=onnx", "opset=13"], "opset=13: torch.onnx's exporter writes opset 18 and newer"),
+        (["out="], "out= is empty: name the export directory"),
+    ],
+)
+def test_bad_export_settings_are_refused_before_anything_is_written(
+    checkpoint: Path, tmp_path: Path, args: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """atol=abc and opset=abc were tracebacks, opset=13 printed the converter's traceback and exported at 18 with
+    exit 0, out= (empty) wrote into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    out = [] if any(a.startswith("out=") for a in args) else [f"out={tmp_path / 'x'}"]
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        export(compose_config(f"ckpt={checkpoint}", *out, *args, config_name="export"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_of_another_generator_into_the_same_folder_leaves_no_stale_weights(tmp_path: Path) -> None:
+    """A 16 px safetensors export, then an 8 px ONNX one into the same folder: the 16 px weights went with the new
+    config.json of 8 px, and every reader of the folder failed. The same generator's weights stay."""
+    pytest.importorskip("onnxscript")
+    G = _fading_generator()
+    export_safetensors(G, 0.3, tmp_path / "x", source_info={"which": "G_ema", "stage": 1})
+    export_safetensors(G, 0.3, tmp_path / "y", source_info={"which": "G_ema", "stage": 1})
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    export_safetensors(Generator(8, **TINY_G).eval(), 1.0, other, source_info={"which": "G_ema", "stage": 0})
+    for source, out in ((other, "x"), (tmp_path / "y", "y")):
+        export(compose_config(f"ckpt={source}", f"out={tmp_path / out}", "format=onnx", config_name="export"))
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [CONFIG, "generator.onnx"]
+    assert sorted(p.name for p in (tmp_path / "y").iterdir()) == [CONFIG, "generator.onnx", WEIGHTS]
+    # ... and a safetensors export drops an ONNX file its config.json no longer describes.
+    export(compose_config(f"ckpt={other}", f"out={tmp_path / 'y'}", config_name="export"))
+    assert sorted(p.name for p in (tmp_path / "y").iterdir()) == [CONFIG, WEIGHTS]
+    assert load_generator(tmp_path / "y")[0].resolution == 8
 
 
 def test_a_hub_repo_id_offline_and_not_cached_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

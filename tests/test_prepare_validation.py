@@ -3,6 +3,7 @@ lost at one resolution, or too little disk space for all the stores end in one l
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,25 @@ def test_too_little_space_for_all_the_stores_writes_nothing(tmp_path: Path, monk
     with pytest.raises(UserError, match=r"not enough space for the prepared folder at 16 px .* and folder at 32 px"):
         prepare_all(cfg)
     assert not cache.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("resolutions=8", "resolutions must be a list of resolutions in px, e.g. [32,64], got 8"),
+        ("resolutions=null", "resolutions must be a list of resolutions in px, e.g. [32,64], got None"),
+        ("resolutions=[8.5]", "each of resolutions must be an integer, got 8.5"),
+        ("force=maybe", "force must be true or false, got 'maybe'"),
+        ("model.conditional=maybe", "model.conditional must be true or false, got 'maybe'"),
+        ("workers=-1", "workers must be an integer >= 0, got -1"),
+        ("workers=abc", "workers must be an integer >= 0, got 'abc'"),
+    ],
+)
+def test_settings_that_were_tracebacks_or_truthy_strings_are_refused(tmp_path: Path, override: str, message: str):
+    """resolutions=8 was a traceback, force=maybe rebuilt the stores, workers=-1 ran: now one line each, and
+    nothing is written."""
+    write_images(tmp_path / "images", 4, 16)
+    cfg = compose_config("data=folder", f"data.path={tmp_path / 'images'}", override, config_name="prepare")
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        prepare_all(cfg)
+    assert listing(tmp_path / "images") == [f"{i}.png" for i in range(4)]

@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
-from pgan.errors import UserError
+from pgan.errors import UserError, check_int
 
 
 def _free_port(host: str) -> int:
@@ -35,12 +35,10 @@ def serve(cfg: DictConfig) -> None:
         raise UserError("ckpt= is required, e.g. pgan-demo ckpt=runs/x/stage-0256/final.pt")
     if cfg.which not in ("G_ema", "G"):
         raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
-    max_images = int(cfg.max_images)
-    if max_images < 1:
-        raise UserError(f"max_images must be >= 1, got {max_images}")
-    port = int(cfg.port or 0)
-    if not 0 <= port <= 65535:
-        raise UserError(f"port must be in 0..65535 (0 or null: any free port), got {port}")
+    max_images = check_int("max_images", cfg.max_images, low=1)
+    port = 0 if cfg.port is None else cfg.port
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"port must be an integer in 0..65535 (0 or null: any free port), got {cfg.port!r}")
     host = str(cfg.host)
     ckpt = Path(str(cfg.ckpt)).expanduser()
     G, alpha = load_generator(str(ckpt), str(cfg.which))

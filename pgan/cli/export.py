@@ -14,9 +14,10 @@ import hydra
 from omegaconf import DictConfig
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
-from pgan.errors import UserError
+from pgan.errors import UserError, check_int, check_number
 
 FORMATS = ("safetensors", "onnx")
+MIN_OPSET = 18  # torch.onnx.export(dynamo=True)
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         onnx_opset,
         write_config,
     )
-    from pgan.load import ONNX, load_generator_with_source
+    from pgan.load import CONFIG, ONNX, load_generator_with_source
 
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
@@ -43,9 +44,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if cfg.which not in (None, "G_ema", "G"):
         raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
+    try:
+        check_number("atol", cfg.atol, low=0.0, strict=True)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     atol = float(cfg.atol)
-    if not atol > 0:
-        raise UserError(f"atol must be > 0, got {cfg.atol}")
+    opset = None if cfg.opset is None else check_int("opset", cfg.opset, low=1)
+    if opset is not None and opset < MIN_OPSET:  # the version converter fails on this graph (and prints its traceback)
+        raise UserError(f"opset={opset}: torch.onnx's exporter writes opset {MIN_OPSET} and newer; leave opset unset")
+    if not str(cfg.out).strip():
+        raise UserError("out= is empty: name the export directory, e.g. out=exports/x")
     out = Path(str(cfg.out)).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"out={cfg.out}: exists and is not a directory")
@@ -53,22 +61,58 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     G, alpha, source_info = load_generator_with_source(str(cfg.ckpt), which)
     summary: dict[str, Any] = {"format": str(cfg.format), "out": str(out), "resolution": G.resolution, "alpha": alpha}
     try:
+        _drop_stale_weights(out, str(cfg.format), G, alpha)
         if cfg.format == "safetensors":
             weights, config = export_safetensors(G, alpha, out, source_info=source_info)
             return {**summary, "files": [str(weights), str(config)], "max_abs_diff": None}
-        onnx_path = export_onnx(G, alpha, out / ONNX, opset=None if cfg.opset is None else int(cfg.opset))
-        onnx_info = {"file": ONNX, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "opset": onnx_opset(onnx_path)}
+        onnx_path = export_onnx(G, alpha, out / ONNX, opset=opset)
+        written = onnx_opset(onnx_path)
+        if opset is not None and written != opset:
+            onnx_path.unlink()
+            raise UserError(
+                f"opset={opset}: torch.onnx wrote this generator at opset {written} and could not convert it; "
+                f"leave opset unset (null) or ask for {written}"
+            )
+        onnx_info = {"file": ONNX, "input": ONNX_INPUT, "output": ONNX_OUTPUT, "opset": written}
         if G.num_classes:  # a conditional graph takes the class indices too
             onnx_info["labels"] = ONNX_LABELS
         config = write_config(out, export_config(G, alpha, source_info, onnx=onnx_info))
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc}") from exc
-    diff = check_onnx(G, alpha, onnx_path, atol=atol)
+    try:
+        diff = check_onnx(G, alpha, onnx_path, atol=atol)
+    except UserError:
+        onnx_path.unlink(missing_ok=True)  # a graph that failed its check is not left behind as an export
+        (out / CONFIG).unlink(missing_ok=True)
+        raise
     if diff is None:
         print("onnx check skipped: onnxruntime is not installed (pip install 'pgan[onnx]')", flush=True)
     else:
         print(f"onnx check passed: max abs difference to PyTorch {diff:.3g} (atol {atol:g})", flush=True)
     return {**summary, "files": [str(onnx_path), str(config)], "max_abs_diff": diff}
+
+
+def _drop_stale_weights(out: Path, fmt: str, G, alpha: float) -> None:
+    """Remove the other format's file of an earlier export into `out` unless it holds this very generator: the
+    new config.json describes only the new one (a stale generator.safetensors made every reader of the folder
+    fail). A safetensors export's config.json has no ONNX section, so an ONNX file there always goes."""
+    import torch
+
+    from pgan.load import ONNX, WEIGHTS, load_generator
+
+    other = out / (ONNX if fmt == "safetensors" else WEIGHTS)
+    if not other.is_file():
+        return
+    if fmt == "onnx":
+        try:
+            old, old_alpha = load_generator(out)
+            theirs, ours = old.state_dict(), G.state_dict()
+            same = old_alpha == alpha and theirs.keys() == ours.keys()
+            if same and all(torch.equal(theirs[k], ours[k]) for k in ours):
+                return
+        except UserError:
+            pass  # unreadable, or of another architecture: stale
+    other.unlink()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")

@@ -12,22 +12,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
-from pgan.errors import UserError
+from pgan.errors import UserError, check_bool, check_int
 
 
 def checked_resolutions(cfg: DictConfig) -> list[int]:
     """cfg.resolutions as a list of valid resolutions in px, else a UserError."""
     from pgan.networks import check_resolution
 
-    resolutions = OmegaConf.to_container(cfg.resolutions, resolve=True)
-    if not isinstance(resolutions, list) or not resolutions:
-        raise UserError(f"resolutions must be a list of resolutions in px, e.g. [32,64], got {cfg.resolutions}")
+    if not OmegaConf.is_list(cfg.resolutions) or not cfg.resolutions:
+        raise UserError(f"resolutions must be a list of resolutions in px, e.g. [32,64], got {cfg.resolutions!r}")
+    resolutions = [check_int("each of resolutions", res) for res in cfg.resolutions]
     for res in resolutions:
         try:
-            check_resolution(int(res))
-        except (TypeError, ValueError) as exc:
+            check_resolution(res)
+        except ValueError as exc:
             raise UserError(f"resolutions: {exc}") from exc
-    return [int(res) for res in resolutions]
+    return resolutions
 
 
 def sources_at(data_cfg: DictConfig, resolutions: list[int]) -> dict[int, Dataset]:
@@ -73,11 +73,13 @@ def prepare_all(cfg: DictConfig) -> list[dict]:
     from pgan.data.prepared import build_store, check_space, plan_store
 
     resolutions = checked_resolutions(cfg)
-    workers = None if cfg.workers is None else max(0, int(cfg.workers))
+    workers = None if cfg.workers is None else check_int("workers", cfg.workers, low=0)
+    force = check_bool("force", cfg.force)
+    conditional = check_bool("model.conditional", cfg.model.conditional)
     sources = sources_at(cfg.data, resolutions)
-    if cfg.model.conditional:
+    if conditional:
         check_classes_kept(sources)
-    plans = {res: plan_store(cfg.data, res, source, force=bool(cfg.force)) for res, source in sources.items()}
+    plans = {res: plan_store(cfg.data, res, source, force=force) for res, source in sources.items()}
     check_space(list(plans.values()))
     infos = []
     for res in resolutions:
