@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import PGAN_TRAIN, TINY, compose_config
+from PIL import Image
 
 from pgan.cli import user_error_line
 from pgan.cli.train import unread_plateau_note
 from pgan.errors import UserError
 from pgan.train.loop import train
+from pgan.train.rundir import discard_unstarted, not_begun
 
 
 @pytest.mark.parametrize(
@@ -163,3 +165,18 @@ def test_plateau_settings_without_the_plateau_advance_get_a_note(overrides: list
     """A user who sets schedule.plateau.* but forgot schedule.advance=plateau is told that nothing reads them."""
     found = unread_plateau_note(compose_config(*overrides), overrides)
     assert found == note if note is None else found.startswith(note)
+
+
+def test_a_data_error_found_at_a_later_stage_leaves_a_run_that_has_not_begun(tmp_path: Path) -> None:
+    """Ten 8 px images: fine for the 8 px stage, none usable at 16 px. The data of every stage is checked before
+    training, and the scan it caches there no longer keeps the run directory (pgan-train then removes it)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (8, 8), (25 * i, 0, 0)).save(folder / f"{i}.png")
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match="16 px"):
+        train(compose_config(*TINY, "data=folder", f"data.path={folder}"), run_dir)
+    assert not list(run_dir.glob("stage-*")) and not_begun(run_dir)
+    discard_unstarted(run_dir)
+    assert not run_dir.exists()

@@ -25,6 +25,7 @@ from pgan.errors import UserError
 from pgan.schedule import Stage
 from pgan.train.interrupt import ignore_stop_signals
 from pgan.train.options import TrainOptions
+from pgan.train.rundir import SCAN_CACHE
 
 
 def make_loader(
@@ -93,7 +94,7 @@ def stage_dataset(options: TrainOptions, stage: Stage, run_dir: Path, device: to
         lambda: make_dataset(
             options.data,
             stage.resolution,
-            scan_cache=run_dir / "data-scan.json",
+            scan_cache=run_dir / SCAN_CACHE,
             min_images=stage.batch_size,
             prepared=wants_prepared(options.data, device, stage.num_images),
         )

@@ -24,6 +24,10 @@ from pgan.monitor import warn
 LOCK_NAME = "trainer.lock"
 # What Hydra writes into a run directory before pgan-train's own code runs (its job log and saved config).
 HYDRA_ONLY = {".hydra", "train.log"}
+SCAN_CACHE = "data-scan.json"  # a folder dataset's scan, kept for the next stage and the next attempt
+# A run directory holding no more than this has not begun: the trainer writes the scan while it checks the data
+# of every stage, before it trains (a data error at a later stage found it there).
+NOT_BEGUN = HYDRA_ONLY | {SCAN_CACHE}
 
 
 def _start_time(pid: int) -> str | None:
@@ -122,17 +126,17 @@ class RunDirLock:
         self.held = False
 
 
-def written_by_hydra_only(run_dir: Path) -> bool:
-    """Whether `run_dir` holds nothing but what Hydra writes before the trainer starts (a run not begun)."""
+def not_begun(run_dir: Path) -> bool:
+    """Whether `run_dir` holds nothing but what Hydra and the data check write before training starts."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return False
-    return {p.name for p in run_dir.iterdir()} <= HYDRA_ONLY
+    return {p.name for p in run_dir.iterdir()} <= NOT_BEGUN
 
 
 def discard_unstarted(run_dir: Path) -> None:
-    """Remove a run directory that holds only Hydra's files (a user error stopped the run before it began)."""
-    if written_by_hydra_only(run_dir):
+    """Remove a run directory that has not begun (`not_begun`: a user error stopped the run before it trained)."""
+    if not_begun(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
