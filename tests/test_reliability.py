@@ -124,6 +124,16 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(reference: Path, tmp
     assert not list(run_dir.rglob("ckpt-*.pt")) and not (run_dir / STAGE / "final.pt").exists()
 
 
+def test_a_run_whose_stage_folders_were_deleted_says_it_starts_over(reference: Path, tmp_path: Path, capfd) -> None:
+    """No checkpoint left but the logs of an attempt: the run starts over, and says so (it was silent)."""
+    run_dir = _interrupted_copy(reference, tmp_path)
+    for stage in run_dir.glob("stage-*"):
+        shutil.rmtree(stage)
+    train(compose_config(*TINY), run_dir)
+    assert f"no checkpoint in {run_dir}: training starts from the beginning" in capfd.readouterr().out
+    assert_same_state(_final(run_dir), _final(reference))
+
+
 def test_random_bytes_or_text_are_not_a_checkpoint_and_not_pickled_code(tmp_path: Path) -> None:
     """Neither is called pickled code, nor gets torch's advice to retry with weights_only=False; a truncated
     archive stays a damaged checkpoint (test above)."""

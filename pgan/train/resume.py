@@ -74,6 +74,13 @@ def find_resume_point(options: TrainOptions, run_dir: Path) -> dict[str, Any] | 
             f"no usable checkpoint in {run_dir}: all {len(tried)} are damaged (set aside as *.damaged); "
             "start a new run in another directory"
         )
+    stats = run_dir / "stats.jsonl"
+    if stats.is_file() and stats.stat().st_size:  # an earlier attempt trained here, and its stage folders are gone
+        print(
+            f"no checkpoint in {run_dir}: training starts from the beginning of the selected stages, and the logs "
+            "of the earlier attempt there are replaced",
+            flush=True,
+        )
     return None
 
 
