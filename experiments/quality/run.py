@@ -198,6 +198,9 @@ SUITES = {
             # 16 px stage alone it halved the CNN reading's KL (experiments/quality/shape_reading.py: 0.49 -> 0.25,
             # crosses 0.2 % -> 3.6 %).
             "b8": ["schedule.batch_size={default: 8, 256: 4}"],
+            # The 16 px stage four times as long (49.2 kimg stable): alone it drew 19 % crosses at 16 px where the
+            # default draws 0.3 % (shape_reading.py); do the 32-256 px stages keep them?
+            "s16x4": ["schedule.stable_kimg={8: 2.048, 16: 49.152, 32: 4.096, 64: 1.024, 128: 1.024, 256: 0.512}"],
         },
         resolution=256,
         metrics="[modes]",
