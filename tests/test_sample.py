@@ -148,6 +148,20 @@ def test_user_errors_are_one_line(checkpoint: Path, tmp_path: Path, args: list[s
             sample(compose_config(f"ckpt={checkpoint}", *args, config_name="sample"))
 
 
+def test_an_export_of_g_samples_without_naming_it(checkpoint: Path, tmp_path: Path) -> None:
+    """An export holds one generator: which= unset takes it (with the old default which=G_ema, an export of G
+    was refused by pgan-sample and pgan-demo, and accepted by pgan-eval); naming the other one is an error."""
+    from pgan.export import export_safetensors, load_generator
+
+    G, alpha = load_generator(checkpoint, "G")
+    export_safetensors(G, alpha, tmp_path / "g", source_info={"which": "G", "stage": 0})
+    assert sample(compose_config(f"ckpt={tmp_path / 'g'}", f"out={tmp_path / 'x.png'}", config_name="sample"))
+    with pytest.raises(UserError, match="holds G, not G_ema"):
+        sample(
+            compose_config(f"ckpt={tmp_path / 'g'}", f"out={tmp_path / 'y.png'}", "which=G_ema", config_name="sample")
+        )
+
+
 def test_ckpt_is_required(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="^ckpt= is required"):
         sample(compose_config(f"out={tmp_path / 'x.png'}", config_name="sample"))

@@ -33,15 +33,15 @@ def serve(cfg: DictConfig) -> None:
 
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError("ckpt= is required, e.g. pgan-demo ckpt=runs/x/stage-0256/final.pt")
-    if cfg.which not in ("G_ema", "G"):
-        raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
+    if cfg.which not in (None, "G_ema", "G"):
+        raise UserError(f"which must be G_ema or G (or null), got {cfg.which!r}")
     max_images = check_int("max_images", cfg.max_images, low=1)
     port = 0 if cfg.port is None else cfg.port
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise UserError(f"port must be an integer in 0..65535 (0 or null: any free port), got {cfg.port!r}")
     host = str(cfg.host)
     ckpt = Path(str(cfg.ckpt)).expanduser()
-    G, alpha = load_generator(str(ckpt), str(cfg.which))
+    G, alpha = load_generator(str(ckpt), None if cfg.which is None else str(cfg.which))
     device = resolve_device(cfg.device)
     G = G.to(device)
 

@@ -29,8 +29,8 @@ def sample(cfg: DictConfig) -> list[Path]:
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key}= is required, e.g. pgan-sample ckpt=runs/x/stage-0256/final.pt out=grid.png")
-    if cfg.which not in ("G_ema", "G"):
-        raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
+    if cfg.which not in (None, "G_ema", "G"):
+        raise UserError(f"which must be G_ema or G (or null), got {cfg.which!r}")
     n, steps = check_int("n", cfg.n, low=1), check_int("steps", cfg.steps, low=2)
     seed = check_int("seed", cfg.seed)
     if cfg.nrow is not None:
@@ -49,7 +49,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     if out.suffix.lower() not in ((".png", ".gif") if walk else (".png", "")):
         allowed = "FILE.png (a strip) or FILE.gif" if walk else "FILE.png (a grid) or DIR/ (one PNG per image)"
         raise UserError(f"out={cfg.out}: expected {allowed}")
-    G, alpha = load_generator(str(Path(str(cfg.ckpt)).expanduser()), str(cfg.which))
+    G, alpha = load_generator(str(Path(str(cfg.ckpt)).expanduser()), None if cfg.which is None else str(cfg.which))
     G = G.to(resolve_device(cfg.device))
     if walk:
         start = seeded_latents(seed, 1, G.latent_dim, psi)[0]
