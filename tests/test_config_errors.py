@@ -52,6 +52,8 @@ from pgan.train.rundir import discard_unstarted, not_begun
         (["log.grid_size=0"], "log.grid_size must be an integer >= 1, got 0"),
         (["schedule.resolutions=8"], "schedule.resolutions must be a list of resolutions in px, got 8"),
         (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["stage=32"], r"stage=32 is not one of schedule.resolutions \[8, 16\]"),
+        (["stage='16'"], r"stage='16' is not one of schedule.resolutions \[8, 16\] \(resolutions in px\)"),
         (["data.size=0"], "data.size must be an integer >= 1, got 0"),
         (["data.size=abc"], "data.size must be an integer >= 1, got 'abc'"),
         (["data.seed=-3"], "data.seed must be an integer >= 0, got -3"),

@@ -150,7 +150,8 @@ class TrainOptions:
             raise UserError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
         selected = [st for st in stages if cfg.stage is None or st.resolution == cfg.stage]
         if not selected:
-            raise UserError(f"stage={cfg.stage} is not one of schedule.resolutions {list(cfg.schedule.resolutions)}")
+            resolutions = list(cfg.schedule.resolutions)
+            raise UserError(f"stage={cfg.stage!r} is not one of schedule.resolutions {resolutions} (resolutions in px)")
         inject = cfg.guard.get("inject_nonfinite")
         return cls(
             config=config,
