@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from pgan.errors import UserError
+from pgan.errors import UserError, first_line
 from pgan.metrics.collapse import STATES
 from pgan.schedule import DEFAULT_KEY, Stage, alpha_at, stages_as_run, stages_from_config
 
@@ -122,8 +124,14 @@ def run_stages(run_dir: Path, advances: list[dict] | None = None) -> list[Stage]
     if not config.is_file():
         raise UserError(f"run={run_dir}: not a pgan run directory (no config.yaml)")
     try:
-        stages = stages_from_config(OmegaConf.load(config))
-    except ValueError as exc:
+        loaded = OmegaConf.load(config)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"run={run_dir}: cannot read {config.name} ({first_line(exc)})") from exc
+    if not isinstance(loaded, DictConfig) or not isinstance(loaded.get("schedule"), DictConfig):
+        raise UserError(f"run={run_dir}: {config.name} is not a pgan run's resolved config (no schedule section)")
+    try:
+        stages = stages_from_config(loaded)
+    except (ValueError, OmegaConfBaseException) as exc:
         raise UserError(f"run={run_dir}: {exc}") from exc
     if advances is None:
         stats = Path(run_dir) / "stats.jsonl"
@@ -140,7 +148,7 @@ def load_table(run_dir: Path) -> RunTable:
     """The table of a run directory's stats.jsonl, collapse.jsonl and metrics.jsonl (see RunTable)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run={run_dir}: no such directory")
+        raise UserError(f"run={run_dir}: {'not a directory' if run_dir.exists() else 'no such directory'}")
     stats_path = run_dir / "stats.jsonl"
     if not (run_dir / "config.yaml").is_file() or not stats_path.is_file():
         run_stages(run_dir)  # the one-line error for a directory that is not a run
@@ -157,7 +165,10 @@ def load_table(run_dir: Path) -> RunTable:
     kept_stats, kept_evals, kept_quality = latest_attempt(stats), latest_attempt(evaluations), latest_attempt(quality)
     if not kept_stats:
         raise UserError(f"run={run_dir}: stats.jsonl has no records yet (the run has not reached its first log tick)")
-    table = build_table(kept_stats, kept_evals, stages, kept_quality)
+    try:
+        table = build_table(kept_stats, kept_evals, stages, kept_quality)
+    except (TypeError, ValueError) as exc:  # e.g. "Progress/resolution": "abc" in a hand-edited or merged log
+        raise UserError(f"run={run_dir}: a record of its jsonl logs holds a value of the wrong type ({exc})") from exc
     kept_ids = {id(r) for r in kept_evals}
     events = []
     for row in collapse:  # in the order logged: rollbacks are interleaved with the evaluations
@@ -405,8 +416,6 @@ def summary_markdown(run_dir: Path, table: RunTable, plot_name: str | None = "re
 
 
 def _config(run_dir: Path) -> dict:
-    import yaml
-
     try:
         return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):

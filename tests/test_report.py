@@ -128,20 +128,51 @@ def test_records_of_an_interrupted_attempt_are_replaced_by_the_resumed_ones(run_
         ("empty", "run={run}: not a pgan run directory (no config.yaml)"),
         ("config only", "run={run}: no stats.jsonl (the trainer's log) in this run directory"),
         ("no records", "run={run}: stats.jsonl has no records yet (the run has not reached its first log tick)"),
+        ("a file", "run={run}: not a directory"),
+        # Damaged copies of a run: tracebacks before.
+        ("config not yaml", "run={run}: cannot read config.yaml ("),
+        ("config empty", "run={run}: config.yaml is not a pgan run's resolved config (no schedule section)"),
+        ("config a list", "run={run}: config.yaml is not a pgan run's resolved config (no schedule section)"),
+        ("a value of the wrong type", "run={run}: a record of its jsonl logs holds a value of the wrong type ("),
     ],
 )
 def test_a_directory_that_is_not_a_run_is_named(run_dir: Path, tmp_path: Path, setup: str, message: str) -> None:
     run = tmp_path / "run"
-    if setup != "missing":
-        run.mkdir()
+    if setup == "a file":
+        run.write_text("not a run")
+    elif setup != "missing":
+        shutil.copytree(run_dir, run) if setup in (
+            "config not yaml",
+            "config empty",
+            "config a list",
+            "a value of the wrong type",
+        ) else run.mkdir()
     if setup in ("config only", "no records"):
         shutil.copy(run_dir / "config.yaml", run)
     if setup == "no records":
         (run / "stats.jsonl").write_text("")
+    damaged = {"config not yaml": "schedule: [unclosed", "config empty": "", "config a list": "- 1\n- 2\n"}
+    if setup in damaged:
+        (run / "config.yaml").write_text(damaged[setup])
+    if setup == "a value of the wrong type":
+        rows = (run / "stats.jsonl").read_text().splitlines()
+        damaged_rows = [json.loads(line) for line in rows]
+        for row in damaged_rows:
+            if "Progress/resolution" in row:
+                row["Progress/resolution"] = "abc"
+        (run / "stats.jsonl").write_text("".join(json.dumps(row) + "\n" for row in damaged_rows))
     with pytest.raises(UserError) as error:
         write_report(run)
-    assert str(error.value) == message.format(run=run)
-    assert not (run / "report.png").exists()
+    expected = message.format(run=run)
+    assert str(error.value) == expected or (expected.endswith("(") and str(error.value).startswith(expected))
+    assert len(str(error.value).splitlines()) == 1
+    assert setup == "a file" or not (run / "report.png").exists()
+
+
+def test_an_empty_out_is_refused(run_dir: Path) -> None:
+    """out= (empty) wrote the report into the current directory, not the run's (what out unset means)."""
+    with pytest.raises(UserError, match="^out= is empty"):
+        report(compose_config(f"run={run_dir}", "out=", config_name="report"))
 
 
 @pytest.mark.subprocess

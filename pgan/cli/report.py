@@ -24,6 +24,8 @@ def report(cfg: DictConfig) -> dict[str, Any]:
 
     if OmegaConf.is_missing(cfg, "run") or cfg.run is None:
         raise UserError("run= is required, e.g. pgan-report run=runs/my-run")
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise UserError("out= is empty: leave it out (the run directory) or name a directory")
     out = None if cfg.out is None else Path(str(cfg.out)).expanduser()
     return write_report(Path(str(cfg.run)).expanduser(), out)
 
