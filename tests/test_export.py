@@ -284,6 +284,20 @@ def test_an_export_of_another_generator_into_the_same_folder_leaves_no_stale_wei
     assert load_generator(tmp_path / "y")[0].resolution == 8
 
 
+def test_an_onnx_export_that_fails_its_check_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    G = _fading_generator()
+    export_safetensors(G, 0.3, tmp_path / "x", source_info={"which": "G_ema", "stage": 1})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()}
+    with pytest.raises(UserError, match="ONNX check failed"):
+        export(
+            compose_config(
+                f"ckpt={tmp_path / 'x'}", f"out={tmp_path / 'x'}", "format=onnx", "atol=1e-30", config_name="export"
+            )
+        )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()} == before
+
+
 def test_a_hub_repo_id_offline_and_not_cached_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

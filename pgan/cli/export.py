@@ -61,10 +61,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     G, alpha, source_info = load_generator_with_source(str(cfg.ckpt), which)
     summary: dict[str, Any] = {"format": str(cfg.format), "out": str(out), "resolution": G.resolution, "alpha": alpha}
     try:
-        _drop_stale_weights(out, str(cfg.format), G, alpha)
         if cfg.format == "safetensors":
             weights, config = export_safetensors(G, alpha, out, source_info=source_info)
+            _drop_stale_weights(out, "safetensors", G, alpha)
             return {**summary, "files": [str(weights), str(config)], "max_abs_diff": None}
+        previous_config = (out / CONFIG).read_bytes() if (out / CONFIG).is_file() else None
         onnx_path = export_onnx(G, alpha, out / ONNX, opset=opset)
         written = onnx_opset(onnx_path)
         if opset is not None and written != opset:
@@ -82,9 +83,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     try:
         diff = check_onnx(G, alpha, onnx_path, atol=atol)
     except UserError:
-        onnx_path.unlink(missing_ok=True)  # a graph that failed its check is not left behind as an export
-        (out / CONFIG).unlink(missing_ok=True)
+        # A graph that failed its check is not left behind as an export; an earlier export's config.json is put back.
+        onnx_path.unlink(missing_ok=True)
+        if previous_config is None:
+            (out / CONFIG).unlink(missing_ok=True)
+        else:
+            (out / CONFIG).write_bytes(previous_config)
         raise
+    _drop_stale_weights(out, "onnx", G, alpha)  # only now, after the check
     if diff is None:
         print("onnx check skipped: onnxruntime is not installed (pip install 'pgan[onnx]')", flush=True)
     else:
@@ -93,9 +99,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _drop_stale_weights(out: Path, fmt: str, G, alpha: float) -> None:
-    """Remove the other format's file of an earlier export into `out` unless it holds this very generator: the
-    new config.json describes only the new one (a stale generator.safetensors made every reader of the folder
-    fail). A safetensors export's config.json has no ONNX section, so an ONNX file there always goes."""
+    """After an export into `out`: remove the other format's file of an earlier export unless it holds this very
+    generator, since the new config.json describes only the new one (a stale generator.safetensors made every
+    reader of the folder fail). A safetensors export's config.json has no ONNX section: an ONNX file goes."""
     import torch
 
     from pgan.load import ONNX, WEIGHTS, load_generator
