@@ -121,3 +121,18 @@ def test_settings_that_were_tracebacks_or_truthy_strings_are_refused(tmp_path: P
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         prepare_all(cfg)
     assert listing(tmp_path / "images") == [f"{i}.png" for i in range(4)]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_cache_dir_on_a_file_system_that_stores_nothing_is_named(tmp_path: Path) -> None:
+    """data.cache_dir=/proc/x said "it needs 0 MiB, 0 MiB are free"."""
+    write_images(tmp_path / "images", 4, 16)
+    cfg = compose_config(
+        "data=folder",
+        f"data.path={tmp_path / 'images'}",
+        "data.cache_dir=/proc/pgan-x",
+        "resolutions=[8]",
+        config_name="prepare",
+    )
+    with pytest.raises(UserError, match=r"^cannot keep the prepared stores in /proc/pgan-x.*: its file system stores"):
+        prepare_all(cfg)

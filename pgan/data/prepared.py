@@ -228,11 +228,11 @@ def plan_store(data_cfg: Mapping, resolution: int, source: Dataset, force: bool 
     return StorePlan(npy, meta, key, shape, label, force or not _valid_store(npy, meta, key, shape))
 
 
-def _free_bytes(folder: Path) -> int:
-    """Free space where `folder` is (or would be created: its nearest existing ancestor)."""
+def _disk_usage(folder: Path) -> Any:
+    """shutil.disk_usage where `folder` is (or would be created: its nearest existing ancestor)."""
     while not folder.exists() and folder.parent != folder:
         folder = folder.parent
-    return shutil.disk_usage(folder).free
+    return shutil.disk_usage(folder)
 
 
 def check_space(plans: Sequence[StorePlan]) -> None:
@@ -242,7 +242,13 @@ def check_space(plans: Sequence[StorePlan]) -> None:
         if plan.build:
             by_folder.setdefault(plan.npy.parent, []).append(plan)
     for folder, builds in by_folder.items():
-        needed, free = sum(plan.nbytes for plan in builds), _free_bytes(folder)
+        needed, usage = sum(plan.nbytes for plan in builds), _disk_usage(folder)
+        free = usage.free
+        if usage.total == 0:  # /proc, /sys: a file system that stores nothing ("0 MiB free" said too little)
+            raise UserError(
+                f"cannot keep the prepared stores in {folder}: its file system stores no files (like /proc); "
+                "set data.cache_dir=DIR elsewhere or data.prepare=false"
+            )
         if needed > free:
             raise UserError(
                 f"not enough space for the prepared {' and '.join(plan.label for plan in builds)} in {folder}: "
