@@ -14,16 +14,22 @@ def first_line(exc: BaseException) -> str:
 
 
 def check_number(
-    key: str, value: object, low: float, high: float | None = None, strict: bool = False, meaning: str = ""
+    key: str,
+    value: object,
+    low: float,
+    high: float | None = None,
+    strict: bool = False,
+    meaning: str = "",
+    error: type[Exception] = ValueError,
 ) -> None:
-    """A ValueError naming `key` unless `value` is a finite number (not a bool) >= `low` (> with `strict`) and
-    <= `high` when given."""
+    """An `error` (a ValueError, or e.g. a UserError for a CLI setting) naming `key` unless `value` is a finite
+    number (not a bool) >= `low` (> with `strict`) and <= `high` when given."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     in_range = number and (value > low if strict else value >= low) and (high is None or value <= high)
     if not in_range:
         bound = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if strict else '>='} {low:g}"
         note = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{key} must be a finite number {bound}{note}, got {value!r}")
+        raise error(f"{key} must be a finite number {bound}{note}, got {value!r}")
 
 
 def check_int(key: str, value: object, low: int | None = None, high: int | None = None) -> int:

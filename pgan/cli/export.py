@@ -44,10 +44,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if cfg.which not in (None, "G_ema", "G"):
         raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
-    try:
-        check_number("atol", cfg.atol, low=0.0, strict=True)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    check_number("atol", cfg.atol, low=0.0, strict=True, error=UserError)
     atol = float(cfg.atol)
     opset = None if cfg.opset is None else check_int("opset", cfg.opset, low=1)
     if opset is not None and opset < MIN_OPSET:  # the version converter fails on this graph (and prints its traceback)

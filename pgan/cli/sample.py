@@ -39,11 +39,8 @@ def sample(cfg: DictConfig) -> list[Path]:
         check_int("to_seed", cfg.to_seed)
     check_int("frame_ms", cfg.frame_ms, low=1)
     psi = cfg.psi
-    try:
-        if psi is not None:
-            check_number("psi", psi, low=0.0, strict=True, meaning="or null for no truncation")
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    if psi is not None:
+        check_number("psi", psi, low=0.0, strict=True, meaning="or null for no truncation", error=UserError)
     out = Path(str(cfg.out)).expanduser()
     walk = cfg.to_seed is not None
     if out.suffix.lower() not in ((".png", ".gif") if walk else (".png", "")):

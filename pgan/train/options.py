@@ -224,10 +224,7 @@ def _nimg(kimg: Any, minimum: int = 1) -> int:
 def _interval_nimg(key: str, kimg: Any) -> int:
     """The interval `key` in kimg (a finite number > 0) as whole images, at least 1; else a one-line error (a zero
     or negative interval used to mean every step: a checkpoint or a grid a step)."""
-    try:
-        check_number(key, kimg, low=0.0, strict=True)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    check_number(key, kimg, low=0.0, strict=True, error=UserError)
     return _nimg(kimg)
 
 
