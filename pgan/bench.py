@@ -33,11 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from pgan.cli import CONFIG_DIR
+from pgan.cli import CONFIG_DIR, checked_resolutions
 from pgan.data import InfiniteSampler, make_dataset, wants_prepared
 from pgan.errors import UserError, check_int
 from pgan.losses import Loss, make_loss
-from pgan.networks import channels_for, check_resolution, model_kwargs_from, resolutions_up_to
+from pgan.networks import channels_for, model_kwargs_from, resolutions_up_to
 from pgan.runtime import apply_thread_budget, autocast_for, configure_backends, resolve_device, resolve_precision
 from pgan.schedule import ema_beta, stages_from_config
 from pgan.train.feed import make_loader, to_device_images
@@ -211,16 +211,9 @@ def loader_img_per_s(
 
 def check_bench_config(cfg: DictConfig) -> list[int]:
     """The resolutions to measure, with one-line errors for impossible settings."""
-    if not OmegaConf.is_list(cfg.resolutions) or not cfg.resolutions:
-        raise UserError(
-            f"resolutions must list at least one resolution, e.g. resolutions=[32,64], got {cfg.resolutions!r}"
-        )
-    resolutions = [check_int("each of resolutions", res) for res in cfg.resolutions]
-    for res in resolutions:
-        try:
-            check_resolution(res)
-        except ValueError as exc:
-            raise UserError(f"resolutions: {exc}") from exc
+    resolutions = checked_resolutions(
+        cfg.resolutions, "resolutions must list at least one resolution, e.g. resolutions=[32,64]"
+    )
     batch, group = check_int("batch_size", cfg.batch_size, low=1), int(cfg.model.mbstd_group_size)
     if batch % min(group, batch):
         raise UserError(f"batch_size must be divisible by model.mbstd_group_size={group}, got {batch}")

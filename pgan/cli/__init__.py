@@ -83,3 +83,22 @@ def exit_with_user_error(exc: UserError) -> NoReturn:
     """Print `error: <the one line>` on stderr and exit with EXIT_USER_ERROR (2)."""
     print(f"error: {user_error_line(exc)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+def checked_resolutions(value: object, not_a_list: str) -> list[int]:
+    """`value` (pgan-bench's and pgan-prepare's `resolutions`) as a list of valid resolutions in px; else a
+    UserError: `not_a_list` (followed by the value) for no list or an empty one, else one naming the bad entry."""
+    from omegaconf import OmegaConf
+
+    from pgan.errors import check_int
+    from pgan.schedule import check_resolution
+
+    if not OmegaConf.is_list(value) or not value:
+        raise UserError(f"{not_a_list}, got {value!r}")
+    resolutions = [check_int("each of resolutions", res) for res in value]
+    for res in resolutions:
+        try:
+            check_resolution(res)
+        except ValueError as exc:
+            raise UserError(f"resolutions: {exc}") from exc
+    return resolutions

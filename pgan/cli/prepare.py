@@ -8,26 +8,11 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from pgan.cli import CONFIG_DIR, exit_on_bad_overrides, exit_with_user_error
+from pgan.cli import CONFIG_DIR, checked_resolutions, exit_on_bad_overrides, exit_with_user_error
 from pgan.errors import UserError, check_bool, check_int
-
-
-def checked_resolutions(cfg: DictConfig) -> list[int]:
-    """cfg.resolutions as a list of valid resolutions in px, else a UserError."""
-    from pgan.networks import check_resolution
-
-    if not OmegaConf.is_list(cfg.resolutions) or not cfg.resolutions:
-        raise UserError(f"resolutions must be a list of resolutions in px, e.g. [32,64], got {cfg.resolutions!r}")
-    resolutions = [check_int("each of resolutions", res) for res in cfg.resolutions]
-    for res in resolutions:
-        try:
-            check_resolution(res)
-        except ValueError as exc:
-            raise UserError(f"resolutions: {exc}") from exc
-    return resolutions
 
 
 def sources_at(data_cfg: DictConfig, resolutions: list[int]) -> dict[int, Dataset]:
@@ -72,7 +57,7 @@ def prepare_all(cfg: DictConfig) -> list[dict]:
     checking all of them."""
     from pgan.data.prepared import build_store, check_space, plan_store
 
-    resolutions = checked_resolutions(cfg)
+    resolutions = checked_resolutions(cfg.resolutions, "resolutions must be a list of resolutions in px, e.g. [32,64]")
     workers = None if cfg.workers is None else check_int("workers", cfg.workers, low=0)
     force = check_bool("force", cfg.force)
     conditional = check_bool("model.conditional", cfg.model.conditional)
