@@ -230,6 +230,23 @@ def test_16bit_is_scaled_by_its_full_range(hostile: Path) -> None:
     assert torch.allclose(item, torch.full_like(item, expected), atol=2 / 255)
 
 
+def test_float_images_are_scaled_by_their_convention(tmp_path: Path) -> None:
+    """A float TIFF in [0, 1] takes 1.0 as white (PIL's convert made it black); any other takes 255.0; NaN is black."""
+    unit = np.full((32, 32), 0.5, np.float32)
+    unit[:, :8] = np.nan
+    wide = np.full((32, 32), 200.0, np.float32)
+    wide[:, :8] = 1000.0  # clipped to white
+    Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
+    dataset = FolderDataset(tmp_path, RES)
+    assert dataset.report.converted["float_scaled"].count == 2 and "other_mode" not in dataset.report.converted
+    # Away from the column where the NaN / clipped stripe meets the rest (LANCZOS mixes them there).
+    for name, left, right in (("unit.tif", 0, 128), ("wide.tif", 255, 200)):
+        item = (item_of(dataset, name) + 1) / 2 * 255
+        assert torch.allclose(item[:, :, : RES // 4 - 1], torch.full_like(item[:, :, : RES // 4 - 1], left), atol=2)
+        assert torch.allclose(item[:, :, RES // 4 + 1 :], torch.full_like(item[:, :, RES // 4 + 1 :], right), atol=2)
+
+
 def test_grey_palette_cmyk_gif_are_converted(hostile: Path) -> None:
     dataset = FolderDataset(hostile, RES)
     grey = item_of(dataset, "grey.png")

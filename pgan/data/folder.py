@@ -66,6 +66,7 @@ CONVERSION_RULES = (
     "first_frame",
     "exif_rotated",
     "16bit_scaled",
+    "float_scaled",
     "palette",
     "alpha_composited",
     "cmyk",
@@ -289,8 +290,9 @@ class FolderDataset(Dataset):
 
     def content_key(self) -> dict[str, Any]:
         """What the images depend on besides the settings (the key of a prepared store): the folder's real path
-        and every usable file's relative path, size and mtime."""
-        return {"root": os.path.realpath(self.root), "files": self._stats}
+        and every usable file's relative path, size and mtime, and the conversion rules' names (a store made before
+        a rule was added is not reused)."""
+        return {"root": os.path.realpath(self.root), "files": self._stats, "rules": list(CONVERSION_RULES)}
 
     def class_labels(self) -> ClassLabels:
         """The first-level sub-folders of the root as classes (model.conditional=true), in sorted order; an

@@ -9,12 +9,15 @@ Conversion rules, applied in this order to every decoded image (the names are th
   round(value / 257), so 65535 is white (PIL's convert("L") would clip everything above 255 to white).
   Mode I values outside 0..65535 are clipped first. A transparency key on a 16-bit image is ignored.
   16-bit colour PNGs (RGB, RGBA) need no rule: PIL keeps the top byte of each sample when it opens them.
+- float_scaled: 32-bit float images (PIL mode F, e.g. float TIFFs) become 8-bit L. An image whose values all lie
+  in [0, 1] takes 1.0 as white (the float image convention); any other takes 255.0 as white. Values are clipped
+  to that range and NaN is black (PIL's convert would clip every value to 0..255, a [0, 1] image to black).
 - palette: palette images (P, PA) are expanded to RGB, or to RGBA when they have transparency.
 - alpha_composited: images with an alpha channel or a transparency key (RGBA, LA, PA, and P, L or RGB with
   tRNS/GIF transparency) are composited onto a white background; dropping the alpha instead would show whatever
   colour the encoder left under transparent pixels. Grayscale stays grayscale.
 - cmyk: CMYK is converted to RGB by PIL's formula (no ICC colour management).
-- other_mode: any other mode (YCbCr, LAB, HSV, F, ...) goes through PIL's convert("RGB"); bilevel (1) becomes
+- other_mode: any other mode (YCbCr, LAB, HSV, ...) goes through PIL's convert("RGB"); bilevel (1) becomes
   grayscale L without a rule of its own.
 - grayscale_to_rgb: with channels=3, a grayscale image becomes RGB by repeating its luma in R, G and B.
 - rgb_to_luma: with channels=1, a colour image becomes grayscale by ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B).
@@ -93,11 +96,22 @@ def _scale_16bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
 
 
+def _scale_float(image: Image.Image) -> Image.Image:
+    """A float image as 8-bit L: white is 1.0 when every value lies in [0, 1], else 255.0; NaN is black."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
+    finite = values[np.isfinite(values)]
+    unit = finite.size == 0 or (finite.min() >= 0.0 and finite.max() <= 1.0)
+    scaled = np.clip(values * (255.0 if unit else 1.0), 0.0, 255.0)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
 def to_base(image: Image.Image) -> tuple[Image.Image, list[str]]:
     """`image` as "L" or "RGB" by the module's colour rules, and the names of the rules applied."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
         return _scale_16bit(image), ["16bit_scaled"]
+    if mode == "F":
+        return _scale_float(image), ["float_scaled"]
     rules = ["palette"] if mode in ("P", "PA") else []
     if mode in _ALPHA_MODES or "transparency" in image.info:
         rules.append("alpha_composited")

@@ -38,7 +38,7 @@ from pgan.data.prepared import CACHE_DIRNAME
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 _POOL_MIN_FILES = 256  # fewer files to decode than this: decode in-process (fast, deterministic small tests)
-_CACHE_VERSION = 1  # bump when the probe's output changes meaning, so old cache files are ignored
+_CACHE_VERSION = 2  # bump when the probe's output changes meaning, so old cache files are ignored
 _MEMO_ROOTS = 4  # folders whose scan stays in memory (training uses one; pgan-eval two)
 
 
