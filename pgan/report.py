@@ -29,6 +29,7 @@ from pgan.metrics.collapse import STATES
 from pgan.schedule import DEFAULT_KEY, Stage, alpha_at, stages_as_run, stages_from_config
 
 # collapse.jsonl keys that are not metrics.
+_SHOWN_LINES = 5  # unreadable jsonl lines a report names (it counts them all)
 _EVALUATION_KEYS = ("step", "kimg", "stage", "resolution", "alpha", "state", "previous", "in_grace", "n_fake", "n_real")
 # The curves of the plot: (title, [(column, label)]).
 PANELS = (
@@ -60,7 +61,7 @@ class RunTable:
     advances: list[dict] = field(default_factory=list)  # stats.jsonl's stage_advance records (advance=plateau)
     last_evaluation: dict | None = None  # the last diversity evaluation's record in collapse.jsonl
     superseded: int = 0  # records of an interrupted attempt that a later one replaced
-    unreadable: int = 0  # lines that were not JSON (a write cut short by a kill)
+    unreadable: list[str] = field(default_factory=list)  # jsonl lines that are no record, as read_jsonl names them
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
@@ -82,21 +83,23 @@ class RunTable:
         return [st for st in self.stages if st.index in present]
 
 
-def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """The records of a jsonl file, and how many lines were not JSON objects with a step (a torn last line)."""
-    rows, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """The records of a jsonl file, and its lines that are not JSON objects with a step, as "NAME line N" (N from 1;
+    "(the last)" marks a last line, which a kill can cut short; any other was damaged or edited)."""
+    rows, bad = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    for number, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            bad += 1
-            continue
+            row = None
         if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
             rows.append(row)
         else:
-            bad += 1
+            bad.append(f"{path.name} line {number + 1}" + (" (the last)" if number == last else ""))
     return rows, bad
 
 
@@ -158,9 +161,9 @@ def load_table(run_dir: Path) -> RunTable:
     stages = run_stages(run_dir, advances)
     stats = [r for r in stats if "event" not in r]  # the log ticks
     collapse, bad_collapse = (
-        read_jsonl(run_dir / "collapse.jsonl") if (run_dir / "collapse.jsonl").is_file() else ([], 0)
+        read_jsonl(run_dir / "collapse.jsonl") if (run_dir / "collapse.jsonl").is_file() else ([], [])
     )
-    quality, bad_quality = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else ([], 0)
+    quality, bad_quality = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else ([], [])
     evaluations = [r for r in collapse if "event" not in r]
     kept_stats, kept_evals, kept_quality = latest_attempt(stats), latest_attempt(evaluations), latest_attempt(quality)
     if not kept_stats:
@@ -407,7 +410,7 @@ def summary_markdown(run_dir: Path, table: RunTable, plot_name: str | None = "re
     if table.superseded:
         notes.append(f"{table.superseded} records of an interrupted attempt were replaced by the attempt that resumed")
     if table.unreadable:
-        notes.append(f"{table.unreadable} unreadable line(s) in the jsonl logs were skipped (a write cut short)")
+        notes.append(unreadable_note(table.unreadable))
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}." for n in notes]
     if plot_name:
@@ -598,6 +601,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def unreadable_note(lines: list[str]) -> str:
+    """One sentence naming the jsonl lines a report skipped (read_jsonl's names, the first few)."""
+    shown = ", ".join(lines[:_SHOWN_LINES]) + (
+        f" and {len(lines) - _SHOWN_LINES} more" if len(lines) > _SHOWN_LINES else ""
+    )
+    cause = "a write cut short by a kill" if all(n.endswith("(the last)") for n in lines) else "damaged or edited"
+    return f"{len(lines)} unreadable line(s) in the jsonl logs were skipped ({cause}): {shown}"
+
+
 # --- both files ----------------------------------------------------------------------------------------------
 
 
@@ -627,4 +639,5 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
         # schedule.advance=plateau: when each stage's stable phase ended, and why
         "advances": [{k: r[k] for k in ("resolution", "stable_kimg", "advance")} for r in table.advances],
         "final": {k: last_value(table, k) for k in ("Loss/D", "Loss/G", "Scores/real", "Scores/fake")},
+        "unreadable_lines": table.unreadable,
     }

@@ -116,9 +116,32 @@ def test_records_of_an_interrupted_attempt_are_replaced_by_the_resumed_ones(run_
     table = load_table(tmp_path)
     assert np.array_equal(table["kimg"], [json.loads(line)["step"] / 1000 for line in lines])
     assert np.all(table["Loss/D"][5:] == 123.0) and not np.any(table["Loss/D"][:5] == 123.0)
-    assert table.superseded == len(lines) - 5 and table.unreadable == 1
+    assert table.superseded == len(lines) - 5 and table.unreadable == [
+        f"stats.jsonl line {2 * len(lines) - 4} (the last)"
+    ]
     text = summary_markdown(tmp_path, table)
     assert f"{len(lines) - 5} records of an interrupted attempt" in text and "Not evaluated" in text
+    assert "1 unreadable line(s) in the jsonl logs were skipped (a write cut short by a kill)" in text
+
+
+def test_damaged_lines_inside_a_log_are_named(run_dir: Path, tmp_path: Path) -> None:
+    """Garbage in the middle of a log (not a kill's cut-short last line): the report skips it, names the lines in
+    report.md and warns on the console."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    stats = tmp_path / "run" / "stats.jsonl"
+    lines = stats.read_text().splitlines()
+    stats.write_text("\n".join(lines[:2] + ["garbage", "[1, 2]"] + lines[2:]) + "\n")
+    result = _report(f"run={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    named = "stats.jsonl line 3, stats.jsonl line 4"
+    note = f"2 unreadable line(s) in the jsonl logs were skipped (damaged or edited): {named}"
+    assert f"warning: run={tmp_path / 'run'}: {note}" in result.stderr
+    assert note in (tmp_path / "run" / "report.md").read_text()
+    assert json.loads(result.stdout.splitlines()[-1])["unreadable_lines"] == [
+        "stats.jsonl line 3",
+        "stats.jsonl line 4",
+    ]
+    assert np.array_equal(load_table(tmp_path / "run")["kimg"], load_table(run_dir)["kimg"])
 
 
 @pytest.mark.parametrize(

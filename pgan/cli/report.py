@@ -47,6 +47,10 @@ def _hydra_main(cfg: DictConfig) -> None:
         result = report(cfg)
     except UserError as exc:
         exit_with_user_error(exc)
+    if result["unreadable_lines"]:
+        from pgan.report import unreadable_note
+
+        print(f"warning: run={cfg.run}: {unreadable_note(result['unreadable_lines'])}", file=sys.stderr)
     print(result["png"])
     print(result["markdown"])
     print(json.dumps(_finite(result)), flush=True)
