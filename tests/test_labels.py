@@ -64,6 +64,16 @@ def test_folder_images_outside_a_class_folder_are_a_user_error(tmp_path: Path) -
         class_labels(dataset)
 
 
+def test_a_folder_of_one_class_is_a_user_error(tmp_path: Path) -> None:
+    """One class sub-folder (data.path one level too deep, say): a conditional model of one class is refused."""
+    _class_tree(tmp_path, {"cats": 3})
+    dataset = make_dataset(load_conf("folder", path=str(tmp_path)), 8)
+    with pytest.raises(
+        UserError, match=rf"at least two classes, and data.path {tmp_path} has one class sub-folder \('cats'\)"
+    ):
+        class_labels(dataset)
+
+
 def test_torchvision_classes_are_its_targets(mnist_root: Path) -> None:
     from torchvision.datasets import MNIST
 
