@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import PGAN_TRAIN, TINY, TINY_8PX, compose_config, file_listing, wait_for
 
 from pgan.cli.train import replace_resolution_maps
@@ -159,6 +160,33 @@ def test_a_refused_resume_leaves_the_runs_saved_overrides_as_they_were(tmp_path:
     resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=BOUND_S)
     assert resumed.returncode == 0, resumed.stderr
     assert "loss.r1_gamma" not in resumed.stdout
+
+
+@pytest.mark.subprocess
+def test_a_user_error_after_the_resume_trained_keeps_the_new_overrides(tmp_path: Path, monkeypatch) -> None:
+    """A resume that trains (writes checkpoints) with new overrides and only then meets a user error: its .hydra/
+    is not put back, since the run's checkpoints now come from the new overrides. The real Hydra entry point and
+    trainer run in-process; only the late error is added after the trainer returns."""
+    import pgan.cli.train as cli
+    import pgan.train.loop as loop
+
+    run_dir = tmp_path / "run"
+    first = subprocess.run([PGAN_TRAIN, *TINY_8PX, f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    real_train = loop.train
+
+    def train_then_refuse(cfg, where):
+        real_train(cfg, where)
+        raise UserError("a late error")
+
+    monkeypatch.setattr(loop, "train", train_then_refuse)
+    resume = ["pgan-train", *TINY, f"hydra.run.dir={run_dir}", "log.progress_bar=false"]
+    monkeypatch.setattr(sys, "argv", [resume[0], *cli.with_saved_overrides(resume[1:])])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_hydra_keeping_a_refused_runs_record(str(run_dir))
+    assert exit_info.value.code == 2 and (run_dir / "stage-0016" / "final.pt").is_file()
+    saved = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert [o for o in saved if o.startswith("schedule.resolutions=")][-1] == "schedule.resolutions=[8,16]"
 
 
 def test_a_resume_through_other_resolutions_is_one_line_naming_the_schedule(tmp_path: Path) -> None:

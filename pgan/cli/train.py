@@ -196,15 +196,17 @@ def refuse_held_run_dir(args: list[str]) -> None:
 
 def run_hydra_keeping_a_refused_runs_record(run_dir: str | None) -> None:
     """_hydra_main(); where it refuses the command (a user error, exit 2) on an existing run directory, that run's
-    .hydra/ is put back as it was, so the next plain resume reapplies the run's own overrides, not the refused."""
+    .hydra/ is put back as it was, so the next plain resume reapplies the run's own overrides, not the refused.
+    Not when the attempt wrote a checkpoint before its error: the run has then trained with the new overrides."""
     from pgan import dist
-    from pgan.train.rundir import hydra_record, restore_hydra_record
+    from pgan.train.rundir import checkpoint_stamp, hydra_record, restore_hydra_record
 
     record = hydra_record(Path(run_dir)) if run_dir is not None and dist.current().is_main else {}
+    stamp = checkpoint_stamp(Path(run_dir)) if record else {}
     try:
         _hydra_main()
     except SystemExit as exc:
-        if exc.code == EXIT_USER_ERROR and record:
+        if exc.code == EXIT_USER_ERROR and record and checkpoint_stamp(Path(run_dir)) == stamp:
             restore_hydra_record(Path(run_dir), record)
         raise
 

@@ -147,6 +147,18 @@ def hydra_record(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
 
 
+def checkpoint_stamp(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every checkpoint file of a run directory with its size and mtime: a change means an attempt trained."""
+    run_dir, stamps = Path(run_dir), {}
+    for path in sorted(run_dir.glob("stage-*/*.pt")):
+        try:
+            stat = path.stat()
+        except OSError:  # removed meanwhile (an old snapshot pruned): it is no checkpoint any more
+            continue
+        stamps[str(path.relative_to(run_dir))] = (stat.st_size, stat.st_mtime_ns)
+    return stamps
+
+
 def restore_hydra_record(run_dir: Path, record: dict[str, bytes]) -> None:
     """Put an existing run's .hydra/ files back as `hydra_record` found them (a refused resume changes nothing)."""
     for name, content in record.items():
