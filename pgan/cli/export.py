@@ -22,20 +22,25 @@ MIN_OPSET = 18  # torch.onnx.export(dynamo=True)
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export what cfg asks for; returns the summary printed as JSON."""
-    from omegaconf import OmegaConf
+    from pgan.export import export_safetensors
+    from pgan.load import load_generator_with_source
 
-    from pgan.export import (
-        ONNX_INPUT,
-        ONNX_LABELS,
-        ONNX_OUTPUT,
-        check_onnx,
-        export_config,
-        export_onnx,
-        export_safetensors,
-        onnx_opset,
-        write_config,
-    )
-    from pgan.load import CONFIG, ONNX, load_generator_with_source
+    out, atol, opset = _checked(cfg)
+    G, alpha, source_info = load_generator_with_source(str(cfg.ckpt), None if cfg.which is None else str(cfg.which))
+    summary: dict[str, Any] = {"format": str(cfg.format), "out": str(out), "resolution": G.resolution, "alpha": alpha}
+    if cfg.format == "onnx":
+        return {**summary, **_export_onnx(G, alpha, source_info, out, opset, atol)}
+    try:
+        weights, config = export_safetensors(G, alpha, out, source_info=source_info)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc}") from exc
+    _drop_stale_weights(out, "safetensors", G, alpha)
+    return {**summary, "files": [str(weights), str(config)], "max_abs_diff": None}
+
+
+def _checked(cfg: DictConfig) -> tuple[Path, float, int | None]:
+    """The export directory, the ONNX check's atol and the asked-for opset, after checking every option."""
+    from omegaconf import OmegaConf
 
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
@@ -45,7 +50,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.which not in (None, "G_ema", "G"):
         raise UserError(f"which must be G_ema or G, got {cfg.which!r}")
     check_number("atol", cfg.atol, low=0.0, strict=True, error=UserError)
-    atol = float(cfg.atol)
     opset = None if cfg.opset is None else check_int("opset", cfg.opset, low=1)
     if opset is not None and opset < MIN_OPSET:  # the version converter fails on this graph (and prints its traceback)
         raise UserError(f"opset={opset}: torch.onnx's exporter writes opset {MIN_OPSET} and newer; leave opset unset")
@@ -54,14 +58,25 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     out = Path(str(cfg.out)).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"out={cfg.out}: exists and is not a directory")
-    which = None if cfg.which is None else str(cfg.which)
-    G, alpha, source_info = load_generator_with_source(str(cfg.ckpt), which)
-    summary: dict[str, Any] = {"format": str(cfg.format), "out": str(out), "resolution": G.resolution, "alpha": alpha}
+    return out, float(cfg.atol), opset
+
+
+def _export_onnx(G, alpha: float, source_info: dict, out: Path, opset: int | None, atol: float) -> dict[str, Any]:
+    """Write G as out/generator.onnx with its config.json and check the graph against PyTorch (onnxruntime). A
+    graph that fails its check is removed and an earlier export's config.json put back. Returns files and diff."""
+    from pgan.export import (
+        ONNX_INPUT,
+        ONNX_LABELS,
+        ONNX_OUTPUT,
+        check_onnx,
+        export_config,
+        export_onnx,
+        onnx_opset,
+        write_config,
+    )
+    from pgan.load import CONFIG, ONNX
+
     try:
-        if cfg.format == "safetensors":
-            weights, config = export_safetensors(G, alpha, out, source_info=source_info)
-            _drop_stale_weights(out, "safetensors", G, alpha)
-            return {**summary, "files": [str(weights), str(config)], "max_abs_diff": None}
         previous_config = (out / CONFIG).read_bytes() if (out / CONFIG).is_file() else None
         onnx_path = export_onnx(G, alpha, out / ONNX, opset=opset)
         written = onnx_opset(onnx_path)
@@ -80,7 +95,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     try:
         diff = check_onnx(G, alpha, onnx_path, atol=atol)
     except UserError:
-        # A graph that failed its check is not left behind as an export; an earlier export's config.json is put back.
         onnx_path.unlink(missing_ok=True)
         if previous_config is None:
             (out / CONFIG).unlink(missing_ok=True)
@@ -92,7 +106,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         print("onnx check skipped: onnxruntime is not installed (pip install 'pgan[onnx]')", flush=True)
     else:
         print(f"onnx check passed: max abs difference to PyTorch {diff:.3g} (atol {atol:g})", flush=True)
-    return {**summary, "files": [str(onnx_path), str(config)], "max_abs_diff": diff}
+    return {"files": [str(onnx_path), str(config)], "max_abs_diff": diff}
 
 
 def _drop_stale_weights(out: Path, fmt: str, G, alpha: float) -> None:
