@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_conf
+from helpers import TINY, compose_config, load_conf
 from PIL import Image
 
 from pgan.data import DigitsDataset, ShapesDataset, StackedDigitsDataset, make_dataset
@@ -16,6 +16,7 @@ from pgan.data.sampler import InfiniteSampler
 from pgan.data.shapes import MODE_NAMES
 from pgan.errors import UserError
 from pgan.train.feed import make_loader, to_device_batch
+from pgan.train.loop import train
 
 
 def test_shapes_classes_are_the_modes() -> None:
@@ -65,13 +66,13 @@ def test_folder_images_outside_a_class_folder_are_a_user_error(tmp_path: Path) -
 
 
 def test_a_folder_of_one_class_is_a_user_error(tmp_path: Path) -> None:
-    """One class sub-folder (data.path one level too deep, say): a conditional model of one class is refused."""
-    _class_tree(tmp_path, {"cats": 3})
-    dataset = make_dataset(load_conf("folder", path=str(tmp_path)), 8)
-    with pytest.raises(
-        UserError, match=rf"at least two classes, and data.path {tmp_path} has one class sub-folder \('cats'\)"
-    ):
-        class_labels(dataset)
+    """One class sub-folder (data.path one level too deep, say): a conditional run of one class is refused before
+    it writes anything."""
+    _class_tree(tmp_path / "data", {"cats": 16})
+    cfg = compose_config(*TINY, "model.conditional=true", "data=folder", f"data.path={tmp_path / 'data'}")
+    with pytest.raises(UserError, match=r"at least two classes, and the data at 8 px has one \('cats'\)"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "stage-0008").exists()
 
 
 def test_torchvision_classes_are_its_targets(mnist_root: Path) -> None:

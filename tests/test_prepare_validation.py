@@ -79,6 +79,16 @@ def test_a_class_lost_at_one_resolution_writes_nothing(tmp_path: Path) -> None:
     assert run_prepare(f"data.path={data}", "resolutions=[32,128]").returncode == 0
 
 
+def test_one_class_is_refused_for_a_conditional_model(tmp_path: Path) -> None:
+    write_images(tmp_path / "classes" / "only", 2, 40)
+    before = listing(tmp_path)
+    result = run_prepare(f"data.path={tmp_path / 'classes'}", "resolutions=[32]", "model.conditional=true")
+    assert result.returncode == 2 and result.stderr.startswith(
+        "error: model.conditional=true needs at least two classes, and the data at 32 px has one ('only')"
+    )
+    assert listing(tmp_path) == before
+
+
 def test_resolutions_are_checked_smallest_first_whatever_their_order(tmp_path: Path) -> None:
     write_images(tmp_path / "images", 3, 40)
     cfg = compose_config(f"data.path={tmp_path / 'images'}", "resolutions=[64,16,32]", config_name="prepare")

@@ -38,9 +38,11 @@ def check_classes_kept(sources: dict[int, Dataset]) -> None:
     """A UserError unless every resolution keeps images of every class (what conditional training needs): a
     class whose images are all smaller than a resolution is gone there."""
     from pgan.data import class_labels
+    from pgan.data.labels import check_two_classes
 
     names = {res: class_labels(source).names for res, source in sources.items()}
     smallest = min(names)
+    check_two_classes(class_labels(sources[smallest]), f"the data at {smallest} px")
     for res, kept in sorted(names.items()):
         gone = [name for name in names[smallest] if name not in kept]
         if gone:

@@ -61,17 +61,20 @@ def class_labels(dataset: Dataset) -> ClassLabels:
             "digits, stacked_digits, folder (one sub-folder per class) or torchvision"
         )
     labels = method()
-    if labels.num_classes < 2:
-        root = getattr(dataset, "root", None)
-        where = f"data.path {root} has one class sub-folder" if root is not None else "the data has one class"
-        raise UserError(
-            f"model.conditional=true needs at least two classes, and {where} ({labels.names[0]!r}): point "
-            "data.path at the folder whose sub-folders are the classes, or train it with model.conditional=false"
-        )
     if len(labels.labels) != len(dataset):
         raise ValueError(f"{type(dataset).__name__} gave {len(labels.labels)} labels for {len(dataset)} items")
     dataset._class_labels = labels
     return labels
+
+
+def check_two_classes(labels: ClassLabels, where: str) -> None:
+    """A UserError when `labels` (the data `where` names) has one class: a conditional model of one class is an
+    unconditional one, and for a folder it mostly means data.path one level too deep."""
+    if labels.num_classes < 2:
+        raise UserError(
+            f"model.conditional=true needs at least two classes, and {where} has one ({labels.names[0]!r}): point "
+            "data.path at the folder whose sub-folders are the classes, or train with model.conditional=false"
+        )
 
 
 def labels_from_names(item_classes: Sequence[str]) -> ClassLabels:

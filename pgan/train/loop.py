@@ -31,6 +31,7 @@ from torchvision.utils import save_image
 
 from pgan import dist
 from pgan.checkpoint import FINAL
+from pgan.data.labels import check_two_classes
 from pgan.errors import UserError
 from pgan.monitor import Monitor, NullMonitor, resource_stats, warn
 from pgan.runtime import (
@@ -135,6 +136,8 @@ def check_first_stage(
     for state, what in ((plan.resume, f"the run in {run_dir}"), (init and init[0], "the checkpoint it grows from")):
         if state is not None:
             check_same_classes(state, classes, what)
+    if classes is not None:
+        check_two_classes(classes, f"the data at {first.resolution} px")
     if options.data.source == "folder":  # a later stage may skip more images (too small for it): check it now
         for st in plan.stages[1:]:
             later = stage_dataset(options, st, run_dir, device)
