@@ -91,6 +91,28 @@ def test_the_projection_is_the_schedule_at_the_measured_rates(bench_run) -> None
 
 
 @pytest.mark.subprocess
+def test_the_cuda_experiments_table_reads_pgan_benchs_lines(bench_run, tmp_path: Path) -> None:
+    """experiments/cuda/summarize.py (run only on a lent GPU) makes its table from real pgan-bench output: one row
+    per measurement of each bench_<name>.jsonl, and the projection's line."""
+    objects, _ = bench_run
+    measured = [o for o in objects if "projection" not in o]
+    (tmp_path / "bench_tiny.jsonl").write_text("\n".join(json.dumps(o) for o in measured) + "\n")
+    (tmp_path / "bench_paper_projection.jsonl").write_text("\n".join(json.dumps(o) for o in objects) + "\n")
+    summarize = Path(__file__).resolve().parents[1] / "experiments" / "cuda" / "summarize.py"
+    result = subprocess.run([sys.executable, str(summarize), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == len(measured)
+    for row, o in zip(rows, measured):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:4] == [str(o["resolution"]), str(o["batch_size"]), f"{o['img_per_s']:.1f}"]
+        assert cells[5] == f"{100 * o['mfu']:.1f}%"
+    total = objects[-1]["projection"]["total_h"]
+    assert f"Projected `schedule=quick` at batch 4: {total} h (8 px" in result.stdout
+    assert "not measured: [32, 64, 128, 256]" in result.stdout
+
+
+@pytest.mark.subprocess
 def test_one_json_line_per_resolution_and_alpha_with_the_fields(bench_lines) -> None:
     lines, table = bench_lines
     assert [(r["resolution"], r["alpha"]) for r in lines] == [(8, 0.5), (8, 1.0), (16, 0.5), (16, 1.0)]
