@@ -101,6 +101,21 @@ def test_init_from_another_architecture_names_the_differing_keys(run_8px: Path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_init_from_grows_a_wider_block_above_the_checkpoint(run_8px: Path, tmp_path: Path) -> None:
+    """The widths only have to agree up to the checkpoint's resolution: a 16 px stage of 16 channels (the rule
+    gives 8) grows from the 8 px run of the rule's widths, and its block, now square, starts as identities
+    (grow_init=preserve). A width that differs at or below 8 px is refused, naming the widths."""
+    ckpt = run_8px / "stage-0008" / "final.pt"
+    wider = "model.channels={4: 16, 8: 16, 16: 16}"
+    final = train(compose_config(*TINY, "stage=16", f"init_from={ckpt}", wider), tmp_path / "run")
+    G = torch.load(final, weights_only=False)["G"]
+    assert G["blocks.16.conv1.weight"].shape[:2] == (16, 16) and G["blocks.16.conv2.weight"].shape[:2] == (16, 16)
+    narrower = "model.channels={4: 16, 8: 8, 16: 16}"
+    with pytest.raises(UserError, match=r"widths up to 8 px: \{4: 16, 8: 16\} there vs \{4: 16, 8: 8\} here"):
+        train(compose_config(*TINY, "stage=16", f"init_from={ckpt}", narrower), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("with_final", [True, False])
 def test_init_from_a_folder_says_it_is_a_folder(run_8px: Path, tmp_path: Path, with_final: bool) -> None:
     """A folder (a stage directory, an export directory) is not "not found": the message says what it is."""

@@ -8,6 +8,7 @@ from their own config sections, once, in `pgan.train.loop.train`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from pgan.augment import check_augment_config
 from pgan.errors import UserError, check_int, check_number
 from pgan.losses import Loss, make_loss
 from pgan.metrics.quality import SCORES
-from pgan.networks import G_ARCHITECTURES, GROW_INITS, networks_from
+from pgan.networks import G_ARCHITECTURES, GROW_INITS, channels_for, networks_from
 from pgan.runtime import check_precision, check_threads
 from pgan.schedule import (
     PlateauRule,
@@ -48,6 +49,7 @@ ARCHITECTURE_KEYS = (
     "conditional",
     "g_architecture",
 )
+WIDTH_KEYS = ("fmap_base", "fmap_max", "fmap_min", "channels")  # what sets each resolution's width
 # What a key means in configs written before it existed.
 ARCHITECTURE_DEFAULTS = {"conditional": False, "g_architecture": "progan"}
 
@@ -319,14 +321,28 @@ def check_speed(speed: DictConfig) -> None:
         raise UserError(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {speed.compile_mode!r}")
 
 
-def check_same_architecture(options: TrainOptions, saved_config: dict, what: str) -> None:
-    """Refuse a checkpoint whose model settings differ from this run's, naming the keys that differ."""
+def check_same_architecture(options: TrainOptions, saved_config: dict, what: str, upto: int | None = None) -> None:
+    """Refuse a checkpoint whose model settings differ from this run's, naming the keys that differ.
+
+    `upto` (a checkpoint a new stage grows from, of this resolution): the width settings (fmap_*, channels) only
+    have to give the same width at every resolution up to it, since the layers above are new (e.g. a wider
+    block from 32 px on, `model.channels`, grown from a 16 px checkpoint of the rule's widths)."""
     ours, theirs = options.model, saved_config.get("model", {})
+    keys = [k for k in ARCHITECTURE_KEYS if upto is None or k not in WIDTH_KEYS]
     differing = [
-        k
-        for k in ARCHITECTURE_KEYS
-        if ours.get(k, ARCHITECTURE_DEFAULTS.get(k)) != theirs.get(k, ARCHITECTURE_DEFAULTS.get(k))
+        k for k in keys if ours.get(k, ARCHITECTURE_DEFAULTS.get(k)) != theirs.get(k, ARCHITECTURE_DEFAULTS.get(k))
     ]
-    if differing:
-        pairs = ", ".join(f"model.{k}: {theirs.get(k)!r} there vs {ours.get(k)!r} here" for k in differing)
-        raise UserError(f"{what} has a different architecture ({pairs})")
+    pairs = [f"model.{k}: {theirs.get(k)!r} there vs {ours.get(k)!r} here" for k in differing]
+    if upto is not None and (narrower := _widths(theirs, upto)) != (here := _widths(ours, upto)):
+        pairs.append(f"widths up to {upto} px: {narrower} there vs {here} here")
+    if pairs:
+        raise UserError(f"{what} has a different architecture ({', '.join(pairs)})")
+
+
+def _widths(model: Mapping, upto: int) -> dict[int, int]:
+    """The feature-map width at every resolution from 4 px up to `upto` of a model config section."""
+    table = model.get("channels")
+    table = {int(k): int(v) for k, v in table.items()} if table is not None else None
+    sizes = [2**i for i in range(2, upto.bit_length())]  # 4, 8, ..., upto (a power of two)
+    args = (int(model["fmap_base"]), int(model["fmap_max"]), int(model.get("fmap_min", 1)))
+    return {r: channels_for(r, *args, table) for r in sizes}

@@ -122,7 +122,7 @@ def grows_from(options: TrainOptions, run_dir: Path, stage: Stage) -> tuple[dict
     selected stage, else the previous stage's final.pt of this run; None for the schedule's first stage."""
     if options.init_from is not None and stage.index == options.selected[0].index:
         init = load_checkpoint(options.init_from)
-        check_same_architecture(options, init["config"], f"init_from={options.init_from}")
+        check_same_architecture(options, init["config"], f"init_from={options.init_from}", upto=init["resolution"])
         if init["resolution"] * 2 != stage.resolution:
             raise UserError(
                 f"init_from={options.init_from} is a {init['resolution']} px checkpoint; stage {stage.resolution} "
