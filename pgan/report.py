@@ -28,8 +28,8 @@ from pgan.errors import UserError, first_line
 from pgan.metrics.collapse import STATES
 from pgan.schedule import DEFAULT_KEY, Stage, alpha_at, stages_as_run, stages_from_config
 
-# collapse.jsonl keys that are not metrics.
 _SHOWN_LINES = 5  # unreadable jsonl lines a report names (it counts them all)
+# collapse.jsonl keys that are not metrics.
 _EVALUATION_KEYS = ("step", "kimg", "stage", "resolution", "alpha", "state", "previous", "in_grace", "n_fake", "n_real")
 # The curves of the plot: (title, [(column, label)]).
 PANELS = (

@@ -98,7 +98,8 @@ def _scale_16bit(image: Image.Image) -> Image.Image:
 
 def _scale_float(image: Image.Image) -> Image.Image:
     """A float image as 8-bit L: white is 1.0 when every value lies in [0, 1], else 255.0; NaN is black."""
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
+    values = np.asarray(image, dtype=np.float64)
+    values = np.where(np.isnan(values), 0.0, values)  # +-inf stay, and are clipped below
     finite = values[np.isfinite(values)]
     unit = finite.size == 0 or (finite.min() >= 0.0 and finite.max() <= 1.0)
     scaled = np.clip(values * (255.0 if unit else 1.0), 0.0, 255.0)

@@ -333,8 +333,8 @@ def check_same_architecture(options: TrainOptions, saved_config: dict, what: str
         k for k in keys if ours.get(k, ARCHITECTURE_DEFAULTS.get(k)) != theirs.get(k, ARCHITECTURE_DEFAULTS.get(k))
     ]
     pairs = [f"model.{k}: {theirs.get(k)!r} there vs {ours.get(k)!r} here" for k in differing]
-    if upto is not None and (narrower := _widths(theirs, upto)) != (here := _widths(ours, upto)):
-        pairs.append(f"widths up to {upto} px: {narrower} there vs {here} here")
+    if upto is not None and (there := _widths(theirs, upto)) != (here := _widths(ours, upto)):
+        pairs.append(f"widths up to {upto} px: {there} there vs {here} here")
     if pairs:
         raise UserError(f"{what} has a different architecture ({', '.join(pairs)})")
 
