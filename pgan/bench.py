@@ -37,7 +37,7 @@ from pgan.cli import CONFIG_DIR, checked_resolutions
 from pgan.data import InfiniteSampler, make_dataset, wants_prepared
 from pgan.errors import UserError, check_int
 from pgan.losses import Loss, make_loss
-from pgan.networks import channels_for, model_kwargs_from, resolutions_up_to
+from pgan.networks import widths_up_to
 from pgan.runtime import apply_thread_budget, autocast_for, configure_backends, resolve_device, resolve_precision
 from pgan.schedule import ema_beta, stages_from_config
 from pgan.train.feed import make_loader, to_device_images
@@ -350,9 +350,7 @@ def _measure(cfg: DictConfig, setup: _Setup, res: int, alpha: float, loader: tup
 
 def _channels(model: DictConfig, res: int) -> dict[str, int]:
     """The model's feature maps per resolution up to `res` ({"4": 64, ...})."""
-    kwargs = model_kwargs_from(model)
-    widths = {k: kwargs[k] for k in ("fmap_base", "fmap_max", "fmap_min")}
-    return {str(r): channels_for(r, **widths, table=kwargs.get("channels")) for r in resolutions_up_to(res)}
+    return {str(r): width for r, width in widths_up_to(model, res).items()}
 
 
 def _counting(iteration: Callable[..., Any]) -> Callable[[], None]:

@@ -246,6 +246,13 @@ def model_kwargs_from(model: Mapping[str, Any], num_classes: int | None = None) 
     )
 
 
+def widths_up_to(model: Mapping[str, Any], resolution: int) -> dict[int, int]:
+    """A model config section's feature-map width at each block resolution 4, 8, ..., `resolution`."""
+    kwargs = model_kwargs_from(model)
+    rule = {k: kwargs[k] for k in ("fmap_base", "fmap_max", "fmap_min") if k in kwargs}
+    return {r: channels_for(r, **rule, table=kwargs["channels"]) for r in resolutions_up_to(resolution)}
+
+
 class Generator(nn.Module):
     """ProGAN generator producing `resolution` x `resolution` images in [-1, 1] (not clamped).
 

@@ -8,7 +8,6 @@ from their own config sections, once, in `pgan.train.loop.train`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from pgan.augment import check_augment_config
 from pgan.errors import UserError, check_int, check_number
 from pgan.losses import Loss, make_loss
 from pgan.metrics.quality import SCORES
-from pgan.networks import G_ARCHITECTURES, GROW_INITS, channels_for, networks_from
+from pgan.networks import G_ARCHITECTURES, GROW_INITS, networks_from, widths_up_to
 from pgan.runtime import check_precision, check_threads
 from pgan.schedule import (
     PlateauRule,
@@ -333,16 +332,7 @@ def check_same_architecture(options: TrainOptions, saved_config: dict, what: str
         k for k in keys if ours.get(k, ARCHITECTURE_DEFAULTS.get(k)) != theirs.get(k, ARCHITECTURE_DEFAULTS.get(k))
     ]
     pairs = [f"model.{k}: {theirs.get(k)!r} there vs {ours.get(k)!r} here" for k in differing]
-    if upto is not None and (there := _widths(theirs, upto)) != (here := _widths(ours, upto)):
+    if upto is not None and (there := widths_up_to(theirs, upto)) != (here := widths_up_to(ours, upto)):
         pairs.append(f"widths up to {upto} px: {there} there vs {here} here")
     if pairs:
         raise UserError(f"{what} has a different architecture ({', '.join(pairs)})")
-
-
-def _widths(model: Mapping, upto: int) -> dict[int, int]:
-    """The feature-map width at every resolution from 4 px up to `upto` of a model config section."""
-    table = model.get("channels")
-    table = {int(k): int(v) for k, v in table.items()} if table is not None else None
-    sizes = [2**i for i in range(2, upto.bit_length())]  # 4, 8, ..., upto (a power of two)
-    args = (int(model["fmap_base"]), int(model["fmap_max"]), int(model.get("fmap_min", 1)))
-    return {r: channels_for(r, *args, table) for r in sizes}
