@@ -30,6 +30,7 @@ from torch import nn
 
 from pgan.layers import (
     HE_GAIN,
+    LRELU_SLOPE,
     EqualizedConv2d,
     EqualizedLinear,
     at_least_fp32,
@@ -53,8 +54,14 @@ G_ARCHITECTURES = ("progan", "skip")
 # sees are faded the same way: pgan.train.step.fade_reals).
 FADE_UPSAMPLE = {"progan": upsample_2x, "skip": upsample_2x_bilinear}
 # How a grown model's new layers start (model.grow_init): `fresh`, drawn at random (ProGAN's); `preserve`, so
-# that at alpha = 1 the grown model computes about what the smaller one did (`preserve_function`).
-GROW_INITS = ("fresh", "preserve")
+# that at alpha = 1 the grown model computes about what the smaller one did (`preserve_function`), where the new
+# block keeps the width; `preserve_all`, also where it changes the width (`carry_rgb_through`).
+GROW_INITS = ("fresh", "preserve", "preserve_all")
+# preserve_all's G block: the constant feature that keeps the pixel norm's denominator about constant, this many
+# times the largest size the carried RGB directions can have (the input's norm): the image changes by at most
+# about (1 + slope^2) / (2 * 4^2) = 3 % where the features point along the RGB directions, 0.2 % for features
+# spread evenly over 64 channels.
+ANCHOR_OVER_INPUT_NORM = 4.0
 
 
 def g_architecture_of(model: Mapping[str, Any]) -> str:
@@ -479,8 +486,9 @@ def grow_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor], grow_ini
 
     Every parameter present in both is copied (shapes must agree); parameters only in `model` (the new
     block and the new RGB layer) keep their fresh initialisation (`grow_init="fresh"`) or start as the
-    smaller model's function (`"preserve"`, see preserve_function); parameters only in `state_dict` may only
-    be the older RGB layer, which the bigger model no longer needs. Returns the names not copied.
+    smaller model's function (`"preserve"` / `"preserve_all"`, see preserve_function); parameters only in
+    `state_dict` may only be the older RGB layer, which the bigger model no longer needs. Returns the names not
+    copied.
     """
     if grow_init not in GROW_INITS:
         raise ValueError(f"grow_init must be one of {', '.join(GROW_INITS)}, got {grow_init!r}")
@@ -500,23 +508,25 @@ def grow_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor], grow_ini
         for k, v in state_dict.items():
             if k in own:
                 own[k].copy_(v)
-    if grow_init == "preserve" and fresh:
-        preserve_function(model)
+    if grow_init != "fresh" and fresh:
+        preserve_function(model, any_width=grow_init == "preserve_all")
     return fresh
 
 
-def preserve_function(model: nn.Module) -> list[str]:
+def preserve_function(model: nn.Module, any_width: bool = False) -> list[str]:
     """Start the top block of a model just grown from half its resolution so that, at alpha = 1, it computes
     about what the smaller model computed: a new stage then refines the smaller model's images instead of
     learning colour and layout anew in layers drawn at random.
 
-    `progan` G and D: the new block's two 3x3 convs start as identities (the centre tap, zero bias) and the new
-    RGB layer (G's toRGB, D's fromRGB) as a copy of the previous resolution's. What it does not make exact are
-    the LeakyReLUs the identities pass through (negative features shrink by 0.2 at each) and, in D, the order
-    of the 2x pooling and the nonlinearity. All or nothing: where the new block changes the width (the `small`
-    model's 32 and 64 px), every new layer keeps its random draw (measured: identity convs beside random
-    ones drew halos and merged colours at 64 px). `skip` G: the new toRGB starts at zero, so the image is
-    exactly the smaller one's, upsampled, whatever the widths. Returns the names of the layers it set."""
+    `progan` G and D: where the new block keeps the width, its two 3x3 convs start as identities (the centre
+    tap, zero bias) and the new RGB layer (G's toRGB, D's fromRGB) as a copy of the previous resolution's. What
+    it does not make exact are the LeakyReLUs the identities pass through (negative features shrink by 0.2 at
+    each) and, in D, the order of the 2x pooling and the nonlinearity. Where the block changes the width (the
+    `small` model's 32 and 64 px) every new layer keeps its random draw (measured: identity convs beside random
+    ones drew halos and merged colours at 64 px), unless `any_width`: then the block carries the smaller
+    model's RGB directions through a few of its channels (`carry_rgb_through`). `skip` G: the new toRGB starts
+    at zero, so the image is exactly the smaller one's, upsampled, whatever the widths. Returns the names of
+    the layers it set."""
     top = model.resolution
     if top == MIN_RESOLUTION:
         return []
@@ -529,15 +539,85 @@ def preserve_function(model: nn.Module) -> list[str]:
     block = model.blocks[new]
     rgb_name = "to_rgb" if isinstance(model, Generator) else "from_rgb"
     rgb = getattr(model, rgb_name)
+    names = [f"blocks.{new}.conv1", f"blocks.{new}.conv2", f"{rgb_name}.{new}"]
     square = all(conv.weight.shape[0] == conv.weight.shape[1] for conv in (block.conv1, block.conv2))
-    if not square or rgb[new].weight.shape != rgb[old].weight.shape:
-        return []
+    if square and rgb[new].weight.shape == rgb[old].weight.shape:
+        with torch.no_grad():
+            for conv in (block.conv1, block.conv2):
+                _set_centre_taps(conv, torch.eye(conv.weight.shape[0]), rows=slice(None), cols=slice(None))
+                conv.bias.zero_()
+            rgb[new].load_state_dict(rgb[old].state_dict())
+        return names
+    if any_width and carry_rgb_through(block, rgb[new], rgb[old], generator=isinstance(model, Generator)):
+        return names
+    return []
+
+
+def _set_centre_taps(conv: EqualizedConv2d, matrix: torch.Tensor, rows: slice | int, cols: slice | int) -> None:
+    """Set conv's weights from output channels `rows` to input channels `cols` to the 1x1 map `matrix` (run-time
+    values, i.e. after the equalized learning rate's scale): `matrix` at the centre tap, zero at the others."""
+    k = conv.weight.shape[-1]
+    conv.weight[rows, cols] = 0.0
+    conv.weight[rows, cols, k // 2, k // 2] = matrix.to(conv.weight) / conv.scale
+
+
+def carry_rgb_through(block: nn.Module, rgb_new: EqualizedConv2d, rgb_old: EqualizedConv2d, generator: bool) -> bool:
+    """preserve_all's start for a new block whose width differs from the previous resolution's (`progan`): the
+    grown model at alpha = 1 computes about what the smaller one did, through a few of the block's channels.
+
+    The previous RGB layer is an affine map between the K image channels and the features, so K directions (+ a
+    constant) are all the block must carry. It carries each direction u as a pair of channels (u, -u): through
+    any chain of LeakyReLUs the pair's difference stays exactly linear, (1 + slope^2) u after two of them.
+    - G: conv1 projects its input onto an orthonormal basis of the old toRGB's directions (the pairs) and adds
+      a constant channel (the anchor), conv2 passes them on, the new toRGB reads the pairs' differences. The
+      anchor keeps the two pixel norms' denominators about constant: they grow with the carried part u of the
+      input, the image's colour shrinking by about (1 + slope^2) |u|^2 / (2 level^2) (ANCHOR_OVER_INPUT_NORM).
+    - D: the new fromRGB writes the image channels as pairs and a constant, conv1 passes them on, conv2 writes
+      the old fromRGB's features from them. Exact but for the order of the 2x pooling and the last LeakyReLU.
+    The other channels start so that they change nothing yet and still learn: where they are read from an input
+    that is zero (G) or written into an output that is zero (D) the layer keeps its random draw; the weights
+    that would let them change the carried channels are zero. Returns False, changing nothing, where the block
+    has fewer than 2K + 1 channels to carry them in."""
+    slope2 = 1.0 + LRELU_SLOPE**2  # a pair's difference grows by this through two LeakyReLUs
+    inner = block.conv1.weight.shape[0]  # G: the block's output width; D: its input width
+    if generator:
+        W = rgb_old.weight[:, :, 0, 0].double() * rgb_old.scale  # [K, C_in]: the old toRGB's run-time weights
+        Q, R = torch.linalg.qr(W.T)  # W = R^T Q^T: Q's K' orthonormal columns span its directions
+    else:
+        Q = torch.eye(rgb_new.weight.shape[1], dtype=torch.float64)  # D carries the image channels themselves
+    pairs = Q.shape[1]
+    used = slice(0, 2 * pairs + 1)  # channels 2k, 2k + 1: the pair of direction k; channel 2K: the anchor
+    anchor, free = 2 * pairs, slice(2 * pairs + 1, None)
+    if inner < 2 * pairs + 1:
+        return False
+    carried = torch.stack([Q.T, -Q.T], dim=1).reshape(2 * pairs, -1)  # rows u_0, -u_0, u_1, -u_1, ...
     with torch.no_grad():
-        for conv in (block.conv1, block.conv2):
-            out_channels, _, k, _ = conv.weight.shape
-            channel = torch.arange(out_channels)
-            conv.weight.zero_()
-            conv.weight[channel, channel, k // 2, k // 2] = 1.0 / conv.scale  # run-time weight 1
-            conv.bias.zero_()
-        rgb[new].load_state_dict(rgb[old].state_dict())
-    return [f"blocks.{new}.conv1", f"blocks.{new}.conv2", f"{rgb_name}.{new}"]
+        if generator:
+            c_in = block.conv1.weight.shape[1]
+            level = ANCHOR_OVER_INPUT_NORM * math.sqrt(c_in)  # a pixel-normalised input has norm sqrt(C_in)
+            _set_centre_taps(block.conv1, carried, rows=slice(0, 2 * pairs), cols=slice(None))
+            _set_centre_taps(block.conv1, torch.zeros(1, c_in), rows=slice(anchor, None), cols=slice(None))
+            block.conv1.bias.zero_()
+            block.conv1.bias[anchor] = level
+            _set_centre_taps(block.conv2, torch.eye(anchor + 1), rows=used, cols=used)
+            block.conv2.weight[free, used] = 0.0
+            block.conv2.bias.zero_()
+            # After the two pixel norms a pair's difference is (1 + slope^2) u sqrt(C_out) / level (|u| << level).
+            gain = level / (slope2 * math.sqrt(inner))
+            read = torch.stack([R.T, -R.T], dim=2).reshape(R.shape[1], -1) * gain  # [K, 2K']
+            _set_centre_taps(rgb_new, read, rows=slice(None), cols=slice(0, 2 * pairs))
+            rgb_new.weight[:, anchor] = 0.0
+            rgb_new.bias.copy_(rgb_old.bias)
+        else:
+            _set_centre_taps(rgb_new, carried, rows=slice(0, 2 * pairs), cols=slice(None))
+            rgb_new.weight[anchor] = 0.0
+            rgb_new.bias[used] = 0.0
+            rgb_new.bias[anchor] = 1.0
+            _set_centre_taps(block.conv1, torch.eye(anchor + 1, inner), rows=used, cols=slice(None))
+            block.conv1.bias[used] = 0.0
+            F = rgb_old.weight[:, :, 0, 0].double() * rgb_old.scale  # [C_out, K]
+            write = torch.cat([torch.stack([F, -F], dim=2).reshape(F.shape[0], -1) / slope2, rgb_old.bias[:, None]], 1)
+            _set_centre_taps(block.conv2, write, rows=slice(None), cols=used)
+            block.conv2.weight[:, free] = 0.0
+            block.conv2.bias.zero_()
+    return True
