@@ -208,6 +208,14 @@ SUITES = {
                 "schedule.stable_kimg={8: 2.048, 16: 49.152, 32: 4.096, 64: 1.024, 128: 1.024, 256: 0.512}",
                 "model.channels={4: 64, 8: 64, 16: 64, 32: 64, 64: 16, 128: 16, 256: 16}",
             ],
+            # The narrowing 32 and 64 px blocks start as the smaller model's function too (model.grow_init=
+            # preserve_all: the RGB directions carried through channel pairs), at the small model's widths ...
+            "pall": ["model.grow_init=preserve_all"],
+            # ... and with s16x4's long 16 px stage, whose crosses the 32 px stage then has to keep.
+            "s16x4_pall": [
+                "schedule.stable_kimg={8: 2.048, 16: 49.152, 32: 4.096, 64: 1.024, 128: 1.024, 256: 0.512}",
+                "model.grow_init=preserve_all",
+            ],
         },
         resolution=256,
         metrics="[modes]",
