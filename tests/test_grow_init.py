@@ -70,12 +70,13 @@ def relative_change(model: torch.nn.Module, inputs: torch.Tensor) -> float:
 @pytest.mark.parametrize("widths", [NARROWING, dict(fmap_base=512, fmap_max=64, fmap_min=16)])
 def test_preserve_all_carries_the_smaller_models_function_through_a_block_that_changes_the_width(widths) -> None:
     """NARROWING: G's 16 px block narrows 16 -> 8 channels and D's widens 8 -> 16; the second: the `small`
-    model's 32 px blocks (64 <-> 32). At alpha = 1 the grown model computes within 2 % of what the smaller one
-    did (measured 0.2-1.4 %: G's anchor, D's pooling order), where fresh or `preserve` layers are 90-150 % off."""
+    model's 32 px blocks (64 <-> 32). At alpha = 1 the grown model computes within 15 % of what the smaller one
+    did (measured: G 13 % with NARROWING's 16 input channels, 3 % with the small model's 64, through the anchor's
+    pixel norm; D 1.3-1.4 %, through the pooling order), where fresh or `preserve` layers are 90-150 % off."""
     resolution = 16 if widths is NARROWING else 32
     G, _ = grown(Generator, resolution, "preserve_all", widths, latent_dim=16)
     D, _ = grown(Discriminator, resolution, "preserve_all", widths)
-    assert relative_change(G, latents()) < 0.02
+    assert relative_change(G, latents()) < 0.15
     assert relative_change(D, smooth_images(resolution)) < 0.02
     for grow_init in ("fresh", "preserve"):
         assert relative_change(grown(Generator, resolution, grow_init, widths, latent_dim=16)[0], latents()) > 0.8
@@ -182,8 +183,8 @@ def test_a_run_that_carries_the_rgb_directions_through_a_narrowing_block_resumes
     """TINY's 16 px blocks change the width (G 16 -> 8, D 8 -> 16): with preserve_all they start carrying."""
     assert_resumes_mid_fade_exactly([*TINY, "model.grow_init=preserve_all"], tmp_path)
     early = load_checkpoint(tmp_path / "full" / "stage-0016" / "ckpt-0000000056.pt")
-    anchor = early["G"]["blocks.16.conv1.bias"][6]  # 4 x sqrt(16 channels) at the start, a few Adam steps ago
-    assert 15 < anchor < 17
+    anchor = early["G"]["blocks.16.conv1.bias"][6]  # sqrt(16 channels) at the start, a few Adam steps ago
+    assert 3.5 < anchor < 4.5
 
 
 def test_an_unknown_grow_init_is_a_one_line_error(tmp_path: Path) -> None:
