@@ -598,7 +598,7 @@ def carry_rgb_through(block: nn.Module, rgb_new: EqualizedConv2d, rgb_old: Equal
             c_in = block.conv1.weight.shape[1]
             level = ANCHOR_OVER_INPUT_NORM * math.sqrt(c_in)  # a pixel-normalised input has norm sqrt(C_in)
             _set_centre_taps(block.conv1, carried, rows=slice(0, 2 * pairs), cols=slice(None))
-            _set_centre_taps(block.conv1, torch.zeros(1, c_in), rows=slice(anchor, None), cols=slice(None))
+            block.conv1.weight[anchor:] = 0.0  # the anchor is its bias alone; the free channels start at zero
             block.conv1.bias.zero_()
             block.conv1.bias[anchor] = level
             _set_centre_taps(block.conv2, torch.eye(anchor + 1), rows=used, cols=used)

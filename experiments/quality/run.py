@@ -50,6 +50,8 @@ LOGS = ["log.progress_bar=false", "log.image_every_kimg=1.024"]
 FADE_1 = "schedule.fade_kimg={16: 1.024, 32: 1.024, 64: 1.024, 128: 1.024, 256: 0.512}"
 # R1 / R2 on every D step: every row measured before lazy regularisation (every 4th) became rpgan's default.
 EVERY_STEP = "loss.penalty_every=1"
+# make train's schedule with the 16 px stage four times as long (arm s16x4 and the arms built on it).
+S16X4 = "schedule.stable_kimg={8: 2.048, 16: 49.152, 32: 4.096, 64: 1.024, 128: 1.024, 256: 0.512}"
 # make train's recipe before model.grow_init=preserve became the default (2026-12-06).
 FRESH = ["model.grow_init=fresh", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}", FADE_1, EVERY_STEP]
 # The default schedule's first three stages, spelled out (so the suite does not move when the defaults do):
@@ -200,12 +202,12 @@ SUITES = {
             "b8": ["schedule.batch_size={default: 8, 256: 4}"],
             # The 16 px stage four times as long (49.2 kimg stable): alone it drew 19 % crosses at 16 px where the
             # default draws 0.3 % (shape_reading.py); do the 32-256 px stages keep them?
-            "s16x4": ["schedule.stable_kimg={8: 2.048, 16: 49.152, 32: 4.096, 64: 1.024, 128: 1.024, 256: 0.512}"],
+            "s16x4": [S16X4],
             # s16x4 with 64 channels at 32 px (the small model has 32): the 32 px block keeps the width, so it starts
             # as the 16 px model's function and, in the 32 px stage alone, kept the crosses (21 % -> 22 %, against
             # 5 % for the narrowing block). Do the 64-256 px stages keep them, and at what cost?
             "s16x4_w32": [
-                "schedule.stable_kimg={8: 2.048, 16: 49.152, 32: 4.096, 64: 1.024, 128: 1.024, 256: 0.512}",
+                S16X4,
                 "model.channels={4: 64, 8: 64, 16: 64, 32: 64, 64: 16, 128: 16, 256: 16}",
             ],
             # The narrowing 32 and 64 px blocks start as the smaller model's function too (model.grow_init=
@@ -213,7 +215,7 @@ SUITES = {
             "pall": ["model.grow_init=preserve_all"],
             # ... and with s16x4's long 16 px stage, whose crosses the 32 px stage then has to keep.
             "s16x4_pall": [
-                "schedule.stable_kimg={8: 2.048, 16: 49.152, 32: 4.096, 64: 1.024, 128: 1.024, 256: 0.512}",
+                S16X4,
                 "model.grow_init=preserve_all",
             ],
         },
