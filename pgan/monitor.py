@@ -18,6 +18,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from pgan.report import jsonl_record
+
 
 def current_rss_mb() -> float | None:
     """The process's resident memory now, in MB (Linux /proc; None elsewhere)."""
@@ -47,16 +49,6 @@ def resource_stats(device: torch.device) -> dict[str, float]:
 JSONL_FILES = ("stats", "collapse", "metrics")
 
 
-def _step_of(line: str) -> int | None:
-    """The "step" of one jsonl record, or None for a line that is not a whole record (cut short, or garbage)."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    step = row.get("step") if isinstance(row, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
-
-
 class Monitor:
     """TensorBoard writer + jsonl log for one run directory.
 
@@ -75,7 +67,7 @@ class Monitor:
             path = self.run_dir / f"{name}.jsonl"
             if purge_step is not None and path.is_file():
                 lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-                steps = [_step_of(line) for line in lines]
+                steps = [row["step"] if (row := jsonl_record(line)) is not None else None for line in lines]
                 if None in steps:
                     print(
                         f"warning: {path}: dropped {steps.count(None)} line(s) that are not whole records "
@@ -152,5 +144,5 @@ def progress_bar(total_img: int, done_img: int, description: str, enabled: bool 
 
 
 def warn(message: str) -> None:
-    """A `WARNING: ...` line on stderr that does not break the progress bar."""
-    tqdm.write(f"WARNING: {message}", file=sys.stderr)
+    """A `warning: ...` line on stderr that does not break the progress bar."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)

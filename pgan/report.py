@@ -83,6 +83,17 @@ class RunTable:
         return [st for st in self.stages if st.index in present]
 
 
+def jsonl_record(line: str) -> dict | None:
+    """One line of a run's jsonl logs as its record: a JSON object with a numeric "step"; None for a line cut
+    short by a kill, damaged or edited (the trainer's purge on resume and the report judge lines alike)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return row if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
 def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     """The records of a jsonl file, and its lines that are not JSON objects with a step, as "NAME line N" (N from 1;
     "(the last)" marks a last line, which a kill can cut short; any other was damaged or edited)."""
@@ -92,11 +103,8 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     for number, line in enumerate(lines):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+        row = jsonl_record(line)
+        if row is not None:
             rows.append(row)
         else:
             bad.append(f"{path.name} line {number + 1}" + (" (the last)" if number == last else ""))

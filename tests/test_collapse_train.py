@@ -63,7 +63,7 @@ def test_warn_logs_the_state_change_and_trains_on(tmp_path: Path, capsys) -> Non
     # Evaluations at 32, 64, ..., 192 and 200 images; the one at 32 is in the grace window; patience 2.
     assert [r["state"] for r in rows] == ["ok", "ok", "collapsed", "collapsed", "collapsed", "collapsed", "collapsed"]
     assert [r["in_grace"] for r in rows[:3]] == [True, False, False]
-    assert "WARNING: collapse detector: ok -> collapsed at 0.096 kimg (stage 8 px" in capsys.readouterr().err
+    assert "warning: collapse detector: ok -> collapsed at 0.096 kimg (stage 8 px" in capsys.readouterr().err
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
     assert "Collapse/events/text_summary" in events.Tags()["tensors"]
@@ -142,7 +142,7 @@ def test_cli_stop_exits_3_with_one_error_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: mode collapse detected") and "Traceback" not in result.stderr
     assert f"pgan-train hydra.run.dir={run_dir} diversity.on_collapse=warn" in lines[-1]
-    assert any(line.startswith("WARNING: collapse detector: ok -> collapsed") for line in lines)
+    assert any(line.startswith("warning: collapse detector: ok -> collapsed") for line in lines)
     assert (run_dir / "stage-0008" / "latest.pt").is_file()
 
 

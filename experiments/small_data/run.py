@@ -107,7 +107,9 @@ def python_module(module: str, *args: str, log: Path) -> float:
     """Run `python -m module args` with its output in `log`; returns the wall time in s (raises on failure)."""
     start = time.perf_counter()
     with open(log, "w") as out:
-        result = subprocess.run([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run(
+            [sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
     if result.returncode:
         raise RuntimeError(f"{module} failed ({result.returncode}): see {log}")
     return time.perf_counter() - start

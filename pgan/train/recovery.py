@@ -69,7 +69,7 @@ def guard_rollback(ctx: RunContext, state: TrainState, feed: Feed, progress: Pro
         f"{guard.max_rollbacks}, learning rates x{ctx.lr_scale():g}"
     )
     warn(message)
-    ctx.monitor.text("Guard/events", "WARNING: " + message, step)
+    ctx.monitor.text("Guard/events", "warning: " + message, step)
     ctx.monitor.scalars({"Guard/rollbacks": guard.rollbacks, "Guard/lr_scale": guard.lr_scale}, step, None)
 
 

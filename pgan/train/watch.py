@@ -149,8 +149,8 @@ class CollapseWatch:
             f"collapse detector: rolled back from {from_step / 1000:.3f} kimg to {step / 1000:.3f} kimg "
             f"(rollback {self.rollbacks} of at most {self.cfg.max_rollbacks}), learning rates x{self.lr_scale:g}"
         )
-        tqdm.write("WARNING: " + message, file=sys.stderr)
-        self.monitor.text("Collapse/events", "WARNING: " + message, step)
+        tqdm.write("warning: " + message, file=sys.stderr)
+        self.monitor.text("Collapse/events", "warning: " + message, step)
         self.monitor.scalars({"Collapse/rollbacks": self.rollbacks, "Collapse/lr_scale": self.lr_scale}, step, None)
         self.monitor.record(
             "collapse",
@@ -302,6 +302,6 @@ class CollapseWatch:
             f"± {m['excess_pair_se']:.3f}, msssim fake/real {m['msssim_fake']:.3f}/{m['msssim_real']:.3f}, "
             f"vendi_ratio {m['vendi_ratio']:.3f}, std_ratio {m['std_ratio']:.3f}"
         )
-        prefix = "WARNING: " if STATES.index(result.state) > STATES.index(result.previous) else ""
+        prefix = "warning: " if STATES.index(result.state) > STATES.index(result.previous) else ""
         tqdm.write(prefix + message, file=sys.stderr)
         self.monitor.text("Collapse/events", prefix + message, step)
