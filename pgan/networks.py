@@ -64,6 +64,10 @@ GROW_INITS = ("fresh", "preserve", "preserve_all")
 # At 1 the `small` model's grown G is within 3-5 % of the smaller one (4: 0.2-0.3 %), and make train's seed 0
 # kept 16 of 16 modes (4: 13, its blues turning yellow and green at 128 px; experiments/quality).
 ANCHOR_OVER_INPUT_NORM = 1.0
+# model.grow_smooth: a preserved G block's first conv starts as this 3x3 blur of each carried channel instead of the
+# identity. Nearest 2x upsampling followed by [1, 2, 1] / 4 along each axis is the bilinear 2x upsampling
+# (half-pixel centres), so the new stage starts from the smaller model's image upsampled smoothly, not in 2x2 steps.
+SMOOTH_TAPS = torch.outer(torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1.0, 2.0, 1.0])) / 16
 
 
 def g_architecture_of(model: Mapping[str, Any]) -> str:
@@ -483,12 +487,15 @@ def networks_from(
     return G, D
 
 
-def grow_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor], grow_init: str = "fresh") -> list[str]:
+def grow_from(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], grow_init: str = "fresh", smooth: bool = False
+) -> list[str]:
     """Initialise `model` from the state of the same kind of model at half (or the same) resolution.
 
     Every parameter present in both is copied (shapes must agree); parameters only in `model` (the new
     block and the new RGB layer) keep their fresh initialisation (`grow_init="fresh"`) or start as the
-    smaller model's function (`"preserve"` / `"preserve_all"`, see preserve_function); parameters only in
+    smaller model's function (`"preserve"` / `"preserve_all"`, see preserve_function; `smooth`: G's image
+    upsampled bilinearly rather than in 2x2 steps, SMOOTH_TAPS); parameters only in
     `state_dict` may only be the older RGB layer, which the bigger model no longer needs. Returns the names not
     copied.
     """
@@ -511,11 +518,11 @@ def grow_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor], grow_ini
             if k in own:
                 own[k].copy_(v)
     if grow_init != "fresh" and fresh:
-        preserve_function(model, any_width=grow_init == "preserve_all")
+        preserve_function(model, any_width=grow_init == "preserve_all", smooth=smooth)
     return fresh
 
 
-def preserve_function(model: nn.Module, any_width: bool = False) -> list[str]:
+def preserve_function(model: nn.Module, any_width: bool = False, smooth: bool = False) -> list[str]:
     """Start the top block of a model just grown from half its resolution so that, at alpha = 1, it computes
     about what the smaller model computed: a new stage then refines the smaller model's images instead of
     learning colour and layout anew in layers drawn at random.
@@ -527,8 +534,9 @@ def preserve_function(model: nn.Module, any_width: bool = False) -> list[str]:
     `small` model's 32 and 64 px) every new layer keeps its random draw (measured: identity convs beside random
     ones drew halos and merged colours at 64 px), unless `any_width`: then the block carries the smaller
     model's RGB directions through a few of its channels (`carry_rgb_through`). `skip` G: the new toRGB starts
-    at zero, so the image is exactly the smaller one's, upsampled, whatever the widths. Returns the names of
-    the layers it set."""
+    at zero, so the image is exactly the smaller one's, upsampled, whatever the widths. `smooth` (progan G): the
+    block's first conv blurs what it carries (SMOOTH_TAPS), so the grown G draws the smaller one's image upsampled
+    bilinearly, not in nearest-neighbour steps. Returns the names of the layers it set."""
     top = model.resolution
     if top == MIN_RESOLUTION:
         return []
@@ -543,27 +551,44 @@ def preserve_function(model: nn.Module, any_width: bool = False) -> list[str]:
     rgb = getattr(model, rgb_name)
     names = [f"blocks.{new}.conv1", f"blocks.{new}.conv2", f"{rgb_name}.{new}"]
     square = all(conv.weight.shape[0] == conv.weight.shape[1] for conv in (block.conv1, block.conv2))
+    generator = isinstance(model, Generator)
+    taps = SMOOTH_TAPS if smooth and generator else None
     if square and rgb[new].weight.shape == rgb[old].weight.shape:
         with torch.no_grad():
             for conv in (block.conv1, block.conv2):
-                _set_centre_taps(conv, torch.eye(conv.weight.shape[0]), rows=slice(None), cols=slice(None))
+                eye = torch.eye(conv.weight.shape[0])
+                _set_centre_taps(
+                    conv, eye, rows=slice(None), cols=slice(None), taps=taps if conv is block.conv1 else None
+                )
                 conv.bias.zero_()
             rgb[new].load_state_dict(rgb[old].state_dict())
         return names
-    if any_width and carry_rgb_through(block, rgb[new], rgb[old], generator=isinstance(model, Generator)):
+    if any_width and carry_rgb_through(block, rgb[new], rgb[old], generator=generator, taps=taps):
         return names
     return []
 
 
-def _set_centre_taps(conv: EqualizedConv2d, matrix: torch.Tensor, rows: slice | int, cols: slice | int) -> None:
+def _set_centre_taps(
+    conv: EqualizedConv2d, matrix: torch.Tensor, rows: slice | int, cols: slice | int, taps: torch.Tensor | None = None
+) -> None:
     """Set conv's weights from output channels `rows` to input channels `cols` to the 1x1 map `matrix` (run-time
-    values, i.e. after the equalized learning rate's scale): `matrix` at the centre tap, zero at the others."""
+    values, i.e. after the equalized learning rate's scale): `matrix` at the centre tap, zero at the others; with
+    `taps` (a k x k kernel), `matrix` spread over the taps in those proportions instead (SMOOTH_TAPS: a blur)."""
     k = conv.weight.shape[-1]
     conv.weight[rows, cols] = 0.0
-    conv.weight[rows, cols, k // 2, k // 2] = matrix.to(conv.weight) / conv.scale
+    if taps is None:
+        conv.weight[rows, cols, k // 2, k // 2] = matrix.to(conv.weight) / conv.scale
+    else:
+        conv.weight[rows, cols] = (matrix[:, :, None, None] * taps).to(conv.weight) / conv.scale
 
 
-def carry_rgb_through(block: nn.Module, rgb_new: EqualizedConv2d, rgb_old: EqualizedConv2d, generator: bool) -> bool:
+def carry_rgb_through(
+    block: nn.Module,
+    rgb_new: EqualizedConv2d,
+    rgb_old: EqualizedConv2d,
+    generator: bool,
+    taps: torch.Tensor | None = None,
+) -> bool:
     """preserve_all's start for a new block whose width differs from the previous resolution's (`progan`): the
     grown model at alpha = 1 computes about what the smaller one did, through a few of the block's channels.
 
@@ -579,7 +604,8 @@ def carry_rgb_through(block: nn.Module, rgb_new: EqualizedConv2d, rgb_old: Equal
     The other channels start so that they change nothing yet and still learn: where they are read from an input
     that is zero (G) or written into an output that is zero (D) the layer keeps its random draw; the weights
     that would let them change the carried channels are zero. Returns False, changing nothing, where the block
-    has fewer than 2K + 1 channels to carry them in."""
+    has fewer than 2K + 1 channels to carry them in. `taps`: G's conv1 spreads what it carries over these (the
+    centre tap alone by default; SMOOTH_TAPS blurs)."""
     slope2 = 1.0 + LRELU_SLOPE**2  # a pair's difference grows by this through two LeakyReLUs
     inner = block.conv1.weight.shape[0]  # G: the block's output width; D: its input width
     if generator:
@@ -597,7 +623,7 @@ def carry_rgb_through(block: nn.Module, rgb_new: EqualizedConv2d, rgb_old: Equal
         if generator:
             c_in = block.conv1.weight.shape[1]
             level = ANCHOR_OVER_INPUT_NORM * math.sqrt(c_in)  # a pixel-normalised input has norm sqrt(C_in)
-            _set_centre_taps(block.conv1, carried, rows=slice(0, 2 * pairs), cols=slice(None))
+            _set_centre_taps(block.conv1, carried, rows=slice(0, 2 * pairs), cols=slice(None), taps=taps)
             block.conv1.weight[anchor:] = 0.0  # the anchor is its bias alone; the free channels start at zero
             block.conv1.bias.zero_()
             block.conv1.bias[anchor] = level

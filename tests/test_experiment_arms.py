@@ -54,7 +54,7 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
     """fade64: the default before lazy regularisation; fade1: also before the 64 px fade doubled; FRESH arms: also
     before grow_init=preserve and lr 0.001 at 256 px. Each differs from today's defaults in exactly those settings,
     and every arm but those measured on today's default (lazy4, rpgan_lazy4, b8, s16x4, s16x4_w32, pall,
-    s16x4_pall) has the penalties on every step."""
+    s16x4_pall and the smooth ones) has the penalties on every step."""
     make_train = TrainOptions.from_config(compose_config())
     fade64 = options_of("default", "fade64")
     assert fade64.stages == make_train.stages and fade64.model == make_train.model
@@ -69,6 +69,9 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
             "s16x4_w32",
             "pall",
             "s16x4_pall",
+            "smooth",
+            "pall_smooth",
+            "s16x4_pall_smooth",
         ):  # on today's lazy default
             assert options_of(suite, arm).loss.penalty_every == 1, (suite, arm)
     assert options_of("digits", "rpgan_lazy4").loss.penalty_every == 4

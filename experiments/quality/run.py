@@ -218,6 +218,11 @@ SUITES = {
                 S16X4,
                 "model.grow_init=preserve_all",
             ],
+            # New stages that start from the smaller model's image upsampled bilinearly instead of in 2x2 steps
+            # (model.grow_smooth: G's preserved conv1 as a blur): pall's and s16x4_pall's 256 px edges were blocky.
+            "smooth": ["model.grow_smooth=true"],
+            "pall_smooth": ["model.grow_init=preserve_all", "model.grow_smooth=true"],
+            "s16x4_pall_smooth": [S16X4, "model.grow_init=preserve_all", "model.grow_smooth=true"],
         },
         resolution=256,
         metrics="[modes]",
@@ -233,7 +238,13 @@ def run_python(module: str, args: list[str], log: Path, threads: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with open(log, "w") as out:
-        done = subprocess.run([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     if done.returncode:
         raise RuntimeError(f"{module} exited {done.returncode}: see {log}")
     return time.perf_counter() - start

@@ -304,6 +304,8 @@ def check_model(model: DictConfig, resolution: int) -> None:
         )
     if model.get("grow_init", "fresh") not in GROW_INITS:
         raise UserError(f"model.grow_init must be one of {', '.join(GROW_INITS)}, got {model.grow_init!r}")
+    if not isinstance(model.get("grow_smooth", False), bool):
+        raise UserError(f"model.grow_smooth must be true or false, got {model.grow_smooth!r}")
     try:
         with torch.device("meta"):
             networks_from(model, resolution)

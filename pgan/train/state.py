@@ -173,11 +173,12 @@ class TrainState:
         if previous is not None:
             try:
                 grow_init = self.options.model.get("grow_init", "fresh")
-                grow_from(self.G, previous["G"], grow_init)
+                smooth = bool(self.options.model.get("grow_smooth", False))
+                grow_from(self.G, previous["G"], grow_init, smooth)
                 grow_from(self.D, previous["D"], grow_init)
                 # New layers of G_ema start equal to G's fresh ones; shared layers continue the old average.
                 self.G_ema.load_state_dict(self.G.state_dict())
-                grow_from(self.G_ema, previous["G_ema"], grow_init)
+                grow_from(self.G_ema, previous["G_ema"], grow_init, smooth)
             except ValueError as exc:
                 raise UserError(
                     f"cannot grow stage {self.stage.resolution} from the previous checkpoint: {exc}"
