@@ -46,7 +46,7 @@ def test_default_run_is_8_to_256_on_shapes() -> None:
     assert cfg.model.name == "small" and cfg.data.source == "shapes" and cfg.loss.name == "rpgan"
     assert [s.batch_size for s in stages] == [16, 16, 16, 16, 8, 4]
     assert [s.lr for s in stages] == [0.004] * 4 + [0.002, 0.001]
-    assert cfg.model.grow_init == "preserve"
+    assert cfg.model.grow_init == "preserve" and cfg.model.grow_smooth is True
     G = Generator(256, latent_dim=cfg.model.latent_dim, **model_kwargs_from(cfg.model))
     assert [G.blocks[str(r)].conv1.weight.shape[0] for r in (64, 128, 256)] == [16, 16, 16]
     # the paper's own loss stays one preset away
@@ -77,7 +77,7 @@ def test_paper256_is_the_paper_configuration() -> None:
     assert all(s.fade_kimg == 800 for s in stages[1:]) and all(s.stable_kimg == 800 for s in stages)
     assert [s.batch_size for s in stages] == [16] * 6 + [14]
     assert {s.lr for s in stages} == {0.001}
-    assert cfg.model.latent_dim == 512 and cfg.model.grow_init == "fresh"
+    assert cfg.model.latent_dim == 512 and cfg.model.grow_init == "fresh" and cfg.model.grow_smooth is False
     G = Generator(256, latent_dim=cfg.model.latent_dim, **model_kwargs_from(cfg.model))
     assert G.blocks["32"].conv1.weight.shape[0] == 512 and G.blocks["256"].conv1.weight.shape[0] == 64
     # The paper's generator and discriminator have 23.1 M parameters each at 1024 px; at 256 px about 22 M.

@@ -41,23 +41,28 @@ def test_every_arm_is_a_valid_run_to_its_suites_resolution(suite: str, arm: str)
 
 
 def test_the_default_arms_run_make_trains_recipe() -> None:
-    """`default` is make train itself, and `lazy4` (measured before it became the default) is the same run."""
+    """`default` is make train itself, and so is `smooth` (measured before grow_smooth became the default);
+    `lazy4` (measured before lazy regularisation became the default) is the same run with nearest-upsampled starts."""
     make_train = TrainOptions.from_config(compose_config())
     assert make_train.loss.name == "rpgan" and make_train.loss.penalty_every == 4
-    for arm in ("default", "lazy4"):
+    assert make_train.model["grow_smooth"] is True
+    for arm in ("default", "smooth", "lazy4"):
         options = options_of("default", arm)
         assert options.stages == make_train.stages, arm
-        assert options.model == make_train.model and options.loss == make_train.loss, arm
+        assert options.loss == make_train.loss, arm
+        expected = {**make_train.model, "grow_smooth": False} if arm == "lazy4" else make_train.model
+        assert options.model == expected, arm
 
 
 def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
     """fade64: the default before lazy regularisation; fade1: also before the 64 px fade doubled; FRESH arms: also
     before grow_init=preserve and lr 0.001 at 256 px. Each differs from today's defaults in exactly those settings,
     and every arm but those measured on today's default (lazy4, rpgan_lazy4, b8, s16x4, s16x4_w32, pall,
-    s16x4_pall and the smooth ones) has the penalties on every step."""
+    s16x4_pall and the smooth ones) has the penalties on every step. Every arm that starts a width-keeping stage
+    as the smaller model's function, measured before grow_smooth became the default, pins it off."""
     make_train = TrainOptions.from_config(compose_config())
     fade64 = options_of("default", "fade64")
-    assert fade64.stages == make_train.stages and fade64.model == make_train.model
+    assert fade64.stages == make_train.stages and fade64.model == {**make_train.model, "grow_smooth": False}
     assert fade64.loss == replace(make_train.loss, penalty_every=1)
     for suite, arm in ARMS:
         if arm not in (
@@ -75,6 +80,11 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
         ):  # on today's lazy default
             assert options_of(suite, arm).loss.penalty_every == 1, (suite, arm)
     assert options_of("digits", "rpgan_lazy4").loss.penalty_every == 4
+    smooth = {"smooth", "pall_smooth", "s16x4_pall_smooth", "default"}
+    for suite, arm in ARMS:
+        model = options_of(suite, arm).model
+        if model["grow_init"] != "fresh":
+            assert model["grow_smooth"] is (arm in smooth), (suite, arm)
 
     today = make_train.stages
     fade1 = options_of("default", "fade1").stages

@@ -13,7 +13,14 @@ from helpers import TINY, assert_resumes_mid_fade_exactly, compose_config
 from pgan.checkpoint import load_checkpoint
 from pgan.errors import UserError
 from pgan.layers import upsample_2x, upsample_2x_bilinear
-from pgan.networks import Discriminator, Generator, carry_rgb_through, grow_from, preserve_function
+from pgan.networks import (
+    SMOOTH_TAPS,
+    Discriminator,
+    Generator,
+    carry_rgb_through,
+    grow_from,
+    preserve_function,
+)
 from pgan.train.loop import train
 
 WIDE = dict(fmap_base=64, fmap_max=8, fmap_min=8)  # 8 channels everywhere: every new layer can be preserved
@@ -215,10 +222,17 @@ def test_a_preserving_run_starts_each_stage_from_the_smaller_models_layers_and_r
         for param in ("weight", "bias"):
             moved = early[net][f"{layer}.16.{param}"] - previous[net][f"{layer}.8.{param}"]
             assert moved.abs().max() < 0.1, (net, layer, param)
-    conv = early["G"]["blocks.16.conv1.weight"]
-    off_centre = conv.clone()
-    off_centre[:, :, 1, 1] -= torch.diag(torch.diag(conv[:, :, 1, 1]))
-    assert off_centre.abs().max() < 0.1 < torch.diag(conv[:, :, 1, 1]).min()  # still about the identity
+    # G's conv1 still about the default start (model.grow_smooth): each channel blurred by SMOOTH_TAPS, and its
+    # conv2 about the identity; no channel mixes with another yet.
+    channels, centre = torch.arange(8), torch.zeros(3, 3)
+    centre[1, 1] = 1.0
+    for name, taps in (("conv1", SMOOTH_TAPS), ("conv2", centre)):
+        conv = early["G"][f"blocks.16.{name}.weight"]
+        own = conv[channels, channels]  # [8, 3, 3]: each channel's taps onto itself
+        mixed = conv.clone()
+        mixed[channels, channels] = 0.0
+        assert mixed.abs().max() < 0.1 < own[:, 1, 1].min(), name
+        assert (own / own[:, 1:2, 1:2] - taps / taps[1, 1]).abs().max() < 0.1, name
 
 
 def test_a_run_that_carries_the_rgb_directions_through_a_narrowing_block_resumes_exactly(tmp_path: Path) -> None:

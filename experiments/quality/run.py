@@ -52,6 +52,9 @@ FADE_1 = "schedule.fade_kimg={16: 1.024, 32: 1.024, 64: 1.024, 128: 1.024, 256: 
 EVERY_STEP = "loss.penalty_every=1"
 # make train's schedule with the 16 px stage four times as long (arm s16x4 and the arms built on it).
 S16X4 = "schedule.stable_kimg={8: 2.048, 16: 49.152, 32: 4.096, 64: 1.024, 128: 1.024, 256: 0.512}"
+# A preserved stage starts from the smaller model's image nearest-upsampled (2x2 steps): every arm measured before
+# model.grow_smooth became the small model's default (2026-12-07, thirteenth session).
+NEAREST = "model.grow_smooth=false"
 # make train's recipe before model.grow_init=preserve became the default (2026-12-06).
 FRESH = ["model.grow_init=fresh", "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}", FADE_1, EVERY_STEP]
 # The default schedule's first three stages, spelled out (so the suite does not move when the defaults do):
@@ -117,7 +120,7 @@ SUITES = {
             "rpgan_b8_long": B8_LONG,
             "rpgan_b8_skip": ["loss=rpgan", "schedule.batch_size=8", "model.g_architecture=skip"],
             # The 16 px stage starts as the 8 px model's function (the 32 px block changes the width: random).
-            "rpgan_b8_preserve": ["loss=rpgan", "schedule.batch_size=8", "model.grow_init=preserve"],
+            "rpgan_b8_preserve": ["loss=rpgan", "schedule.batch_size=8", "model.grow_init=preserve", NEAREST],
             "rpgan_b4_long": ["loss=rpgan", "schedule.batch_size=4", LONG],
             # rpgan_b8_long with R1 / R2's gamma decaying (cosine) to a tenth over the run, as R3GAN does ...
             "rpgan_b8_long_gdecay": [*B8_LONG, "loss.gamma_decay_kimg=51.2"],
@@ -187,39 +190,39 @@ SUITES = {
                 "schedule.lr={default: 0.004, 128: 0.002, 256: 0.002}",
                 FADE_1,
                 EVERY_STEP,
+                NEAREST,
             ],
             # preserve with lr 0.001 at 256 px: the default from then until the 64 px fade-in doubled.
-            "fade1": [FADE_1, EVERY_STEP],
+            "fade1": [FADE_1, EVERY_STEP, NEAREST],
             # Twice the fade-in at 64 px, the one stage preserve cannot start as the 32 px model's function
             # (the default from 2026-12-06 until lazy regularisation).
-            "fade64": ["schedule.fade_kimg={default: 1.024, 64: 2.048, 256: 0.512}", EVERY_STEP],
+            "fade64": ["schedule.fade_kimg={default: 1.024, 64: 2.048, 256: 0.512}", EVERY_STEP, NEAREST],
             # fade64 with lazy R1 / R2 (issue 18): a penalty-only D update every 4th iteration, StyleGAN2's
             # scheme, 1.6x the img/s at 128-256 px on an fp32 CPU (the default's own recipe since 2026-12-06).
-            "lazy4": ["loss.penalty_every=4"],
+            "lazy4": ["loss.penalty_every=4", NEAREST],
             # Batch 8 up to 128 px (16 before below 128 px): twice the optimizer steps for the same images. In the
             # 16 px stage alone it halved the CNN reading's KL (experiments/quality/shape_reading.py: 0.49 -> 0.25,
             # crosses 0.2 % -> 3.6 %).
-            "b8": ["schedule.batch_size={default: 8, 256: 4}"],
+            "b8": ["schedule.batch_size={default: 8, 256: 4}", NEAREST],
             # The 16 px stage four times as long (49.2 kimg stable): alone it drew 19 % crosses at 16 px where the
             # default draws 0.3 % (shape_reading.py); do the 32-256 px stages keep them?
-            "s16x4": [S16X4],
+            "s16x4": [S16X4, NEAREST],
             # s16x4 with 64 channels at 32 px (the small model has 32): the 32 px block keeps the width, so it starts
             # as the 16 px model's function and, in the 32 px stage alone, kept the crosses (21 % -> 22 %, against
             # 5 % for the narrowing block). Do the 64-256 px stages keep them, and at what cost?
             "s16x4_w32": [
                 S16X4,
                 "model.channels={4: 64, 8: 64, 16: 64, 32: 64, 64: 16, 128: 16, 256: 16}",
+                NEAREST,
             ],
             # The narrowing 32 and 64 px blocks start as the smaller model's function too (model.grow_init=
             # preserve_all: the RGB directions carried through channel pairs), at the small model's widths ...
-            "pall": ["model.grow_init=preserve_all"],
+            "pall": ["model.grow_init=preserve_all", NEAREST],
             # ... and with s16x4's long 16 px stage, whose crosses the 32 px stage then has to keep.
-            "s16x4_pall": [
-                S16X4,
-                "model.grow_init=preserve_all",
-            ],
+            "s16x4_pall": [S16X4, "model.grow_init=preserve_all", NEAREST],
             # New stages that start from the smaller model's image upsampled bilinearly instead of in 2x2 steps
             # (model.grow_smooth: G's preserved conv1 as a blur): pall's and s16x4_pall's 256 px edges were blocky.
+            # `smooth` is make train since it became the default (spelled out, as it was measured).
             "smooth": ["model.grow_smooth=true"],
             "pall_smooth": ["model.grow_init=preserve_all", "model.grow_smooth=true"],
             "s16x4_pall_smooth": [S16X4, "model.grow_init=preserve_all", "model.grow_smooth=true"],
