@@ -33,7 +33,7 @@ from pgan.metrics.diversity import (
     sample_dataset,
 )
 from pgan.metrics.modes import ModeClassifier, mode_classifier_for, mode_coverage
-from pgan.monitor import Monitor
+from pgan.monitor import Monitor, warn
 from pgan.networks import Generator, g_architecture_of, generate_chunks
 from pgan.schedule import Stage, alpha_at
 from pgan.train.step import fade_reals
@@ -149,7 +149,7 @@ class CollapseWatch:
             f"collapse detector: rolled back from {from_step / 1000:.3f} kimg to {step / 1000:.3f} kimg "
             f"(rollback {self.rollbacks} of at most {self.cfg.max_rollbacks}), learning rates x{self.lr_scale:g}"
         )
-        tqdm.write("warning: " + message, file=sys.stderr)
+        warn(message)
         self.monitor.text("Collapse/events", "warning: " + message, step)
         self.monitor.scalars({"Collapse/rollbacks": self.rollbacks, "Collapse/lr_scale": self.lr_scale}, step, None)
         self.monitor.record(
