@@ -557,7 +557,7 @@ def preserve_function(model: nn.Module, any_width: bool = False, smooth: bool = 
         with torch.no_grad():
             for conv in (block.conv1, block.conv2):
                 eye = torch.eye(conv.weight.shape[0])
-                _set_centre_taps(
+                _set_channel_map(
                     conv, eye, rows=slice(None), cols=slice(None), taps=taps if conv is block.conv1 else None
                 )
                 conv.bias.zero_()
@@ -568,12 +568,12 @@ def preserve_function(model: nn.Module, any_width: bool = False, smooth: bool = 
     return []
 
 
-def _set_centre_taps(
+def _set_channel_map(
     conv: EqualizedConv2d, matrix: torch.Tensor, rows: slice | int, cols: slice | int, taps: torch.Tensor | None = None
 ) -> None:
-    """Set conv's weights from output channels `rows` to input channels `cols` to the 1x1 map `matrix` (run-time
-    values, i.e. after the equalized learning rate's scale): `matrix` at the centre tap, zero at the others; with
-    `taps` (a k x k kernel), `matrix` spread over the taps in those proportions instead (SMOOTH_TAPS: a blur)."""
+    """Make conv map input channels `cols` to output channels `rows` by `matrix` (run-time values, i.e. after the
+    equalized learning rate's scale): `matrix` at the centre tap and zero at the others, so a 1x1 map; with `taps`
+    (a k x k kernel summing to 1), `matrix` spread over the taps in those proportions (SMOOTH_TAPS: map, then blur)."""
     k = conv.weight.shape[-1]
     conv.weight[rows, cols] = 0.0
     if taps is None:
@@ -623,29 +623,29 @@ def carry_rgb_through(
         if generator:
             c_in = block.conv1.weight.shape[1]
             level = ANCHOR_OVER_INPUT_NORM * math.sqrt(c_in)  # a pixel-normalised input has norm sqrt(C_in)
-            _set_centre_taps(block.conv1, carried, rows=slice(0, 2 * pairs), cols=slice(None), taps=taps)
+            _set_channel_map(block.conv1, carried, rows=slice(0, 2 * pairs), cols=slice(None), taps=taps)
             block.conv1.weight[anchor:] = 0.0  # the anchor is its bias alone; the free channels start at zero
             block.conv1.bias.zero_()
             block.conv1.bias[anchor] = level
-            _set_centre_taps(block.conv2, torch.eye(anchor + 1), rows=used, cols=used)
+            _set_channel_map(block.conv2, torch.eye(anchor + 1), rows=used, cols=used)
             block.conv2.weight[free, used] = 0.0
             block.conv2.bias.zero_()
             # After the two pixel norms a pair's difference is (1 + slope^2) u sqrt(C_out) / level (|u| << level).
             gain = level / (slope2 * math.sqrt(inner))
             read = torch.stack([R.T, -R.T], dim=2).reshape(R.shape[1], -1) * gain  # [K, 2K']
-            _set_centre_taps(rgb_new, read, rows=slice(None), cols=slice(0, 2 * pairs))
+            _set_channel_map(rgb_new, read, rows=slice(None), cols=slice(0, 2 * pairs))
             rgb_new.weight[:, anchor] = 0.0
             rgb_new.bias.copy_(rgb_old.bias)
         else:
-            _set_centre_taps(rgb_new, carried, rows=slice(0, 2 * pairs), cols=slice(None))
+            _set_channel_map(rgb_new, carried, rows=slice(0, 2 * pairs), cols=slice(None))
             rgb_new.weight[anchor] = 0.0
             rgb_new.bias[used] = 0.0
             rgb_new.bias[anchor] = 1.0
-            _set_centre_taps(block.conv1, torch.eye(anchor + 1, inner), rows=used, cols=slice(None))
+            _set_channel_map(block.conv1, torch.eye(anchor + 1, inner), rows=used, cols=slice(None))
             block.conv1.bias[used] = 0.0
             F = rgb_old.weight[:, :, 0, 0].double() * rgb_old.scale  # [C_out, K]
             write = torch.cat([torch.stack([F, -F], dim=2).reshape(F.shape[0], -1) / slope2, rgb_old.bias[:, None]], 1)
-            _set_centre_taps(block.conv2, write, rows=slice(None), cols=used)
+            _set_channel_map(block.conv2, write, rows=slice(None), cols=used)
             block.conv2.weight[:, free] = 0.0
             block.conv2.bias.zero_()
     return True

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pgan.errors import UserError, first_line
 from pgan.metrics.collapse import STATES
-from pgan.schedule import DEFAULT_KEY, Stage, alpha_at, stages_as_run, stages_from_config
+from pgan.schedule import DEFAULT_KEY, Stage, adam_betas, alpha_at, stages_as_run, stages_from_config
 
 _SHOWN_LINES = 5  # unreadable jsonl lines a report names (it counts them all)
 # collapse.jsonl keys that are not metrics.
@@ -448,7 +448,8 @@ def config_highlights(cfg: Mapping[str, Any]) -> list[str]:
         f"**data**: {data_text}",
         f"**loss**: `{loss.get('name', '?')}`" + (f" ({loss_args})" if loss_args else ""),
         f"**model**: `{model.get('name', '?')}` (latent_dim={model.get('latent_dim')})",
-        f"**batch size**: {_per_resolution(sched.get('batch_size'))}; **lr**: {_per_resolution(sched.get('lr'))}",
+        f"**batch size**: {_per_resolution(sched.get('batch_size'))}; **lr**: {_per_resolution(sched.get('lr'))}; "
+        f"**Adam betas**: {', '.join(f'{beta:g}' for beta in adam_betas(sched))}",
         f"**resolutions**: {' → '.join(f'{r} px' for r in sched.get('resolutions', []))}",
         f"**seed** {cfg.get('seed')}, **precision** {cfg.get('precision')}, **device** {cfg.get('device')}",
     ]

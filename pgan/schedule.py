@@ -198,6 +198,23 @@ def ema_settings(schedule: Mapping[str, Any]) -> tuple[float, float | None]:
     return ema_kimg, None if rampup is None else _checked(rampup, "schedule.ema_rampup", float, 0, strict=True)
 
 
+PAPER_BETAS = (0.0, 0.99)  # Adam's (beta1, beta2) in ProGAN, StyleGAN2 and R3GAN
+
+
+def adam_betas(schedule: Mapping[str, Any]) -> tuple[float, float]:
+    """schedule.betas, Adam's (beta1, beta2) for G and D: two numbers in [0, 1) (PAPER_BETAS for configs from
+    before the setting), with a ValueError naming the key for a bad value."""
+    raw = schedule.get("betas")
+    if raw is None:
+        return PAPER_BETAS
+    if isinstance(raw, (str, int, float)) or len(raw) != 2:
+        raise ValueError(f"schedule.betas must be a pair [beta1, beta2], got {raw!r}")
+    betas = tuple(_checked(beta, "schedule.betas", float, 0, strict=False) for beta in raw)
+    if max(betas) >= 1:
+        raise ValueError(f"schedule.betas must each be < 1, got {list(raw)!r}")
+    return betas[0], betas[1]
+
+
 def stages_from_config(cfg: Mapping[str, Any]) -> list[Stage]:
     """The run's stages from a run config's `schedule` (a DictConfig or a config.yaml loaded as a dict), with a
     ValueError naming the setting for a bad schedule. (pgan-report and pgan-sample read a run's stages here,

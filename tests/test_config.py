@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 
 from pgan.errors import UserError
 from pgan.networks import Discriminator, Generator, model_kwargs_from
-from pgan.schedule import stages_from_config
+from pgan.schedule import adam_betas, stages_from_config
 from pgan.train.options import TrainOptions
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
@@ -76,7 +77,10 @@ def test_paper256_is_the_paper_configuration() -> None:
     assert [s.resolution for s in stages] == [4, 8, 16, 32, 64, 128, 256]
     assert all(s.fade_kimg == 800 for s in stages[1:]) and all(s.stable_kimg == 800 for s in stages)
     assert [s.batch_size for s in stages] == [16] * 6 + [14]
-    assert {s.lr for s in stages} == {0.001}
+    assert {s.lr for s in stages} == {0.001} and adam_betas(cfg.schedule) == (0.0, 0.99)
+    assert cfg.loss.name == "wgan_gp" and cfg.schedule.ema_kimg == pytest.approx(
+        16 * math.log(0.5) / math.log(0.999) / 1000, rel=1e-3
+    )
     assert cfg.model.latent_dim == 512 and cfg.model.grow_init == "fresh" and cfg.model.grow_smooth is False
     G = Generator(256, latent_dim=cfg.model.latent_dim, **model_kwargs_from(cfg.model))
     assert G.blocks["32"].conv1.weight.shape[0] == 512 and G.blocks["256"].conv1.weight.shape[0] == 64

@@ -8,9 +8,10 @@ from their own config sections, once, in `pgan.train.loop.train`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +25,7 @@ from pgan.runtime import check_precision, check_threads
 from pgan.schedule import (
     PlateauRule,
     Stage,
+    adam_betas,
     advance_of,
     ema_settings,
     filled_settings,
@@ -34,6 +36,8 @@ from pgan.train.guard import check_guard_config
 from pgan.train.metrics_watch import applies_at, check_metrics_config
 from pgan.train.plateau import check_plateau_metric
 from pgan.train.watch import check_diversity_config
+
+T = TypeVar("T")
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Keys of the model that define the architecture: a checkpoint is only usable by a model with the same ones.
@@ -99,6 +103,7 @@ class TrainOptions:
     model: dict[str, Any]  # the model section (networks_from builds G and D from it)
     conditional: bool
     loss: Loss
+    betas: tuple[float, float]  # Adam's (beta1, beta2) for G and D (schedule.betas)
     ema_kimg: float  # G_ema's half-life in thousands of images
     ema_rampup: float | None  # or min(ema_kimg, this x the stage's kimg so far) (pgan.schedule.ema_half_life_kimg)
     intervals: Intervals
@@ -131,9 +136,10 @@ class TrainOptions:
         """Check `cfg` (one-line UserErrors) and resolve it; `world_size`: the ranks sharing each global batch."""
         check_precision(cfg.precision)
         check_threads(cfg.threads)
-        stages = _stages(cfg)
+        stages = _user_error(stages_from_config, cfg)
         advance, plateau = _advance(cfg, stages)
-        ema_kimg, ema_rampup = _ema(cfg.schedule)
+        ema_kimg, ema_rampup = _user_error(ema_settings, cfg.schedule)
+        betas = _user_error(adam_betas, cfg.schedule)
         check_model(cfg.model, stages[-1].resolution)
         check_batches(stages, int(cfg.model.mbstd_group_size), world_size)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -170,6 +176,7 @@ class TrainOptions:
             model=config["model"],
             conditional=bool(cfg.model.get("conditional", False)),
             loss=loss,
+            betas=betas,
             ema_kimg=ema_kimg,
             ema_rampup=ema_rampup,
             intervals=_intervals(cfg),
@@ -242,18 +249,10 @@ def _intervals(cfg: DictConfig) -> Intervals:
     )
 
 
-def _stages(cfg: DictConfig) -> list[Stage]:
-    """The schedule's stages, a bad schedule as one line."""
+def _user_error(check: Callable[..., T], *args: Any) -> T:
+    """`check(*args)` (a pure check of pgan.schedule) with its ValueError as a one-line UserError."""
     try:
-        return stages_from_config(cfg)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-
-
-def _ema(schedule: DictConfig) -> tuple[float, float | None]:
-    """schedule.ema_kimg and ema_rampup (pgan.schedule.ema_settings), a bad value as a UserError."""
-    try:
-        return ema_settings(schedule)
+        return check(*args)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 

@@ -23,7 +23,7 @@ from pgan.checkpoint import get_rng_state, set_rng_state
 from pgan.data.labels import ClassLabels
 from pgan.errors import UserError
 from pgan.networks import Discriminator, Generator, grow_from, networks_from
-from pgan.schedule import Stage
+from pgan.schedule import PAPER_BETAS, Stage
 from pgan.train.clock import TickSums
 from pgan.train.guard import Guard
 from pgan.train.options import TrainOptions
@@ -51,18 +51,15 @@ def build_models(
     return G.to(device, memory_format=torch.channels_last), D.to(device, memory_format=torch.channels_last)
 
 
-BETAS = (0.0, 0.99)  # the paper's Adam betas, for G and D
-
-
 def build_optimizers(
-    G: nn.Module, D: nn.Module, lr: float, lazy_ratio: float = 1.0
+    G: nn.Module, D: nn.Module, lr: float, lazy_ratio: float = 1.0, betas: tuple[float, float] = PAPER_BETAS
 ) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """The paper's Adam (beta1 0, beta2 0.99, eps 1e-8) for G and D, fresh for every stage. D's runs at lr * c with
-    betas ** c for lazy regularisation's c = `lazy_ratio` (`Loss.lazy_ratio`, StyleGAN2's correction for the
-    penalty's extra updates). Fused: one kernel per step, and it can skip a step on a device-side flag (the
-    non-finite guard) without a host sync."""
-    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=BETAS, eps=1e-8, fused=True)
-    d_betas = tuple(beta**lazy_ratio for beta in BETAS)
+    """Adam (`betas`, by default the paper's beta1 0 and beta2 0.99; eps 1e-8) for G and D, fresh for every stage.
+    D's runs at lr * c with betas ** c for lazy regularisation's c = `lazy_ratio` (`Loss.lazy_ratio`, StyleGAN2's
+    correction for the penalty's extra updates). Fused: one kernel per step, and it can skip a step on a
+    device-side flag (the non-finite guard) without a host sync."""
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=betas, eps=1e-8, fused=True)
+    d_betas = tuple(beta**lazy_ratio for beta in betas)
     opt_D = torch.optim.Adam(D.parameters(), lr=lr * lazy_ratio, betas=d_betas, eps=1e-8, fused=True)
     return opt_G, opt_D
 
@@ -91,7 +88,7 @@ class TrainState:
         self.options, self.stage, self.device, self.classes = options, stage, device, classes
         self.G, self.D = build_models(options.model, stage.resolution, device, classes)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
-        self.opt_G, self.opt_D = build_optimizers(self.G, self.D, stage.lr, options.loss.lazy_ratio)
+        self.opt_G, self.opt_D = build_optimizers(self.G, self.D, stage.lr, options.loss.lazy_ratio, options.betas)
         # D's input augmentation; off (the default), the step draws no random number more than without it.
         self.augment = AugmentPipe(**options.augment, device=device)
         self.nimg = 0  # images shown in this stage
