@@ -58,7 +58,8 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
     """fade64: the default before lazy regularisation; fade1: also before the 64 px fade doubled; FRESH arms: also
     before grow_init=preserve and lr 0.001 at 256 px. Each differs from today's defaults in exactly those settings,
     and every arm but those measured on today's default (lazy4, rpgan_lazy4, b8, s16x4, s16x4_w32, pall,
-    s16x4_pall and the smooth ones) has the penalties on every step. Every arm that starts a width-keeping stage
+    s16x4_pall, the smooth ones and the betas / minibatch-stddev ablations of make train) has the penalties on every
+    step. Every arm that starts a width-keeping stage
     as the smaller model's function, measured before grow_smooth became the default, pins it off."""
     make_train = TrainOptions.from_config(compose_config())
     fade64 = options_of("default", "fade64")
@@ -77,10 +78,12 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
             "smooth",
             "pall_smooth",
             "s16x4_pall_smooth",
+            "beta05",
+            "mbstd_off",
         ):  # on today's lazy default
             assert options_of(suite, arm).loss.penalty_every == 1, (suite, arm)
     assert options_of("digits", "rpgan_lazy4").loss.penalty_every == 4
-    smooth = {"smooth", "pall_smooth", "s16x4_pall_smooth", "default"}
+    smooth = {"smooth", "pall_smooth", "s16x4_pall_smooth", "default", "beta05", "mbstd_off"}
     for suite, arm in ARMS:
         model = options_of(suite, arm).model
         if model["grow_init"] != "fresh":
@@ -106,3 +109,13 @@ def test_a_result_records_the_machine_and_the_trainers_device_line(tmp_path: Pat
     assert recorded["device"] == line
     names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
     assert recorded["cpu"] == (names[0].split(":", 1)[1].strip() if names else "unknown")
+
+
+def test_the_stacked_digits_preset_is_the_arm_that_met_the_goal() -> None:
+    """experiment=stacked_digits (the README's row for stacked digits) trains what arm rpgan_wide_b8_xxlong_ema did."""
+    preset = TrainOptions.from_config(compose_config("experiment=stacked_digits", "seed=0"))
+    arm = options_of("digits", "rpgan_wide_b8_xxlong_ema")
+    assert preset.stages == arm.stages and preset.loss == arm.loss and preset.betas == arm.betas
+    assert (preset.ema_kimg, preset.ema_rampup) == (arm.ema_kimg, arm.ema_rampup) == (10.0, 0.15)
+    assert {**preset.model, "name": "-"} == {**arm.model, "name": "-"} and preset.model["fmap_max"] == 128
+    assert preset.data == arm.data and preset.precision == arm.precision == "auto"

@@ -148,6 +148,13 @@ SUITES = {
             ],
             # The wide model for rpgan_long's 51.2 kimg.
             "rpgan_wide_long": ["loss=rpgan", *WIDE, LONG],
+            # Adam's betas (the default is the paper's [0, 0.99], as in StyleGAN2 and R3GAN): momentum in G and
+            # D (DCGAN's beta1 0.5), and a shorter memory of the squared gradients.
+            "rpgan_beta05": ["loss=rpgan", "schedule.betas=[0.5,0.99]"],
+            "rpgan_beta2_09": ["loss=rpgan", "schedule.betas=[0.0,0.9]"],
+            # Minibatch-stddev: off (groups of one sample have no spread), and over the whole batch of 16.
+            "rpgan_mbstd_off": ["loss=rpgan", "model.mbstd_group_size=1"],
+            "rpgan_mbstd16": ["loss=rpgan", "model.mbstd_group_size=16"],
         },
         resolution=32,
         metrics="[modes]",
@@ -226,6 +233,9 @@ SUITES = {
             "smooth": ["model.grow_smooth=true"],
             "pall_smooth": ["model.grow_init=preserve_all", "model.grow_smooth=true"],
             "s16x4_pall_smooth": [S16X4, "model.grow_init=preserve_all", "model.grow_smooth=true"],
+            # make train with Adam's beta1 0.5 (DCGAN's), and without minibatch-stddev (groups of one sample).
+            "beta05": ["schedule.betas=[0.5,0.99]"],
+            "mbstd_off": ["model.mbstd_group_size=1"],
         },
         resolution=256,
         metrics="[modes]",
