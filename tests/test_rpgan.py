@@ -24,8 +24,10 @@ from torch import nn
 from pgan.checkpoint import load_checkpoint
 from pgan.errors import UserError
 from pgan.losses import gamma_scale_at, make_loss, relativistic_d_loss, relativistic_g_loss, zero_centred_penalty
+from pgan.networks import Discriminator, Generator
 from pgan.train.loop import train
-from pgan.train.step import d_penalty_step, d_step, g_step
+from pgan.train.state import build_optimizers
+from pgan.train.step import d_penalty_step, d_step, g_step, train_step
 
 RPGAN = ["loss=rpgan", "loss.r1_gamma=0.5", "loss.r2_gamma=0.25"]
 
@@ -165,11 +167,48 @@ def test_rpgan_trains_and_resumes_mid_fade_bit_identically(tmp_path: Path) -> No
     assert all(r["Loss/gp"] > 0 for r in rows)
 
 
+def record_labels(net: nn.Module) -> list[torch.Tensor | None]:
+    """The class labels of every forward call of `net` from now on, in call order."""
+    seen: list[torch.Tensor | None] = []
+
+    def hook(_module, args, kwargs):
+        labels = kwargs.get("labels", args[2] if len(args) > 2 else None)
+        seen.append(None if labels is None else labels.clone())
+
+    net.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_conditional_rpgan_pairs_each_real_with_a_fake_of_its_class(every: int) -> None:
+    """Class labels reach both sides of every pair: the reals' classes generate the fakes, and every D call (the
+    loss, R1 on the reals, R2 on the fakes, the G step's pair) scores its images under the reals' labels, in order;
+    also in lazy regularisation's penalty-only update."""
+    torch.manual_seed(0)
+    G = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4, num_classes=4)
+    D = Discriminator(8, fmap_base=64, fmap_max=16, fmap_min=4, num_classes=4)
+    G_seen, D_seen = record_labels(G), record_labels(D)
+    G_ema = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4, num_classes=4).requires_grad_(False)
+    opt_G, opt_D = build_optimizers(G, D, 0.002)
+    loss = make_loss("rpgan", r1_gamma=1.0, r2_gamma=1.0, penalty_every=every)
+    labels = torch.tensor([2, 0, 3, 1])
+    for step_index in range(every):
+        G_seen.clear(), D_seen.clear()
+        scalars = train_step(
+            G, D, G_ema, opt_G, opt_D, loss, torch.randn(4, 3, 8, 8), 1.0, 0.9, None, step_index, labels=labels
+        )
+        assert torch.isfinite(torch.stack(list(scalars.values()))).all()
+        penalty_update = every > 1 and step_index == 0
+        assert len(G_seen) == 2 and len(D_seen) == (6 if penalty_update else 4)
+        assert all(seen is not None and torch.equal(seen, labels) for seen in G_seen + D_seen)
+
+
 def test_conditional_rpgan_trains(tmp_path: Path) -> None:
-    """Class labels reach both sides of every pair (the reals' classes generate the fakes)."""
-    train(compose_config(*TINY, *RPGAN, "model.conditional=true", "data.size=64"), tmp_path)
+    """The whole trainer, conditional, with rpgan: finite losses and a class-conditional G at the end."""
+    run = train(compose_config(*TINY, *RPGAN, "model.conditional=true", "data.size=64"), tmp_path)
     rows = stats_rows(tmp_path)
     assert rows and all(torch.isfinite(torch.tensor([r["Loss/D"], r["Loss/G"]])).all() for r in rows)
+    assert load_checkpoint(run)["G_ema"]["embed.weight"].shape[0] == 16  # the shapes' 16 classes
 
 
 @pytest.mark.distributed
