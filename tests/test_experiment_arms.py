@@ -79,11 +79,12 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
             "pall_smooth",
             "s16x4_pall_smooth",
             "beta05",
+            "beta2_09",
             "mbstd_off",
         ):  # on today's lazy default
             assert options_of(suite, arm).loss.penalty_every == 1, (suite, arm)
     assert options_of("digits", "rpgan_lazy4").loss.penalty_every == 4
-    smooth = {"smooth", "pall_smooth", "s16x4_pall_smooth", "default", "beta05", "mbstd_off"}
+    smooth = {"smooth", "pall_smooth", "s16x4_pall_smooth", "default", "beta05", "beta2_09", "mbstd_off"}
     for suite, arm in ARMS:
         model = options_of(suite, arm).model
         if model["grow_init"] != "fresh":

@@ -233,8 +233,10 @@ SUITES = {
             "smooth": ["model.grow_smooth=true"],
             "pall_smooth": ["model.grow_init=preserve_all", "model.grow_smooth=true"],
             "s16x4_pall_smooth": [S16X4, "model.grow_init=preserve_all", "model.grow_smooth=true"],
-            # make train with Adam's beta1 0.5 (DCGAN's), and without minibatch-stddev (groups of one sample).
+            # make train with Adam's beta1 0.5 (DCGAN's) or beta2 0.9, and without minibatch-stddev (groups of one
+            # sample).
             "beta05": ["schedule.betas=[0.5,0.99]"],
+            "beta2_09": ["schedule.betas=[0.0,0.9]"],
             "mbstd_off": ["model.mbstd_group_size=1"],
         },
         resolution=256,
