@@ -449,13 +449,22 @@ def config_highlights(cfg: Mapping[str, Any]) -> list[str]:
         f"**loss**: `{loss.get('name', '?')}`" + (f" ({loss_args})" if loss_args else ""),
         f"**model**: `{model.get('name', '?')}` (latent_dim={model.get('latent_dim')})",
         f"**batch size**: {_per_resolution(sched.get('batch_size'))}; **lr**: {_per_resolution(sched.get('lr'))}; "
-        f"**Adam betas**: {', '.join(f'{beta:g}' for beta in adam_betas(sched))}",
+        f"**Adam betas**: {_betas(sched)}",
         f"**resolutions**: {' → '.join(f'{r} px' for r in sched.get('resolutions', []))}",
         f"**seed** {cfg.get('seed')}, **precision** {cfg.get('precision')}, **device** {cfg.get('device')}",
     ]
     if cfg.get("init_from") or cfg.get("stage") is not None:
         items.append(f"**stage** {cfg.get('stage')}, **init_from** {cfg.get('init_from')}")
     return items
+
+
+def _betas(schedule: Mapping[str, Any]) -> str:
+    """schedule.betas as the run trained with them (the paper's where the config predates the setting); a hand-edited
+    value the trainer would refuse, as written."""
+    try:
+        return ", ".join(f"{beta:g}" for beta in adam_betas(schedule))
+    except ValueError:
+        return str(schedule.get("betas"))
 
 
 def _per_resolution(value: Any) -> str:

@@ -37,3 +37,4 @@ def test_a_run_with_other_betas_resumes_mid_fade_exactly(tmp_path: Path) -> None
 def test_a_config_from_before_the_setting_trains_with_the_papers_betas() -> None:
     assert adam_betas({"lr": 0.001}) == PAPER_BETAS == (0.0, 0.99)
     assert "**Adam betas**: 0, 0.99" in " ".join(config_highlights({"schedule": {"lr": 0.001}}))
+    assert "**Adam betas**: [0.5, 2]" in " ".join(config_highlights({"schedule": {"betas": [0.5, 2]}}))  # hand-edited
