@@ -99,7 +99,7 @@ def training_tables(runs: list[dict]) -> str:
             f"- {kind} runs: reached `collapsed` in {rate(sum(s['collapsed']), n)}, left `ok` in "
             f"{rate(sum(s['left_ok']), n)}; mode KL at the end median {statistics.median(s['final_kl']):.2f} nats"
         )
-        if s["delay"] and kind == "collapsing":
+        if s["delay"] and kind.endswith("collapsing"):
             line += (
                 f"; delay from onset to `collapsed`: median {statistics.median(s['delay'])} evaluations "
                 f"({statistics.median(s['delay_kimg']):.3f} kimg), range {min(s['delay'])}..{max(s['delay'])}"
