@@ -81,10 +81,20 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
             "beta05",
             "beta2_09",
             "mbstd_off",
+            "rpgan_wide_b8_xxlong_ema_today",
         ):  # on today's lazy default
             assert options_of(suite, arm).loss.penalty_every == 1, (suite, arm)
     assert options_of("digits", "rpgan_lazy4").loss.penalty_every == 4
-    smooth = {"smooth", "pall_smooth", "s16x4_pall_smooth", "default", "beta05", "beta2_09", "mbstd_off"}
+    smooth = {
+        "smooth",
+        "pall_smooth",
+        "s16x4_pall_smooth",
+        "default",
+        "beta05",
+        "beta2_09",
+        "mbstd_off",
+        "rpgan_wide_b8_xxlong_ema_today",
+    }
     for suite, arm in ARMS:
         model = options_of(suite, arm).model
         if model["grow_init"] != "fresh":
@@ -120,3 +130,13 @@ def test_the_stacked_digits_preset_is_the_arm_that_met_the_goal() -> None:
     assert (preset.ema_kimg, preset.ema_rampup) == (arm.ema_kimg, arm.ema_rampup) == (10.0, 0.15)
     assert {**preset.model, "name": "-"} == {**arm.model, "name": "-"} and preset.model["fmap_max"] == 128
     assert preset.data == arm.data and preset.precision == arm.precision == "auto"
+
+
+def test_the_stacked_digits_arm_on_todays_defaults_differs_only_in_them() -> None:
+    """rpgan_wide_b8_xxlong_ema_today is the preset's arm with the lazy penalties and preserved, smooth stages."""
+    today, preset = (
+        options_of("digits", "rpgan_wide_b8_xxlong_ema_today"),
+        options_of("digits", "rpgan_wide_b8_xxlong_ema"),
+    )
+    assert today.stages == preset.stages and today.loss == replace(preset.loss, penalty_every=4)
+    assert today.model == {**preset.model, "grow_init": "preserve"} and today.model["grow_smooth"] is True

@@ -146,6 +146,16 @@ SUITES = {
                 *EMA_RAMPUP,
                 "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 69.632}",
             ],
+            # rpgan_wide_b8_xxlong_ema (experiment=stacked_digits) on today's defaults: R1 / R2 every 4th step, new
+            # stages that start as the smaller model's function, smoothly upsampled.
+            "rpgan_wide_b8_xxlong_ema_today": [
+                *B8_LONG,
+                *WIDE,
+                *EMA_RAMPUP,
+                "schedule.stable_kimg={8: 2.048, 16: 24.576, 32: 69.632}",
+                "model.grow_init=preserve",
+                "loss.penalty_every=4",
+            ],
             # The wide model for rpgan_long's 51.2 kimg.
             "rpgan_wide_long": ["loss=rpgan", *WIDE, LONG],
             # Adam's betas (the default is the paper's [0, 0.99], as in StyleGAN2 and R3GAN): momentum in G and
