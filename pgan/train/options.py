@@ -250,7 +250,8 @@ def _intervals(cfg: DictConfig) -> Intervals:
 
 
 def _user_error(check: Callable[..., T], *args: Any) -> T:
-    """`check(*args)` (a pure check of pgan.schedule) with its ValueError as a one-line UserError."""
+    """`check(*args)` (a pure check of pgan.schedule: stages, advance, plateau rules, EMA, betas) with its
+    ValueError as a one-line UserError."""
     try:
         return check(*args)
     except ValueError as exc:
@@ -259,13 +260,10 @@ def _user_error(check: Callable[..., T], *args: Any) -> T:
 
 def _advance(cfg: DictConfig, stages: list[Stage]) -> tuple[str, dict[int, PlateauRule]]:
     """schedule.advance and, for a plateau, its rule at each resolution (its metric checked)."""
-    try:
-        advance = advance_of(cfg.schedule)
-        if advance == "fixed":
-            return advance, {}
-        rules = plateau_rules(cfg.schedule, [st.resolution for st in stages])
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    advance = _user_error(advance_of, cfg.schedule)
+    if advance == "fixed":
+        return advance, {}
+    rules = _user_error(plateau_rules, cfg.schedule, [st.resolution for st in stages])
     check_plateau_metric(cfg)
     return advance, rules
 
