@@ -137,13 +137,15 @@ def plots(results: Path, controlled: list[dict], runs: list[dict]) -> None:
     fig.savefig(results / "detection.png", dpi=110)
     if not runs:
         return
-    picks = [
-        next(r for r in runs if r["kind"] == k)
-        for k in ("healthy", "undertrained", "collapsing")
-        if any(r["kind"] == k for r in runs)
-    ]
-    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.4), squeeze=False)
-    for ax, run in zip(axes[0], picks):
+    # The first run of each kind: the 2026-11 recipe's three on the first row, today's recipe's two on the second.
+    kinds = ("healthy", "undertrained", "collapsing", "recipe", "recipe_collapsing")
+    picks = [next(r for r in runs if r["kind"] == k) for k in kinds if any(r["kind"] == k for r in runs)]
+    columns = min(3, len(picks))
+    rows = -(-len(picks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(picks) :]:
+        ax.set_visible(False)
+    for ax, run in zip(axes.flat, picks):
         evals = [e for e in run["evaluations"] if "event" not in e]
         kimg = [e["kimg"] for e in evals]
         ax.plot(kimg, [e["excess_pair"] for e in evals], label="excess_pair")
