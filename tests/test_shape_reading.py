@@ -23,7 +23,7 @@ def test_the_fitted_cnn_is_kept_and_its_reading_is_the_labels(tmp_path: Path) ->
     again = shape_reading.fitted_cnn(path)  # loaded, not fitted again
     images, modes = shape_reading.rendered(64, shape_reading.TEST_SEED)
     with torch.no_grad():
-        assert torch.equal(cnn(images), again(images))
+        assert torch.equal(cnn(shape_reading.thumbnails(images)), again(shape_reading.thumbnails(images)))
     svc = train_shapes_classifier(num_items=600)
     real = torch.stack([shape_reading.ShapesDataset(32, size=64, seed=5)[i] for i in range(64)])
     torch.manual_seed(0)
@@ -44,3 +44,29 @@ def test_the_fitted_cnn_is_kept_and_its_reading_is_the_labels(tmp_path: Path) ->
         svc.predict(real) % 4
         == torch.tensor([shape_reading.ShapesDataset(32, size=64, seed=5).mode_of(i) % 4 for i in range(64)])
     ).all()
+
+
+def test_colour_purity_reads_one_colour_per_real_shape_and_two_in_a_two_coloured_blob() -> None:
+    real, _ = shape_reading.rendered(200, shape_reading.TEST_SEED)
+    reading = shape_reading.colour_purity(real)
+    assert reading["single_colour"] == 1.0
+    assert reading["mean_purity"] > 0.99
+
+    def painted(*halves: str) -> torch.Tensor:
+        """A dark 64 px image with a square blob whose left and right halves are these palette colours."""
+        image = torch.full((3, 64, 64), -0.9)
+        for i, name in enumerate(halves):
+            rgb = torch.tensor(shape_reading.COLOUR_RGB[name], dtype=torch.float32) / 127.5 - 1
+            image[:, 16:48, 16 + 16 * i : 32 + 16 * i] = rgb[:, None, None]
+        return image
+
+    two = shape_reading.colour_purity(painted("blue", "green").unsqueeze(0))
+    assert two["single_colour"] == 0.0
+    assert abs(two["mean_purity"] - 0.5) < 0.01
+    # Darker versions of a palette colour (a blob's anti-aliased rim, a dim sample) keep its colour.
+    dim = painted("yellow", "yellow") * 0.5 + 0.5 * painted("yellow", "yellow").clamp(max=0.0)
+    assert shape_reading.colour_purity(dim.unsqueeze(0))["single_colour"] == 1.0
+    dark = torch.full((1, 3, 64, 64), -0.9)  # nothing bright: not a sample of one colour
+    assert shape_reading.colour_purity(dark) == {"single_colour": 0.0, "mean_purity": 0.0}
+    mixed = torch.stack([painted("red", "red"), painted("red", "yellow"), painted("green", "green"), dark[0]])
+    assert shape_reading.colour_purity(mixed)["single_colour"] == 0.5

@@ -10,6 +10,11 @@ prints its held-out accuracy, and reads `--num` G_ema samples of each checkpoint
 `--seed`) with both classifiers: modes covered, KL to uniform, each shape's share, and how often the two agree
 on the shape and on the colour. One JSON line per checkpoint on stdout. The CNN is fitted once (a few minutes
 on 2 cores) and kept at `--cnn`.
+
+It also reads how many samples are of one colour (`single_colour`): a real shape is one colour on a dark
+background, while a generator can paint one blob in two (a blue blob with a green half). Each bright pixel
+(brightest channel >= 160 of 255, at 64 px; the backgrounds are <= 45) takes the palette colour nearest in
+direction (cosine), and a sample is of one colour when one of them holds >= 90 % of its bright pixels.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pgan.data.shapes import COLOURS, NUM_MODES, SHAPES, ShapesDataset
+from pgan.data.shapes import COLOUR_RGB, COLOURS, NUM_MODES, SHAPES, ShapesDataset
 from pgan.load import load_generator
 from pgan.metrics.modes import mode_coverage, train_shapes_classifier
 from pgan.sample import generate, seeded_latents
@@ -30,6 +35,8 @@ from pgan.sample import generate, seeded_latents
 CNN_RESOLUTION = 16  # px the CNN reads: the smallest size at which the renders keep their corners (README)
 RENDER_RESOLUTION = 64  # renders area-downsampled to CNN_RESOLUTION, as the generator's samples are
 TRAIN_SEED, TEST_SEED = 12_345, 999  # neither is a dataset seed a run uses by default (0)
+BRIGHT = 160  # of 255: a pixel of the shape for the colour reading (backgrounds are <= 45, colours >= 225)
+ONE_COLOUR = 0.9  # a sample is of one colour when one palette colour holds this share of its bright pixels
 
 
 def small_cnn() -> nn.Sequential:
@@ -47,10 +54,29 @@ def thumbnails(images: torch.Tensor) -> torch.Tensor:
 
 
 def rendered(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` real shapes as 16 px thumbnails, and their modes."""
+    """`count` real shapes rendered at 64 px, and their modes."""
     dataset = ShapesDataset(RENDER_RESOLUTION, size=count, seed=seed)
     images = torch.stack([dataset[i] for i in range(count)])
-    return thumbnails(images), torch.tensor([dataset.mode_of(i) for i in range(count)])
+    return images, torch.tensor([dataset.mode_of(i) for i in range(count)])
+
+
+def colour_purity(images: torch.Tensor) -> dict:
+    """How many of `images` ([N, 3, R, R] in [-1, 1]) are of one colour, and their colours' mean purity (the
+    share of a sample's bright pixels in its main colour), read at 64 px. Samples without a bright pixel count
+    as not of one colour."""
+    rgb = (F.interpolate(images.float(), size=RENDER_RESOLUTION, mode="area").clamp(-1, 1) + 1) * 127.5
+    pixels = rgb.permute(0, 2, 3, 1).flatten(1, 2)  # [N, P, 3]
+    palette = F.normalize(torch.tensor([COLOUR_RGB[c] for c in COLOURS], dtype=torch.float32), dim=1)
+    nearest = (F.normalize(pixels, dim=2) @ palette.T).argmax(2)  # [N, P]
+    bright = pixels.max(2).values >= BRIGHT
+    counts = (F.one_hot(nearest, len(COLOURS)) * bright.unsqueeze(2)).sum(1)  # [N, colours]
+    total = counts.sum(1)
+    purity = counts.max(1).values / total.clamp(min=1)
+    painted = total > 0
+    return {
+        "single_colour": (painted & (purity >= ONE_COLOUR)).double().mean().item(),
+        "mean_purity": purity[painted].double().mean().item() if painted.any() else 0.0,
+    }
 
 
 def fitted_cnn(path: Path, count: int = 30_000, epochs: int = 12, batch: int = 128) -> nn.Sequential:
@@ -66,7 +92,7 @@ def fitted_cnn(path: Path, count: int = 30_000, epochs: int = 12, batch: int = 1
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * steps_per_epoch)
     for _ in range(epochs):
         for index in torch.randperm(count).split(batch):
-            loss = F.cross_entropy(cnn(images[index]), modes[index])
+            loss = F.cross_entropy(cnn(thumbnails(images[index])), modes[index])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -88,7 +114,7 @@ def reading(cnn: nn.Sequential, svc, images: torch.Tensor) -> dict:  # noqa: ANN
         "cnn_confidence": probs.max(1).values.mean().item(),
         "agree_shape": (by_cnn // len(COLOURS) == by_svc // len(COLOURS)).double().mean().item(),
         "agree_colour": (by_cnn % len(COLOURS) == by_svc % len(COLOURS)).double().mean().item(),
-    }
+    } | colour_purity(images)
 
 
 def main() -> None:
@@ -101,7 +127,7 @@ def main() -> None:
     cnn, svc = fitted_cnn(args.cnn), train_shapes_classifier()
     real_images, real_modes = rendered(2000, TEST_SEED)
     with torch.no_grad():
-        accuracy = (cnn(real_images).argmax(1) == real_modes).double().mean().item()
+        accuracy = (cnn(thumbnails(real_images)).argmax(1) == real_modes).double().mean().item()
     real = {"checkpoint": "real shapes (held out)", "cnn_accuracy": accuracy}
     print(json.dumps(real | reading(cnn, svc, real_images)))
     for path in args.checkpoints:
