@@ -436,8 +436,9 @@ def check_project(name: str, resolutions: list[int]) -> None:
 def project_schedule(results: list[BenchResult], name: str) -> dict[str, Any]:
     """The wall-clock of the schedule preset `name` (conf/schedule/<name>.yaml) at the measured rates: each
     stage's fade-in at the rate measured fading in (alpha < 1) and its stable phase at alpha = 1. Stages whose
-    rates were not measured are listed under `missing` and left out of `total_h`. The rates are those of this
-    run's batch size; the schedule's own batch sizes are listed beside them."""
+    rates were not measured are listed under `missing` and left out of `total_h`; those of them measured at alpha = 1
+    only (so their fade-in's rate is what is missing) also under `missing_fade`. The rates are those of this run's
+    batch size; the schedule's own batch sizes are listed beside them."""
     stages = _preset_stages(name)
     fading = {r.resolution: r.img_per_s for r in results if r.alpha < 1}
     stable = {r.resolution: r.img_per_s for r in results if r.alpha >= 1}
@@ -456,4 +457,5 @@ def project_schedule(results: list[BenchResult], name: str) -> dict[str, Any]:
         "stages": rows,
         "total_h": round(sum(r["hours"] for r in rows), 2),
         "missing": missing,
+        "missing_fade": [r for r in missing if r in stable],
     }

@@ -7,13 +7,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import compose_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from pgan.bench import IterationFlops
+from pgan.bench import IterationFlops, project_schedule
+from pgan.cli.bench import projection_line
 from pgan.losses import make_loss
 from pgan.networks import Discriminator, Generator, channels_for
 from pgan.train.step import d_step
@@ -88,6 +90,30 @@ def test_the_projection_is_the_schedule_at_the_measured_rates(bench_run) -> None
     assert projection["missing"] == [32, 64, 128, 256] and projection["measured_batch"] == 4
     assert projection["total_h"] == pytest.approx(sum(expected.values()) / 3600, abs=0.01)
     assert "projected schedule=quick" in table and "not measured: [32, 64, 128, 256] px" in table
+
+
+def test_a_projection_says_which_stages_it_leaves_out_and_why() -> None:
+    """Measured at alpha 1 only, every stage but the first (which has no fade-in) lacks its fade-in's rate: the
+    projection names them apart from the stages never measured, and the printed line says what to do."""
+    rates = [SimpleNamespace(resolution=r, alpha=1.0, img_per_s=100.0, batch_size=16) for r in (8, 16)]
+    projection = project_schedule(rates, "quick")
+    assert [s["resolution"] for s in projection["stages"]] == [8]
+    assert projection["total_h"] == pytest.approx(2048 / 100 / 3600, abs=0.01)
+    assert projection["missing"] == [16, 32, 64, 128, 256] and projection["missing_fade"] == [16]
+    line = projection_line(projection)
+    assert line.startswith("projected schedule=quick: 0.01 h for the [8] px stages only;")
+    assert "not measured: [16, 32, 64, 128, 256] px ([16] px at alpha 1 only: a fade-in needs an alpha < 1" in line
+    nothing = project_schedule([], "quick")
+    assert projection_line(nothing) == "projected schedule=quick: 0 h, not measured: [8, 16, 32, 64, 128, 256] px"
+    whole = project_schedule(
+        [
+            SimpleNamespace(resolution=r, alpha=a, img_per_s=50.0, batch_size=16)
+            for r in (8, 16, 32, 64, 128, 256)
+            for a in (0.5, 1.0)
+        ],  # fmt: skip
+        "quick",
+    )
+    assert whole["missing"] == [] and projection_line(whole) == f"projected schedule=quick: {whole['total_h']} h"
 
 
 @pytest.mark.subprocess

@@ -34,8 +34,20 @@ def _hydra_main(cfg: DictConfig) -> None:
     print(to_table(results), file=sys.stderr, flush=True)
     if projection is not None:
         print(json.dumps({"projection": projection}), flush=True)
-        missing = f"; not measured: {projection['missing']} px" if projection["missing"] else ""
-        print(f"projected schedule={projection['schedule']}: {projection['total_h']} h{missing}", file=sys.stderr)
+        print(projection_line(projection), file=sys.stderr)
+
+
+def projection_line(projection: dict) -> str:
+    """The projection for the person reading the table: the total, and what it leaves out and why."""
+    line = f"projected schedule={projection['schedule']}: {projection['total_h']} h"
+    if not projection["missing"]:
+        return line
+    measured = [stage["resolution"] for stage in projection["stages"]]
+    line += f" for the {measured} px stages only;" if measured else ","
+    line += f" not measured: {projection['missing']} px"
+    if projection["missing_fade"]:
+        line += f" ({projection['missing_fade']} px at alpha 1 only: a fade-in needs an alpha < 1 in alphas)"
+    return line
 
 
 def main() -> None:
