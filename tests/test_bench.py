@@ -110,7 +110,7 @@ def test_a_projection_says_which_stages_it_leaves_out_and_why() -> None:
             SimpleNamespace(resolution=r, alpha=a, img_per_s=50.0, batch_size=16)
             for r in (8, 16, 32, 64, 128, 256)
             for a in (0.5, 1.0)
-        ],  # fmt: skip
+        ],
         "quick",
     )
     assert whole["missing"] == [] and projection_line(whole) == f"projected schedule=quick: {whole['total_h']} h"

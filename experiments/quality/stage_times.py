@@ -33,14 +33,15 @@ def stage_times(run_dir: Path) -> list[StageTime]:
         raise SystemExit(f"{run_dir}: not a directory (give a pgan-train run directory)")
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    if "Progress/resolution" not in events.Tags()["scalars"]:
+    tags = events.Tags()["scalars"]
+    if "Progress/resolution" not in tags:
         raise SystemExit(f"{run_dir}: no Progress/resolution scalars in its TensorBoard events (not a pgan-train run?)")
     ticks = events.Scalars("Progress/resolution")
     walls: dict[int, list[float]] = defaultdict(list)
     for tick in ticks:
         walls[int(tick.value)].append(tick.wall_time)
     evaluations: dict[int, float] = defaultdict(float)
-    if "Diversity/eval_s" in events.Tags()["scalars"]:
+    if "Diversity/eval_s" in tags:
         steps = sorted((t.step, int(t.value)) for t in ticks)
         for e in events.Scalars("Diversity/eval_s"):
             # the stage of the latest tick at or before the evaluation's step (evaluations before the first
