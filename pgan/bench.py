@@ -181,6 +181,42 @@ def median_step_seconds(step: Callable[[], None], device: torch.device, warmup: 
     return statistics.median(times)
 
 
+def interleaved_step_seconds(
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int, calls: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each of `steps`, timed in turns: `warmup` calls of each, then `rounds` rounds in which
+    every step is timed over `calls` calls (a device sync at both ends), in the given order on even rounds and in
+    reverse on odd ones. Returns each step's seconds per call, one value per round.
+
+    In turns because a shared machine's speed drifts: on 2 EPYC cores the same step timed minutes apart read 23.9
+    and 31.4 img/s, so two steps timed one after the other compare the machine's moments as much as the steps.
+    Within a round they share the moment, and the ratio of their times is steady where the times are not."""
+    if rounds < 1 or calls < 1:
+        raise ValueError(f"rounds and calls must be >= 1, got {rounds} and {calls}")
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for name in list(steps) if r % 2 == 0 else reversed(list(steps)):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                steps[name]()
+            synchronize(device)
+            seconds[name].append((time.perf_counter() - t0) / calls)
+    return seconds
+
+
+def ratio_per_round(slower: list[float], faster: list[float]) -> tuple[float, float, float]:
+    """(median, lowest, highest) over rounds of slower[r] / faster[r]: how many times faster the second step is,
+    with the spread of the rounds (`interleaved_step_seconds`' timings of the two)."""
+    if len(slower) != len(faster) or not slower:
+        raise ValueError(f"need the same number of rounds for both, got {len(slower)} and {len(faster)}")
+    ratios = [s / f for s, f in zip(slower, faster)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated since the last reset, or the process's peak RSS (MB)."""
     if device.type == "cuda":

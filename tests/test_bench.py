@@ -14,7 +14,8 @@ import torch
 from helpers import compose_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from pgan.bench import IterationFlops, project_schedule
+import pgan.bench
+from pgan.bench import IterationFlops, interleaved_step_seconds, project_schedule, ratio_per_round
 from pgan.cli.bench import projection_line
 from pgan.losses import make_loss
 from pgan.networks import Discriminator, Generator, channels_for
@@ -216,6 +217,47 @@ def test_iteration_flops_split_off_the_convolutions() -> None:
     with IterationFlops() as flops:
         G(torch.randn(4, 16), 1.0).sum().backward()
     assert 0.5 * flops.total < flops.convolution < flops.total
+
+
+class FakeClock:
+    """time.perf_counter for pgan.bench, advanced only by the steps under test: timings without the machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_steps_timed_in_turns_alternate_their_order_and_time_each_call(monkeypatch) -> None:
+    """Every round times each step over its calls, in the given order, then reversed: what each step costs per call
+    comes back per round, whatever the machine did between rounds."""
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(pgan.bench.time, "perf_counter", clock)
+    slowdown = iter([1.0] * 2 + [1.0] * 6 + [3.0] * 6)  # warm-up calls, round 0, round 1 (the machine got slower)
+
+    def step(name: str, cost_s: float):
+        def run() -> None:
+            calls.append(name)
+            clock.now += cost_s * next(slowdown)
+
+        return run
+
+    seconds = interleaved_step_seconds(
+        {"ours": step("ours", 0.01), "peer": step("peer", 0.02)}, torch.device("cpu"), warmup=1, rounds=2, calls=3
+    )
+    assert calls == ["ours", "peer"] + ["ours"] * 3 + ["peer"] * 3 + ["peer"] * 3 + ["ours"] * 3
+    assert seconds["ours"] == pytest.approx([0.01, 0.03])
+    assert seconds["peer"] == pytest.approx([0.02, 0.06])
+    assert ratio_per_round(seconds["peer"], seconds["ours"]) == pytest.approx((2.0, 2.0, 2.0))
+
+
+def test_the_ratio_of_rounds_is_their_median_with_its_spread() -> None:
+    assert ratio_per_round([3.0, 2.0, 5.0], [1.0, 1.0, 2.0]) == pytest.approx((2.5, 2.0, 3.0))
+    with pytest.raises(ValueError, match="same number of rounds"):
+        ratio_per_round([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="rounds and calls"):
+        interleaved_step_seconds({"a": lambda: None}, torch.device("cpu"), warmup=0, rounds=0, calls=1)
 
 
 def test_iteration_flops_count_the_gradient_penalty() -> None:

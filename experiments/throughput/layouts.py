@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from run import our_iteration  # noqa: E402
 
 import pgan.layers as layers  # noqa: E402
 import pgan.networks as networks  # noqa: E402
+from pgan.bench import interleaved_step_seconds  # noqa: E402
 
 
 def stddev_channels_last(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.Tensor:
@@ -59,23 +60,21 @@ def main() -> None:
     steps = {}
     for name in VARIANTS:
         use(name)
-        steps[name], *_ = our_iteration(resolution, 16, 1.0, torch.device("cpu"), "default")
-        for _ in range(4):
-            steps[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for _ in range(rounds):
-        for name in VARIANTS:
-            use(name)
-            start = time.perf_counter()
-            for _ in range(8):
-                steps[name]()
-            seconds[name].append((time.perf_counter() - start) / 8)
+        step, *_ = our_iteration(resolution, 16, 1.0, torch.device("cpu"), "default")
+        steps[name] = partial(in_variant, name, step)
+    seconds = interleaved_step_seconds(steps, torch.device("cpu"), warmup=4, rounds=rounds, calls=8)
     for name, values in seconds.items():
         print(
             f"{resolution} px {name}: {16 / statistics.median(values):.1f} img/s (ms/step: "
             + " ".join(f"{1000 * v:.0f}" for v in values)
             + ")"
         )
+
+
+def in_variant(name: str, step) -> None:
+    """One step with variant `name`'s functions in place."""
+    use(name)
+    step()
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@
 
 Both run in this one process, on the same machine, with the same channel widths (the peer's `nf` is
 replaced by our `small` preset's table: its fmap_base is a module constant), latent size 128, batch,
-WGAN-GP loss (drift 0.001, lambda 10), Adam(0, 0.99) and EMA, timed the same way: `warmup` iterations,
-then the median of `repeats` x `steps` iterations, with a device sync at each end. One peer iteration is
-what its `ProGAN.train` does per batch: `optimize_discriminator`, `update_average`, `optimize_generator`
-(one shared latent batch, `.item()` and a finiteness check of every gradient per step, as the package
-does). FLOPs of both are counted with pgan.bench.IterationFlops over one iteration.
+WGAN-GP loss (drift 0.001, lambda 10), Adam(0, 0.99) and EMA. They are timed in turns
+(`pgan.bench.interleaved_step_seconds`): after `warmup` iterations of each, `rounds` rounds in which pgan's
+variants and the peer each run `steps` iterations, so that all of them meet the machine in the same state;
+each one's img/s is the median over rounds, and each speedup the median of the rounds' ratios, with their
+lowest and highest. One peer iteration is what its `ProGAN.train` does per batch: `optimize_discriminator`,
+`update_average`, `optimize_generator` (one shared latent batch, `.item()` and a finiteness check of every
+gradient per step, as the package does). FLOPs of both are counted with pgan.bench.IterationFlops over one
+iteration (pgan's: over one lazy-regularisation cycle, per iteration).
 
 The shim the peer needs on current torch (ConvTranspose2d._output_padding gained arguments since 1.10)
 is applied here, not in pgan. Results: results/side_by_side_<device>.json and a markdown table on stdout.
@@ -23,7 +26,10 @@ import copy
 import io
 import itertools
 import json
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +37,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.nn import ConvTranspose2d
 
-from pgan.bench import IterationFlops, matmul_ceiling_gflops, median_step_seconds
+from pgan.bench import IterationFlops, interleaved_step_seconds, matmul_ceiling_gflops, ratio_per_round
 from pgan.losses import make_loss
 from pgan.networks import channels_for
 from pgan.runtime import autocast_for, resolve_precision
@@ -115,26 +121,36 @@ def our_iteration(resolution: int, batch: int, alpha: float, device: torch.devic
     return step, G, D, loss, use_bf16
 
 
-def ours(resolution: int, batch: int, alpha: float, device: torch.device, args, variant: str = "default") -> dict:
+@dataclass
+class Contender:
+    """One side of the comparison: its training iteration, ready to call, and what is known of it besides its
+    speed."""
+
+    step: Callable[[], None]
+    facts: dict
+
+
+def ours(resolution: int, batch: int, alpha: float, device: torch.device, variant: str = "default") -> Contender:
     step, G, D, loss, use_bf16 = our_iteration(resolution, batch, alpha, device, variant)
     t0 = time.perf_counter()
     step()  # the compile variants compile here
     first_step_s = time.perf_counter() - t0
-    seconds = median_step_seconds(step, device, args.warmup, args.repeats, args.steps)
     with IterationFlops() as flops:
         for _ in range(loss.penalty_every):
             step(fast=False)  # the same operations, uncompiled (FlopCounter cannot see inside compiled code)
-    return {
-        "img_per_s": batch / seconds,
-        "gflop_per_img": flops.total / loss.penalty_every / batch / 1e9,
-        "first_step_s": first_step_s,
-        "loss": loss.name,
-        "penalty_mode": loss.penalty_mode,
-        "penalty_every": loss.penalty_every,
-        "precision": "bf16" if use_bf16 else "fp32",
-        "params_g": sum(p.numel() for p in G.parameters()),
-        "params_d": sum(p.numel() for p in D.parameters()),
-    }
+    return Contender(
+        step,
+        {
+            "gflop_per_img": flops.total / loss.penalty_every / batch / 1e9,
+            "first_step_s": first_step_s,
+            "loss": loss.name,
+            "penalty_mode": loss.penalty_mode,
+            "penalty_every": loss.penalty_every,
+            "precision": "bf16" if use_bf16 else "fp32",
+            "params_g": sum(p.numel() for p in G.parameters()),
+            "params_d": sum(p.numel() for p in D.parameters()),
+        },
+    )
 
 
 def profile_table(resolution: int, batch: int, device: torch.device, args, rows: int = 20) -> str:
@@ -149,7 +165,7 @@ def profile_table(resolution: int, batch: int, device: torch.device, args, rows:
     return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48)
 
 
-def peer(resolution: int, batch: int, alpha: float, device: torch.device, args) -> dict:
+def peer(resolution: int, batch: int, alpha: float, device: torch.device) -> Contender:
     networks, layers, ProGAN, WganGP = load_peer()
     depth = resolution.bit_length() - 1  # the peer's depth: 2 = 4 px, log2(resolution) in general
     torch.manual_seed(0)
@@ -170,15 +186,16 @@ def peer(resolution: int, batch: int, alpha: float, device: torch.device, args) 
         layers.update_average(gan.gen_shadow, gan.gen, beta=beta)
         gan.optimize_generator(loss, gen_optim, noise, images, depth, alpha)
 
-    seconds = median_step_seconds(step, device, args.warmup, args.repeats, args.steps)
     with IterationFlops() as flops:
         step()
-    return {
-        "img_per_s": batch / seconds,
-        "gflop_per_img": flops.total / batch / 1e9,
-        "params_g": sum(p.numel() for p in gan.gen.parameters()),
-        "params_d": sum(p.numel() for p in gan.dis.parameters()),
-    }
+    return Contender(
+        step,
+        {
+            "gflop_per_img": flops.total / batch / 1e9,
+            "params_g": sum(p.numel() for p in gan.gen.parameters()),
+            "params_d": sum(p.numel() for p in gan.dis.parameters()),
+        },
+    )
 
 
 def main() -> None:
@@ -188,8 +205,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of timing in turns")
+    parser.add_argument("--steps", type=int, default=8, help="iterations of each side per round")
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS), help="pgan's settings")
     parser.add_argument("--profile", type=int, default=None, help="also write the per-op profile at this px")
     parser.add_argument("--profile-only", action="store_true", help="the profile, no side-by-side measurement")
@@ -207,21 +224,41 @@ def main() -> None:
     ceilings = {"fp32": matmul_ceiling_gflops(device, torch.float32, size)}
     if resolve_precision("auto", device):
         ceilings["bf16"] = matmul_ceiling_gflops(device, torch.bfloat16, size)
+    every = max(int(train_config(*VARIANTS[v]).loss.penalty_every) for v in args.variants)
+    if args.steps % every:
+        raise SystemExit(
+            f"--steps {args.steps}: must be a multiple of {every} (the lazy penalty's period), so that "
+            "every round has the same share of penalty steps"
+        )
     rows = []
     for res in args.resolutions:
         for alpha in args.alphas:
-            variants = {v: ours(res, args.batch, alpha, device, args, v) for v in args.variants}
-            a, b = variants[args.variants[0]], peer(res, args.batch, alpha, device, args)
+            sides = {v: ours(res, args.batch, alpha, device, v) for v in args.variants}
+            sides["peer"] = peer(res, args.batch, alpha, device)
+            seconds = interleaved_step_seconds(
+                {name: side.step for name, side in sides.items()}, device, args.warmup, args.rounds, args.steps
+            )
+            measured = {}
+            for name, side in sides.items():
+                img_per_s = args.batch / statistics.median(seconds[name])
+                measured[name] = {**side.facts, "img_per_s": img_per_s, "seconds_per_step": seconds[name]}
+                if name != "peer":
+                    median, low, high = ratio_per_round(seconds["peer"], seconds[name])
+                    measured[name] |= {"speedup": median, "speedup_range": [low, high]}
+            a, b = measured[args.variants[0]], measured.pop("peer")
             row = {
                 "resolution": res,
                 "alpha": alpha,
                 "batch_size": args.batch,
+                "rounds": args.rounds,
+                "steps_per_round": args.steps,
                 "pgan": a,
                 "peer": b,
-                "speedup": a["img_per_s"] / b["img_per_s"],
+                "speedup": a["speedup"],
+                "speedup_range": a["speedup_range"],
                 "pgan_mfu": a["img_per_s"] * a["gflop_per_img"] / ceilings[a["precision"]],  # its precision's
                 "peer_mfu": b["img_per_s"] * b["gflop_per_img"] / ceilings["fp32"],
-                "variants": {v: {**r, "speedup": r["img_per_s"] / b["img_per_s"]} for v, r in variants.items()},
+                "variants": measured,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -239,13 +276,18 @@ def main() -> None:
     )
     shown = ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items())
     print(f"\nceilings (GFLOP/s, a {size}² matmul, best of 10): {shown}; torch {torch.__version__}\n")
+    print(
+        f"{args.rounds} rounds of {args.steps} iterations each, in turns; img/s: the median round; speedup: the "
+        "median of the rounds' ratios (lowest-highest)\n"
+    )
     print("| px | alpha | pgan img/s | peer img/s | speedup | pgan GFLOP/img | peer GFLOP/img | pgan MFU | peer MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        low, high = r["speedup_range"]
         print(
             f"| {r['resolution']} | {r['alpha']:g} | {r['pgan']['img_per_s']:.1f} | {r['peer']['img_per_s']:.1f} "
-            f"| {r['speedup']:.2f}x | {r['pgan']['gflop_per_img']:.3f} | {r['peer']['gflop_per_img']:.3f} "
-            f"| {100 * r['pgan_mfu']:.0f}% | {100 * r['peer_mfu']:.0f}% |"
+            f"| {r['speedup']:.2f}x ({low:.2f}-{high:.2f}) | {r['pgan']['gflop_per_img']:.3f} "
+            f"| {r['peer']['gflop_per_img']:.3f} | {100 * r['pgan_mfu']:.0f}% | {100 * r['peer_mfu']:.0f}% |"
         )
     if len(args.variants) > 1:
         header = " | ".join(f"{v} img/s (× peer)" for v in args.variants)
