@@ -95,6 +95,9 @@ SUITES = {
             "rpgan_approx": ["loss=rpgan", "loss.penalty_mode=approx"],
             # Lazy R1 / R2 as StyleGAN2 does it: a D update of the penalties alone every 4th iteration.
             "rpgan_lazy4": ["loss=rpgan", "loss.penalty_every=4"],
+            # ... and the G step on the D step's latents and G(z) (`speed.reuse_fakes`: one G forward pass fewer, as
+            # PyTorch's DCGAN example trains): does G learn as well from fakes D was just updated on?
+            "rpgan_lazy4_reuse": ["loss=rpgan", "loss.penalty_every=4", "speed.reuse_fakes=true"],
             # The stable phases end when SWD stops improving, at most where the fixed schedule ends them.
             "rpgan_plateau": ["loss=rpgan", "schedule.advance=plateau"],
             # ... or when the modes' KL to uniform stops improving (a metric for data with known modes).
@@ -248,6 +251,8 @@ SUITES = {
             "beta05": ["schedule.betas=[0.5,0.99]"],
             "beta2_09": ["schedule.betas=[0.0,0.9]"],
             "mbstd_off": ["model.mbstd_group_size=1"],
+            # make train with the G step on the D step's latents and G(z) (one G forward pass fewer a step).
+            "reuse_fakes": ["speed.reuse_fakes=true"],
         },
         resolution=256,
         metrics="[modes]",
