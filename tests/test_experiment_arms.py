@@ -58,7 +58,8 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
     """fade64: the default before lazy regularisation; fade1: also before the 64 px fade doubled; FRESH arms: also
     before grow_init=preserve and lr 0.001 at 256 px. Each differs from today's defaults in exactly those settings,
     and every arm but those measured on today's default (lazy4, rpgan_lazy4, b8, s16x4, s16x4_w32, pall,
-    s16x4_pall, the smooth ones and the betas / minibatch-stddev ablations of make train) has the penalties on every
+    s16x4_pall, the smooth ones, the betas / minibatch-stddev ablations of make train and the reuse arms) has the
+    penalties on every
     step. Every arm that starts a width-keeping stage
     as the smaller model's function, measured before grow_smooth became the default, pins it off."""
     make_train = TrainOptions.from_config(compose_config())
@@ -82,9 +83,16 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
             "beta2_09",
             "mbstd_off",
             "rpgan_wide_b8_xxlong_ema_today",
+            "rpgan_lazy4_reuse",
+            "reuse_fakes",
         ):  # on today's lazy default
             assert options_of(suite, arm).loss.penalty_every == 1, (suite, arm)
     assert options_of("digits", "rpgan_lazy4").loss.penalty_every == 4
+    # The reuse arms are their baselines with the G step on the D step's fakes, and nothing else.
+    for suite, arm, baseline in (("digits", "rpgan_lazy4_reuse", "rpgan_lazy4"), ("default", "reuse_fakes", "default")):
+        reusing, base = options_of(suite, arm), options_of(suite, baseline)
+        assert reusing.reuse_fakes and not base.reuse_fakes
+        assert replace(reusing, config=None) == replace(base, reuse_fakes=True, config=None), arm
     smooth = {
         "smooth",
         "pall_smooth",
@@ -94,6 +102,7 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
         "beta2_09",
         "mbstd_off",
         "rpgan_wide_b8_xxlong_ema_today",
+        "reuse_fakes",
     }
     for suite, arm in ARMS:
         model = options_of(suite, arm).model

@@ -26,6 +26,7 @@ import copy
 import io
 import itertools
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -212,6 +213,12 @@ def main() -> None:
     parser.add_argument("--profile-only", action="store_true", help="the profile, no side-by-side measurement")
     parser.add_argument("--tag", default="", help="appended to the result file's name (another machine's run)")
     args = parser.parse_args()
+    every = math.lcm(*(int(train_config(*VARIANTS[v]).loss.penalty_every) for v in args.variants))
+    if args.steps % every:
+        raise SystemExit(
+            f"--steps {args.steps}: must be a multiple of {every} (the lazy penalties' period), so that "
+            "every round has the same share of penalty steps"
+        )
     device = torch.device(args.device)
     (HERE / "results").mkdir(exist_ok=True)
     if args.profile:
@@ -224,12 +231,6 @@ def main() -> None:
     ceilings = {"fp32": matmul_ceiling_gflops(device, torch.float32, size)}
     if resolve_precision("auto", device):
         ceilings["bf16"] = matmul_ceiling_gflops(device, torch.bfloat16, size)
-    every = max(int(train_config(*VARIANTS[v]).loss.penalty_every) for v in args.variants)
-    if args.steps % every:
-        raise SystemExit(
-            f"--steps {args.steps}: must be a multiple of {every} (the lazy penalty's period), so that "
-            "every round has the same share of penalty steps"
-        )
     rows = []
     for res in args.resolutions:
         for alpha in args.alphas:
