@@ -59,9 +59,8 @@ def test_the_older_arms_pin_the_defaults_they_were_measured_on() -> None:
     before grow_init=preserve and lr 0.001 at 256 px. Each differs from today's defaults in exactly those settings,
     and every arm but those measured on today's default (lazy4, rpgan_lazy4, b8, s16x4, s16x4_w32, pall,
     s16x4_pall, the smooth ones, the betas / minibatch-stddev ablations of make train and the reuse arms) has the
-    penalties on every
-    step. Every arm that starts a width-keeping stage
-    as the smaller model's function, measured before grow_smooth became the default, pins it off."""
+    penalties on every step. Every arm that starts a width-keeping stage as the smaller model's function, measured
+    before grow_smooth became the default, pins it off."""
     make_train = TrainOptions.from_config(compose_config())
     fade64 = options_of("default", "fade64")
     assert fade64.stages == make_train.stages and fade64.model == {**make_train.model, "grow_smooth": False}
