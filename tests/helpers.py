@@ -237,3 +237,14 @@ def run_eval(*overrides: str) -> dict:
     from pgan.cli.eval import evaluate
 
     return evaluate(compose_config(*overrides, config_name="eval"))
+
+
+class FakeClock:
+    """A `time.perf_counter` that only the code under test advances (`clock.now += seconds`): timings without the
+    machine, for the timers of pgan.bench and the experiments."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now

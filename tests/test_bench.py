@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import compose_config
+from helpers import FakeClock, compose_config
 from torch.utils.flop_counter import FlopCounterMode
 
 import pgan.bench
@@ -217,16 +217,6 @@ def test_iteration_flops_split_off_the_convolutions() -> None:
     with IterationFlops() as flops:
         G(torch.randn(4, 16), 1.0).sum().backward()
     assert 0.5 * flops.total < flops.convolution < flops.total
-
-
-class FakeClock:
-    """time.perf_counter for pgan.bench, advanced only by the steps under test: timings without the machine."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_steps_timed_in_turns_alternate_their_order_and_time_each_call(monkeypatch) -> None:

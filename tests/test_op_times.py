@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FakeClock
 from torch.utils.flop_counter import FlopCounterMode
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "throughput" / "op_times.py"
@@ -32,17 +33,9 @@ def test_every_convolution_flop_lands_under_its_shape_and_the_gradients_it_compu
     assert sum(times.conv_seconds.values()) <= sum(times.seconds.values())
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_iterations_are_timed_by_their_phase_in_the_penalty_period(monkeypatch) -> None:
     """Index 0 of every period is the lazy penalty's iteration: here it costs 3 units, the others 1."""
-    clock, index = Clock(), iter(range(100))
+    clock, index = FakeClock(), iter(range(100))
     monkeypatch.setattr(op_times.time, "perf_counter", clock)
 
     def step() -> None:
