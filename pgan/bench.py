@@ -190,7 +190,8 @@ def interleaved_step_seconds(
 
     In turns because a shared machine's speed drifts: on 2 EPYC cores the same step timed minutes apart read 23.9
     and 31.4 img/s, so two steps timed one after the other compare the machine's moments as much as the steps.
-    Within a round they share the moment, and the ratio of their times is steady where the times are not."""
+    Within a round they meet the same moment, and a median over rounds discounts the rounds the machine disturbed
+    (the drift between whole runs it does not remove: experiments/throughput)."""
     if rounds < 1 or calls < 1:
         raise ValueError(f"rounds and calls must be >= 1, got {rounds} and {calls}")
     for step in steps.values():
