@@ -53,11 +53,12 @@ COMMANDS = bench_commands(RUN_SH.read_text())
 
 def test_the_script_has_its_measurements() -> None:
     """The rows the issue asks for: the paper model at 256 px (batch 16 / 32 / 64, eager, approx, CUDA graphs,
-    compiled), the small model at 32 px and the paper schedule's projection."""
+    compiled), the small model at 32 px (eager, and with CUDA graphs) and the paper schedule's projection."""
     assert {"paper256_eager_b16", "paper256_approx_b16", "paper256_approx_b32", "paper256_approx_b64"} <= set(COMMANDS)
     assert {"paper256_approx_graphs_b64", "paper256_approx_compiled_b64", "small32", "paper_projection"} <= set(
         COMMANDS
     )
+    assert {"small32_graphs"} <= set(COMMANDS) and "speed.compile_mode=reduce-overhead" in COMMANDS["small32_graphs"]
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -52,6 +52,10 @@ for step in $steps; do
         loss.penalty_mode=approx project=paper
       # If the call's time allows: the compiled step without CUDA graphs, to tell the two apart.
       run paper256_approx_compiled_b64 110 $paper batch_size=64 loss.penalty_mode=approx speed.compile=true
+      # ... and the small model at 32 px with CUDA graphs: eager it is launch-bound (497 img/s on the H100, whatever
+      # the resolution), which is what make train's run on a GPU spends its time on.
+      run small32_graphs 90 $bench resolutions=[32] alphas=[1.0] batch_size=16 speed.compile=true \
+        speed.compile_mode=reduce-overhead
       python3 experiments/cuda/summarize.py "$OUT" | tee "$OUT/bench_summary.md" ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
