@@ -165,22 +165,6 @@ def matmul_ceiling_gflops(device: torch.device, dtype: torch.dtype, size: int, r
     return 2 * size**3 / best / 1e9
 
 
-def median_step_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int, steps: int) -> float:
-    """Seconds per call of `step`: `warmup` calls, then the median of `repeats` timings of `steps` calls each,
-    with a device sync at both ends of every timing."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
-
-
 def interleaved_step_seconds(
     steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int, calls: int
 ) -> dict[str, list[float]]:
@@ -216,6 +200,12 @@ def ratio_per_round(slower: list[float], faster: list[float]) -> tuple[float, fl
         raise ValueError(f"need the same number of rounds for both, got {len(slower)} and {len(faster)}")
     ratios = [s / f for s, f in zip(slower, faster)]
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def median_step_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int, steps: int) -> float:
+    """Seconds per call of `step`: `warmup` calls, then the median of `repeats` timings of `steps` calls each,
+    with a device sync at both ends of every timing (`interleaved_step_seconds` with one step)."""
+    return statistics.median(interleaved_step_seconds({"step": step}, device, warmup, repeats, steps)["step"])
 
 
 def peak_memory_mb(device: torch.device) -> float:
