@@ -17,6 +17,79 @@ LRELU_SLOPE = 0.2
 HE_GAIN = math.sqrt(2.0)
 
 
+def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=padding) (stride 1, an odd kernel, 'same' padding), differentiated twice
+    by the library's first-order kernels: where a gradient is differentiated again (the R1 / R2 and WGAN-GP
+    penalties), `SameConv2d` is used; elsewhere (no gradients, torch.compile, export) plain F.conv2d.
+
+    Under autocast the inputs are cast here, as F.conv2d's autocast would, so that the saved tensors and the
+    gradients share the dtype the convolution ran in."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return F.conv2d(x, weight, bias, padding=padding)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return SameConv2d.apply(x, weight, bias, padding)
+
+
+class SameConv2d(torch.autograd.Function):
+    """A stride-1 convolution whose gradients are built from ops with fast first-order kernels.
+
+    PyTorch's own double backward of a convolution (`_convolution_double_backward`) computes the weight's part as
+    one more convolution, of the incoming second-order gradient with the output's gradient, batch and channels
+    swapped: a "kernel" the size of the feature map, in NCHW. On 2 AVX2 EPYC cores those ran at 1-85 GFLOP/s,
+    where the weight-gradient kernel of the same convolution runs at 90-130 (experiments/throughput/op_times.py). Here the input's gradient is
+    F.conv_transpose2d(grad, weight) when it is to be differentiated again, whose own backward is the library's
+    first-order convolution backward: the same values, the R1 penalty's pass on D 1.2x faster at 64 px and
+    1.4x at 128 px (experiments/throughput, "The penalty's double backward").
+
+    The backward asks the autograd engine which gradients this pass uses (`torch.autograd.grad(..., inputs=x)`
+    uses no weight gradient), so a penalty's first differentiation computes no weight gradients at all."""
+
+    # forward(ctx, ...), not forward() with setup_context: measured on the CPU, that form costs about 100 us more a call
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return F.conv2d(x, weight, bias, padding=padding)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        used = [_gradient_used(ctx, i) for i in range(3)]
+        if not torch.is_grad_enabled():  # an ordinary backward: the one call F.conv2d's own backward makes
+            grad_x, grad_w, grad_b = _convolution_backward(grad, x, weight, ctx.padding, used, ctx.has_bias)
+            return grad_x, grad_w, grad_b, None
+        # create_graph: each gradient as an op whose backward is a first-order kernel (see the class)
+        grad_x = F.conv_transpose2d(grad, weight, padding=ctx.padding) if used[0] else None
+        grad_w = _convolution_backward(grad, x, weight, ctx.padding, [False, True, False])[1] if used[1] else None
+        grad_b = grad.sum((0, 2, 3)) if used[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def _convolution_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, mask: list[bool], bias: bool = False
+) -> tuple:
+    """aten's convolution backward of a stride-1 conv2d: (grad_x, grad_weight, grad_bias), None where `mask` is
+    False."""
+    sizes = [weight.shape[0]] if bias else None
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, sizes, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, mask
+    )
+
+
+def _gradient_used(ctx, index: int) -> bool:
+    """Whether the backward pass now running uses the gradient of a Function's input `index`: it requires grad and
+    the engine will run the node it flows to (under torch.autograd.grad, only nodes on a path to its `inputs`).
+    A leaf's node counts as used: the engine cannot say for leaves under torch.autograd.grad."""
+    if not ctx.needs_input_grad[index]:  # (next_functions has no entry for a None input)
+        return False
+    node = ctx.next_functions[index][0]
+    return node is not None and (type(node).__name__ == "AccumulateGrad" or torch._C._will_engine_execute_node(node))
+
+
 class EqualizedConv2d(nn.Module):
     """Conv2d whose weight is drawn from N(0, 1) and scaled at run time by He's constant gain / sqrt(fan_in).
 
@@ -33,7 +106,7 @@ class EqualizedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve with the run-time scaled weight ('same' padding)."""
-        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+        return same_conv2d(x, self.weight * self.scale, self.bias, self.padding)
 
     def extra_repr(self) -> str:
         out_c, in_c, k, _ = self.weight.shape

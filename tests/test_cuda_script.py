@@ -73,3 +73,20 @@ def test_every_bench_command_passes_pgan_benchs_checks(name: str) -> None:
         check_project(str(cfg.project), resolutions)
     if "model=paper" in overrides:
         assert cfg.model.name == "paper" and cfg.model.fmap_max == 512
+
+
+def test_the_double_backward_step_is_a_command_its_script_accepts() -> None:
+    """The optional `double_backward` step's arguments parse (double_backward.py's own parser: variants, and whole
+    lazy-penalty periods in a round)."""
+    import importlib.util
+
+    joined = re.sub(r"\\\n\s*", " ", RUN_SH.read_text())
+    (line,) = re.findall(r"python3 experiments/throughput/double_backward\.py ([^>]*)>", joined)
+    path = RUN_SH.parents[1] / "throughput" / "double_backward.py"
+    spec = importlib.util.spec_from_file_location("double_backward", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(shlex.split(line))
+    assert (args.device, args.model, args.resolutions) == ("cuda", "paper", [256])
+    with pytest.raises(SystemExit, match="multiple of 4"):  # and the parser does check the rounds' periods
+        module.parse_args([*shlex.split(line), "--steps", "6"])

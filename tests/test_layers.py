@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import pgan.layers
 from pgan.layers import (
     HE_GAIN,
     EqualizedConv2d,
@@ -13,8 +15,11 @@ from pgan.layers import (
     downsample_2x,
     minibatch_stddev,
     pixel_norm,
+    same_conv2d,
     upsample_2x,
 )
+from pgan.losses import gradient_penalty, r1_penalty
+from pgan.networks import Discriminator
 
 # ---------------------------------------------------------------- equalized learning rate
 
@@ -55,6 +60,118 @@ def test_equalized_conv_forward_matches_f_conv2d_with_scaled_weight(in_c, out_c,
     out = layer(x)
     assert out.shape == (2, out_c, 7, 6)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the convolution, differentiated twice
+
+
+@pytest.mark.parametrize("k, bias", [(1, True), (3, True), (3, False), (5, True)])
+def test_same_conv2d_first_and_second_derivatives_match_finite_differences(k, bias):
+    """gradcheck and gradgradcheck (float64): every first and second derivative w.r.t. input, weight and bias."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+
+    def conv(x, w, b=None):
+        return same_conv2d(x, w, b, k // 2)
+
+    assert torch.autograd.gradcheck(conv, inputs)
+    assert torch.autograd.gradgradcheck(conv, inputs)
+
+
+def _penalty_gradients(D, reals, fakes, penalty):
+    """Every parameter gradient of `penalty` on D (R1 on reals, or WGAN-GP on interpolates), and the scores."""
+    D.zero_grad(set_to_none=True)
+    if penalty == "r1":
+        x = reals.detach().requires_grad_(True)
+        scores = D(x, 0.6)
+        objective = r1_penalty(scores, x, 1.0) + scores.mean()
+    else:
+        eps = torch.linspace(0.1, 0.9, reals.shape[0], dtype=reals.dtype).view(-1, 1, 1, 1)
+        x = (eps * reals + (1 - eps) * fakes).requires_grad_(True)
+        scores = D(x, 0.6)
+        objective = gradient_penalty(scores, x) + scores.mean()
+    objective.backward()
+    return scores.detach(), {name: p.grad.clone() for name, p in D.named_parameters()}
+
+
+@pytest.mark.parametrize("penalty", ["r1", "wgan_gp"])
+def test_penalty_gradients_through_same_conv2d_equal_those_through_f_conv2d(monkeypatch, penalty):
+    """A discriminator's penalty gradients (float64, in a fade-in, every parameter) are those PyTorch's own
+    convolution gives, to rounding: the faster double backward computes the same derivative."""
+    torch.manual_seed(0)
+    D = Discriminator(16, fmap_base=32, fmap_max=8, fmap_min=4).double()
+    reals, fakes = torch.randn(2, 4, 3, 16, 16, dtype=torch.float64)
+    ours = _penalty_gradients(D, reals, fakes, penalty)
+    monkeypatch.setattr(pgan.layers, "same_conv2d", lambda x, w, b, p: F.conv2d(x, w, b, padding=p))
+    reference = _penalty_gradients(D, reals, fakes, penalty)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-12, atol=1e-12)
+    assert ours[1].keys() == reference[1].keys()
+    for name in ours[1]:
+        torch.testing.assert_close(ours[1][name], reference[1][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+class _Convolutions(TorchDispatchMode):
+    """The aten convolution calls made under it: forward kernel sizes, and the masks of the backward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward_kernels: list[tuple[int, int]] = []
+        self.backward_masks: list[list[bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.forward_kernels.append(tuple(args[1].shape[-2:]))
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.backward_masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_penalty_runs_no_image_sized_kernel_and_no_unused_weight_gradient():
+    """The R1 penalty's first differentiation (w.r.t. the images only) computes no weight gradient, and its
+    backward convolves only with the layers' own 1x1 and 3x3 kernels. PyTorch's double backward of F.conv2d
+    computes the weight's part as a convolution whose kernel is the feature map (16x16 here), which is slow."""
+    torch.manual_seed(0)
+    D = Discriminator(16, fmap_base=32, fmap_max=8, fmap_min=4)
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    scores = D(x, 1.0)
+    with _Convolutions() as first:
+        (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
+    assert first.backward_masks == []  # the input gradients are transposed convolutions: no weight gradient
+    assert first.forward_kernels and set(first.forward_kernels) <= {(1, 1), (3, 3)}
+    with _Convolutions() as second:
+        grad.square().sum().backward()
+    assert second.backward_masks and set(second.forward_kernels) <= {(1, 1), (3, 3)}
+    used = [p for name, p in D.named_parameters() if name.endswith("weight") and not name.startswith("from_rgb.8")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in used)  # the penalty reaches every layer
+
+
+def test_same_conv2d_under_bf16_autocast_runs_in_bf16_and_tracks_fp32_gradients(monkeypatch):
+    """Under CPU bf16 autocast the convolution runs in bf16 (as F.conv2d's autocast would) and the R1 penalty's
+    gradients stay within bf16 rounding of the same penalty through F.conv2d."""
+    torch.manual_seed(0)
+    D = Discriminator(16, fmap_base=32, fmap_max=8, fmap_min=4)
+    reals, fakes = torch.randn(2, 4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert D.blocks["16"].conv1(torch.randn(1, 4, 4, 4)).dtype == torch.bfloat16
+        ours = _penalty_gradients(D, reals, fakes, "r1")
+        monkeypatch.setattr(pgan.layers, "same_conv2d", lambda x, w, b, p: F.conv2d(x, w, b, padding=p))
+        reference = _penalty_gradients(D, reals, fakes, "r1")
+    for name, grad in ours[1].items():
+        expected = reference[1][name]
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, expected, rtol=0.05, atol=0.05 * expected.abs().max())
+
+
+def test_same_conv2d_is_plain_f_conv2d_without_gradients():
+    """Under no_grad (sampling, evaluation, export) there is no autograd Function in the way."""
+    layer = EqualizedConv2d(3, 4, 3)
+    assert type(layer(torch.randn(1, 3, 5, 5)).grad_fn).__name__ == "SameConv2dBackward"
+    with torch.no_grad():
+        out = layer(torch.randn(1, 3, 5, 5))
+    assert out.grad_fn is None and out.shape == (1, 4, 5, 5)
 
 
 @pytest.mark.parametrize("in_f, out_f", [(1, 1), (7, 3), (64, 10)])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks and measurements of experiments/cuda/README.md, as one call of the device tool (a lent GPU
 # machine: torch is installed there, hydra-core / omegaconf / antlr4 travel as wheels in .whl/).
-#   bash experiments/cuda/run.sh [steps...]    steps: tests, train, bench (default: bench, about 5 minutes)
+#   bash experiments/cuda/run.sh [steps...]    steps: tests, train, bench, double_backward (default: bench, about 5 minutes)
 set -u
 OUT=${OUT:-/tmp/pgan-cuda-out}
 mkdir -p "$OUT"
@@ -57,6 +57,12 @@ for step in $steps; do
       run small32_graphs 90 $bench resolutions=[32] alphas=[1.0] batch_size=16 speed.compile=true \
         speed.compile_mode=reduce-overhead
       python3 experiments/cuda/summarize.py "$OUT" | tee "$OUT/bench_summary.md" ;;
+    double_backward)  # pgan's convolution (pgan.layers.same_conv2d) against PyTorch's own double backward, in turns:
+                      # the paper model's R1 pass on D and its iteration at 256 px (experiments/throughput). ~2 min
+      timeout 170 python3 experiments/throughput/double_backward.py --device cuda --model paper --resolutions 256 \
+        --batch 32 --variants every_step default --warmup 3 --rounds 5 --steps 4 >"$OUT/double_backward.md" \
+        2>"$OUT/double_backward.txt" || echo "double_backward: exit $?"
+      cat "$OUT/double_backward.md" ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done

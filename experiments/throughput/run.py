@@ -91,14 +91,17 @@ VARIANTS = {
 }
 
 
-def train_config(*overrides: str):
+def train_config(*overrides: str, model: str = "small"):
+    """pgan-train's config with `overrides`; the `small` model with the peer's latent size, or another preset as is."""
+    preset = ["model=small", f"model.latent_dim={LATENT}"] if model == "small" else [f"model={model}"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=["model=small", f"model.latent_dim={LATENT}", *overrides])
+        return compose(config_name="train", overrides=[*preset, *overrides])
 
 
-def our_iteration(resolution: int, batch: int, alpha: float, device: torch.device, variant: str):
-    """pgan's training iteration for `variant`, ready to call; its networks and loss."""
-    cfg = train_config(*VARIANTS[variant])
+def our_iteration(resolution: int, batch: int, alpha: float, device: torch.device, variant: str, model: str = "small"):
+    """pgan's training iteration for `variant` with `model` (`small`: the peer's widths), ready to call; its networks
+    and loss."""
+    cfg = train_config(*VARIANTS[variant], model=model)
     use_bf16 = resolve_precision(cfg.precision, device)
     autocast = autocast_for(device, use_bf16)
     loss = make_loss(**OmegaConf.to_container(cfg.loss, resolve=True)).for_precision(use_bf16)
@@ -199,6 +202,14 @@ def peer(resolution: int, batch: int, alpha: float, device: torch.device) -> Con
     )
 
 
+def check_steps(steps: int, variants: list[str]) -> None:
+    """Exit unless `steps` iterations a round hold whole periods of every variant's lazy penalties, so that every
+    round has the same share of penalty steps."""
+    every = math.lcm(*(int(train_config(*VARIANTS[v]).loss.penalty_every) for v in variants))
+    if steps % every:
+        raise SystemExit(f"--steps {steps}: must be a multiple of {every} (the lazy penalties' period)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -213,12 +224,7 @@ def main() -> None:
     parser.add_argument("--profile-only", action="store_true", help="the profile, no side-by-side measurement")
     parser.add_argument("--tag", default="", help="appended to the result file's name (another machine's run)")
     args = parser.parse_args()
-    every = math.lcm(*(int(train_config(*VARIANTS[v]).loss.penalty_every) for v in args.variants))
-    if args.steps % every:
-        raise SystemExit(
-            f"--steps {args.steps}: must be a multiple of {every} (the lazy penalties' period), so that "
-            "every round has the same share of penalty steps"
-        )
+    check_steps(args.steps, args.variants)
     device = torch.device(args.device)
     (HERE / "results").mkdir(exist_ok=True)
     if args.profile:
