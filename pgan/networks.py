@@ -441,8 +441,9 @@ class Discriminator(nn.Module):
         """fromRGB of `resolution` (a 1x1 conv from the image channels, then leaky ReLU), always in fp32.
 
         Under bf16 autocast on the CPU, oneDNN's bf16 kernel for this conv's double backward (the R1 / R2 and
-        WGAN-GP penalties) dies with SIGFPE when N*H*W = 2**19 on one thread (torch 2.14.1: batch 8 at 256 px,
-        32 at 128 px). The conv is 3 -> C channels, a sliver of D's work, so it runs in fp32 everywhere."""
+        WGAN-GP penalties) died with SIGFPE when N*H*W = 2**19 on one thread (torch 2.14.1: batch 8 at 256 px,
+        32 at 128 px; measured with F.conv2d's own double backward, before `same_conv2d`). The conv is 3 -> C
+        channels, a sliver of D's work, so it runs in fp32 everywhere."""
         with torch.autocast(images.device.type, enabled=False):
             return lrelu(self.from_rgb[str(resolution)](at_least_fp32(images)))
 
