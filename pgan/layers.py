@@ -40,10 +40,11 @@ class SameConv2d(torch.autograd.Function):
     PyTorch's own double backward of a convolution (`_convolution_double_backward`) computes the weight's part as
     one more convolution, of the incoming second-order gradient with the output's gradient, batch and channels
     swapped: a "kernel" the size of the feature map, in NCHW. On 2 AVX2 EPYC cores those ran at 1-85 GFLOP/s,
-    where the weight-gradient kernel of the same convolution runs at 90-130 (experiments/throughput/op_times.py). Here the input's gradient is
-    F.conv_transpose2d(grad, weight) when it is to be differentiated again, whose own backward is the library's
-    first-order convolution backward: the same values, the R1 penalty's pass on D 1.2x faster at 64 px and
-    1.4x at 128 px (experiments/throughput, "The penalty's double backward").
+    where the weight-gradient kernel of the same convolution runs at 90-130 (experiments/throughput/op_times.py).
+
+    Here the input's gradient is F.conv_transpose2d(grad, weight) when it is to be differentiated again, whose own
+    backward is the library's first-order convolution backward: the same values, and the R1 penalty's pass on D
+    1.2x faster at 64 px, 1.4x at 128-256 px (experiments/throughput, "The penalty's double backward").
 
     The backward asks the autograd engine which gradients this pass uses (`torch.autograd.grad(..., inputs=x)`
     uses no weight gradient), so a penalty's first differentiation computes no weight gradients at all."""
