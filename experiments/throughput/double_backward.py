@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 import pgan.layers
 from pgan.bench import interleaved_step_seconds, ratio_per_round
 from pgan.losses import r1_penalty
+from pgan.runtime import autocast_for, resolve_precision
 from pgan.train.state import build_models
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,8 +50,10 @@ def library_convolution(on: bool) -> Iterator[None]:
 
 
 def penalty_pass(resolution: int, batch: int, device: torch.device, model: str) -> Callable[[], None]:
-    """R1 on a fresh D of `model` at `resolution`: forward, the images' gradient, the backward of its squared norm."""
+    """R1 on a fresh D of `model` at `resolution`: forward, the images' gradient, the backward of its squared norm,
+    in the precision pgan-train's `precision=auto` picks on `device` (bf16 autocast on GPUs)."""
     cfg = train_config(model=model)
+    autocast = autocast_for(device, resolve_precision(cfg.precision, device))
     torch.manual_seed(0)
     _, D = build_models(OmegaConf.to_container(cfg.model, resolve=True), resolution, device)
     reals = (torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1).contiguous(
@@ -59,7 +62,9 @@ def penalty_pass(resolution: int, batch: int, device: torch.device, model: str) 
 
     def step() -> None:
         x = reals.detach().requires_grad_(True)
-        r1_penalty(D(x, 1.0), x, 1.0).backward()
+        with autocast:
+            scores = D(x, 1.0)
+        r1_penalty(scores, x, 1.0).backward()
 
     return step
 
