@@ -20,11 +20,12 @@ HE_GAIN = math.sqrt(2.0)
 def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=padding) (stride 1, an odd kernel, 'same' padding), differentiated twice
     by the library's first-order kernels: where a gradient is differentiated again (the R1 / R2 and WGAN-GP
-    penalties), `SameConv2d` is used; elsewhere (no gradients, torch.compile, export) plain F.conv2d.
+    penalties), `SameConv2d` is used; elsewhere (no gradients, torch.compile, export, torch.func's transforms)
+    plain F.conv2d.
 
     Under autocast the inputs are cast here, as F.conv2d's autocast would, so that the saved tensors and the
     gradients share the dtype the convolution ran in."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _under_torch_func():
         return F.conv2d(x, weight, bias, padding=padding)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -32,6 +33,11 @@ def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     return SameConv2d.apply(x, weight, bias, padding)
+
+
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running: SameConv2d's form has no rule for them."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 class SameConv2d(torch.autograd.Function):

@@ -165,6 +165,17 @@ def test_same_conv2d_under_bf16_autocast_runs_in_bf16_and_tracks_fp32_gradients(
         torch.testing.assert_close(grad, expected, rtol=0.05, atol=0.05 * expected.abs().max())
 
 
+def test_same_conv2d_under_torch_func_transforms_is_f_conv2d():
+    """torch.func.grad and vmap through a conv layer work (SameConv2d's form has no functorch rule, so F.conv2d runs)
+    and give autograd's gradient."""
+    torch.manual_seed(0)
+    layer = EqualizedConv2d(2, 3, 3).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    per_sample = torch.func.vmap(torch.func.grad(lambda xi: layer(xi[None]).square().sum()))(x)
+    (expected,) = torch.autograd.grad(layer(x).square().sum(), x)
+    torch.testing.assert_close(per_sample, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_same_conv2d_is_plain_f_conv2d_without_gradients():
     """Under no_grad (sampling, evaluation, export) there is no autograd Function in the way."""
     layer = EqualizedConv2d(3, 4, 3)
