@@ -18,10 +18,10 @@ HE_GAIN = math.sqrt(2.0)
 
 
 def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=padding) (stride 1, an odd kernel, 'same' padding), differentiated twice
-    by the library's first-order kernels: where a gradient is differentiated again (the R1 / R2 and WGAN-GP
-    penalties), `SameConv2d` is used; elsewhere (no gradients, torch.compile, export, torch.func's transforms)
-    plain F.conv2d.
+    """F.conv2d(x, weight, bias, padding=padding) (stride 1, an odd kernel, 'same' padding). With gradients on it
+    runs as `SameConv2d`, whose gradient, where it is differentiated again (the R1 / R2 and WGAN-GP penalties),
+    is differentiated by the library's first-order kernels; elsewhere (no gradients, torch.compile, export,
+    torch.func's transforms) it is plain F.conv2d.
 
     Under autocast the inputs are cast here, as F.conv2d's autocast would, so that the saved tensors and the
     gradients share the dtype the convolution ran in."""
