@@ -1,4 +1,5 @@
-"""ProGAN building blocks: equalized-LR conv/linear, pixel norm, minibatch stddev, resampling.
+"""ProGAN building blocks: equalized-LR conv/linear (the conv differentiated twice by first-order kernels), pixel
+norm, minibatch stddev, resampling.
 
 No training logic lives here. References: Karras et al. 2018, "Progressive Growing of GANs for Improved
 Quality, Stability, and Variation", section 4 (equalized learning rate, pixelwise feature vector
