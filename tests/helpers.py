@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -248,3 +250,18 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def experiment_script(relative: str, name: str | None = None) -> ModuleType:
+    """The script experiments/<relative> imported as module `name` (default: its file's stem), once per session:
+    registered in sys.modules, where dataclasses look their module up and a second test file finds it."""
+    name = name or Path(relative).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / relative)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

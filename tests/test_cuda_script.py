@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from helpers import compose_config
+from helpers import compose_config, experiment_script
 from omegaconf import OmegaConf
 
 from pgan.bench import check_bench_config, check_project
@@ -78,14 +78,9 @@ def test_every_bench_command_passes_pgan_benchs_checks(name: str) -> None:
 def test_the_double_backward_step_is_a_command_its_script_accepts() -> None:
     """The optional `double_backward` step's arguments parse (double_backward.py's own parser: variants, and whole
     lazy-penalty periods in a round)."""
-    import importlib.util
-
     joined = re.sub(r"\\\n\s*", " ", RUN_SH.read_text())
     (line,) = re.findall(r"python3 experiments/throughput/double_backward\.py ([^>]*)>", joined)
-    path = RUN_SH.parents[1] / "throughput" / "double_backward.py"
-    spec = importlib.util.spec_from_file_location("double_backward", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = experiment_script("throughput/double_backward.py")
     args = module.parse_args(shlex.split(line))
     assert (args.device, args.model, args.resolutions) == ("cuda", "paper", [256])
     with pytest.raises(SystemExit, match="multiple of 4"):  # and the parser does check the rounds' periods

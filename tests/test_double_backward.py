@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import torch
+from helpers import experiment_script
 
 import pgan.layers
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "throughput" / "double_backward.py"
-spec = importlib.util.spec_from_file_location("double_backward", SCRIPT)
-double_backward = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(double_backward)
+double_backward = experiment_script("throughput/double_backward.py")
 
 
 def test_the_library_side_runs_f_conv2d_and_restores_same_conv2d() -> None:

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import compose_config
+from helpers import compose_config, experiment_script
 
 from pgan.cli.train import replace_resolution_maps
 from pgan.train.options import TrainOptions
 
-RUN_PY = Path(__file__).resolve().parents[1] / "experiments" / "quality" / "run.py"
-
-
-def _load_run_py():
-    spec = importlib.util.spec_from_file_location("quality_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-QUALITY = _load_run_py()
+QUALITY = experiment_script("quality/run.py", "quality_run")  # not "run": experiments/throughput has one too
 ARMS = [(suite, arm) for suite, s in QUALITY.SUITES.items() for arm in s.arms]
 
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FakeClock
+from helpers import FakeClock, experiment_script
 from torch.utils.flop_counter import FlopCounterMode
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "throughput" / "op_times.py"
-spec = importlib.util.spec_from_file_location("op_times", SCRIPT)
-op_times = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(op_times)
+op_times = experiment_script("throughput/op_times.py")
 
 
 def test_every_convolution_flop_lands_under_its_shape_and_the_gradients_it_computes() -> None:

@@ -3,18 +3,15 @@ what the two classifiers' labels say (shares, agreement), on real shapes and on 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
+from helpers import experiment_script
 
 from pgan.metrics.modes import train_shapes_classifier
 from pgan.networks import Generator
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "quality" / "shape_reading.py"
-spec = importlib.util.spec_from_file_location("shape_reading", SCRIPT)
-shape_reading = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(shape_reading)
+shape_reading = experiment_script("quality/shape_reading.py")
 
 
 def test_the_fitted_cnn_is_kept_and_its_reading_is_the_labels(tmp_path: Path) -> None:

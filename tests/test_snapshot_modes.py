@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_8PX, compose_config, run_eval
+from helpers import TINY_8PX, compose_config, experiment_script, run_eval
 
 from pgan.networks import Generator
 from pgan.train.loop import train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "quality" / "snapshot_modes.py"
-spec = importlib.util.spec_from_file_location("snapshot_modes", SCRIPT)
-snapshot_modes = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(snapshot_modes)
+snapshot_modes = experiment_script("quality/snapshot_modes.py")
 
 
 def test_weight_average_is_the_mean_of_every_float_tensor() -> None:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import experiment_script
 from torch.utils.tensorboard import SummaryWriter
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "quality" / "stage_times.py"
-spec = importlib.util.spec_from_file_location("stage_times", SCRIPT)
-stage_times = importlib.util.module_from_spec(spec)
-sys.modules["stage_times"] = stage_times  # its dataclass looks its module up there
-spec.loader.exec_module(stage_times)
+stage_times = experiment_script("quality/stage_times.py")
 
 
 def test_stage_times_split_the_wall_time_at_each_stages_first_and_last_tick(tmp_path: Path) -> None:
