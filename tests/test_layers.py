@@ -81,6 +81,11 @@ def test_same_conv2d_first_and_second_derivatives_match_finite_differences(k, bi
     assert torch.autograd.gradgradcheck(conv, inputs)
 
 
+def _f_conv2d(x, w, b, padding):
+    """PyTorch's own convolution, in same_conv2d's place: the reference the penalties' gradients are held to."""
+    return F.conv2d(x, w, b, padding=padding)
+
+
 def _penalty_gradients(D, reals, fakes, penalty):
     """Every parameter gradient of `penalty` on D (R1 on reals, or WGAN-GP on interpolates), and the scores."""
     D.zero_grad(set_to_none=True)
@@ -105,7 +110,7 @@ def test_penalty_gradients_through_same_conv2d_equal_those_through_f_conv2d(monk
     D = Discriminator(16, fmap_base=32, fmap_max=8, fmap_min=4).double()
     reals, fakes = torch.randn(2, 4, 3, 16, 16, dtype=torch.float64)
     ours = _penalty_gradients(D, reals, fakes, penalty)
-    monkeypatch.setattr(pgan.layers, "same_conv2d", lambda x, w, b, p: F.conv2d(x, w, b, padding=p))
+    monkeypatch.setattr(pgan.layers, "same_conv2d", _f_conv2d)
     reference = _penalty_gradients(D, reals, fakes, penalty)
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-12, atol=1e-12)
     assert ours[1].keys() == reference[1].keys()
@@ -157,7 +162,7 @@ def test_same_conv2d_under_bf16_autocast_runs_in_bf16_and_tracks_fp32_gradients(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert D.blocks["16"].conv1(torch.randn(1, 4, 4, 4)).dtype == torch.bfloat16
         ours = _penalty_gradients(D, reals, fakes, "r1")
-        monkeypatch.setattr(pgan.layers, "same_conv2d", lambda x, w, b, p: F.conv2d(x, w, b, padding=p))
+        monkeypatch.setattr(pgan.layers, "same_conv2d", _f_conv2d)
         reference = _penalty_gradients(D, reals, fakes, "r1")
     for name, grad in ours[1].items():
         expected = reference[1][name]

@@ -40,9 +40,9 @@ OURS = pgan.layers.same_conv2d
 
 
 @contextlib.contextmanager
-def library_convolution(on: bool) -> Iterator[None]:
-    """With `on`, pgan's convolutions run as plain F.conv2d (PyTorch's own double backward)."""
-    pgan.layers.same_conv2d = (lambda x, w, b, p: F.conv2d(x, w, b, padding=p)) if on else OURS
+def library_convolution() -> Iterator[None]:
+    """Inside it, pgan's convolutions run as plain F.conv2d (PyTorch's own double backward)."""
+    pgan.layers.same_conv2d = lambda x, w, b, p: F.conv2d(x, w, b, padding=p)
     try:
         yield
     finally:
@@ -73,7 +73,7 @@ def both(step: Callable[[], None]) -> dict[str, Callable[[], None]]:
     """`step` with F.conv2d and with same_conv2d, as interleaved_step_seconds' steps."""
 
     def library() -> None:
-        with library_convolution(True):
+        with library_convolution():
             step()
 
     return {"F.conv2d": library, "same_conv2d": step}
