@@ -15,6 +15,7 @@ from helpers import FakeClock, compose_config
 from torch.utils.flop_counter import FlopCounterMode
 
 import pgan.bench
+import pgan.cli.bench
 from pgan.bench import IterationFlops, interleaved_step_seconds, project_schedule, ratio_per_round
 from pgan.cli.bench import projection_line
 from pgan.losses import make_loss
@@ -280,10 +281,21 @@ def test_iteration_flops_count_the_gradient_penalty() -> None:
         ("resolutions=[4] project=quick", "error: project=quick: its stages are [8, 16, 32, 64, 128, 256] px and"),
     ],
 )
+def test_bad_settings_are_one_line_exit_2(override: str, message: str, monkeypatch, capsys) -> None:
+    """pgan-bench's entry point in this process, as its console script calls it (Hydra reads sys.argv); the
+    console script itself in `test_the_console_script_reports_a_bad_setting_in_one_line`."""
+    monkeypatch.setattr(sys, "argv", ["pgan-bench", *override.split()])
+    with pytest.raises(SystemExit) as exited:
+        pgan.cli.bench.main()
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and stderr.startswith(message), stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.subprocess
-def test_bad_settings_are_one_line_exit_2(override: str, message: str) -> None:
-    result = subprocess.run([PGAN_BENCH, *override.split()], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+def test_the_console_script_reports_a_bad_setting_in_one_line() -> None:
+    result = subprocess.run([PGAN_BENCH, "loss.penalty_every=0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: loss.penalty_every must be"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -141,20 +141,25 @@ def test_per_resolution_maps_fill_their_gaps_and_the_stage_line_says_how(tmp_pat
 
 
 @pytest.mark.subprocess
-def test_a_refused_resume_leaves_the_runs_saved_overrides_as_they_were(tmp_path: Path) -> None:
+def test_a_refused_resume_leaves_the_runs_saved_overrides_as_they_were(tmp_path: Path, monkeypatch, capsys) -> None:
     """Hydra rewrites DIR/.hydra/ before the trainer checks the overrides; a resume refused for a bad value
     puts it back, so the next plain resume runs with the run's own overrides (it used to reapply the bad one).
-    With hydra.run.dir given twice, the lock and the saved overrides are the last one's, as Hydra's run dir."""
+    With hydra.run.dir given twice, the lock and the saved overrides are the last one's, as Hydra's run dir.
+    The refused resumes run pgan-train's entry point in this process; the last resume, a console script, also
+    finds the run directory's lock released."""
+    import pgan.cli.train as cli
+
     run_dir = tmp_path / "run"
     first = subprocess.run([PGAN_TRAIN, *TINY_8PX, f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     before = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     decoy = tmp_path / "decoy"
     for args in (["loss.r1_gamma=-1"], [f"hydra.run.dir={decoy}", "loss.r1_gamma=-1"]):
-        refused = subprocess.run(
-            [PGAN_TRAIN, *args, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=BOUND_S
-        )
-        assert refused.returncode == 2 and "loss.r1_gamma" in refused.stderr, refused.stderr
+        monkeypatch.setattr(sys, "argv", ["pgan-train", *args, f"hydra.run.dir={run_dir}"])
+        with pytest.raises(SystemExit) as refused:
+            cli.main()
+        stderr = capsys.readouterr().err
+        assert refused.value.code == 2 and "loss.r1_gamma" in stderr, stderr
         assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == before
         assert not decoy.exists()
     resumed = subprocess.run([PGAN_TRAIN, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=BOUND_S)
