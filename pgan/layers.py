@@ -8,7 +8,10 @@ normalization) and section 3 (minibatch standard deviation).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +22,20 @@ HE_GAIN = math.sqrt(2.0)
 
 
 def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=padding) (stride 1, an odd kernel, 'same' padding). With gradients on it
-    runs as `SameConv2d`, whose gradient, where it is differentiated again (the R1 / R2 and WGAN-GP penalties),
-    is differentiated by the library's first-order kernels; elsewhere (no gradients, torch.compile, export,
-    torch.func's transforms) it is plain F.conv2d.
+    """F.conv2d(x, weight, bias, padding=padding) (stride 1, an odd kernel, 'same' padding). Inside
+    `differentiated_twice()`, with gradients on, it runs as `SameConv2d`, whose gradient, differentiated again (the
+    R1 / R2 and WGAN-GP penalties), is differentiated by the library's first-order kernels. Elsewhere (the passes
+    whose gradient is not differentiated again, no gradients, torch.compile, export, torch.func's transforms) it is
+    plain F.conv2d, whose own double backward gives the same values more slowly.
 
     Under autocast the inputs are cast here, as F.conv2d's autocast would, so that the saved tensors and the
     gradients share the dtype the convolution ran in."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _under_torch_func():
+    if (
+        not _DIFFERENTIATED_TWICE.get()
+        or not torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or _under_torch_func()
+    ):
         return F.conv2d(x, weight, bias, padding=padding)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -34,6 +43,22 @@ def same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     return SameConv2d.apply(x, weight, bias, padding)
+
+
+_DIFFERENTIATED_TWICE = contextvars.ContextVar("differentiated_twice", default=False)
+
+
+@contextlib.contextmanager
+def differentiated_twice() -> Iterator[None]:
+    """The forward passes inside build a graph whose gradient will be differentiated again (the exact penalties):
+    pgan's convolutions run as `SameConv2d` there. Outside, they are F.conv2d, whose autograd node is C++:
+    SameConv2d's Python costs about 80 us a convolution's forward and backward, 4-8 % of G's and D's passes at
+    32-64 px in bf16 on 2 CPU cores (experiments/throughput, "The penalty's double backward")."""
+    token = _DIFFERENTIATED_TWICE.set(True)
+    try:
+        yield
+    finally:
+        _DIFFERENTIATED_TWICE.reset(token)
 
 
 def _under_torch_func() -> bool:

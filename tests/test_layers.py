@@ -12,14 +12,17 @@ from pgan.layers import (
     HE_GAIN,
     EqualizedConv2d,
     EqualizedLinear,
+    SameConv2d,
+    differentiated_twice,
     downsample_2x,
     minibatch_stddev,
     pixel_norm,
     same_conv2d,
     upsample_2x,
 )
-from pgan.losses import gradient_penalty, r1_penalty
-from pgan.networks import Discriminator
+from pgan.losses import gradient_penalty, make_loss, r1_penalty
+from pgan.networks import Discriminator, Generator
+from pgan.train.step import d_step
 
 # ---------------------------------------------------------------- equalized learning rate
 
@@ -75,7 +78,10 @@ def test_same_conv2d_first_and_second_derivatives_match_finite_differences(k, bi
     inputs = (x, w, b) if bias else (x, w)
 
     def conv(x, w, b=None):
-        return same_conv2d(x, w, b, k // 2)
+        with differentiated_twice():
+            out = same_conv2d(x, w, b, k // 2)
+        assert type(out.grad_fn).__name__ == "SameConv2dBackward"
+        return out
 
     assert torch.autograd.gradcheck(conv, inputs)
     assert torch.autograd.gradgradcheck(conv, inputs)
@@ -87,17 +93,17 @@ def _f_conv2d(x, w, b, padding):
 
 
 def _penalty_gradients(D, reals, fakes, penalty):
-    """Every parameter gradient of `penalty` on D (R1 on reals, or WGAN-GP on interpolates), and the scores."""
+    """Every parameter gradient of `penalty` on D (R1 on reals, or WGAN-GP on interpolates), and the scores; D's
+    pass in `differentiated_twice`, as the trainer's penalty passes."""
     D.zero_grad(set_to_none=True)
     if penalty == "r1":
         x = reals.detach().requires_grad_(True)
-        scores = D(x, 0.6)
-        objective = r1_penalty(scores, x, 1.0) + scores.mean()
     else:
         eps = torch.linspace(0.1, 0.9, reals.shape[0], dtype=reals.dtype).view(-1, 1, 1, 1)
         x = (eps * reals + (1 - eps) * fakes).requires_grad_(True)
+    with differentiated_twice():
         scores = D(x, 0.6)
-        objective = gradient_penalty(scores, x) + scores.mean()
+    objective = (r1_penalty(scores, x, 1.0) if penalty == "r1" else gradient_penalty(scores, x)) + scores.mean()
     objective.backward()
     return scores.detach(), {name: p.grad.clone() for name, p in D.named_parameters()}
 
@@ -116,6 +122,36 @@ def test_penalty_gradients_through_same_conv2d_equal_those_through_f_conv2d(monk
     assert ours[1].keys() == reference[1].keys()
     for name in ours[1]:
         torch.testing.assert_close(ours[1][name], reference[1][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("loss", "with_penalty", "passes"),
+    [("r1", True, 1), ("r1_r2", True, 2), ("r1_r2", False, 0), ("wgan_gp", True, 1), ("approx", True, 0)],
+)
+def test_the_d_step_runs_same_conv2d_in_its_exact_penalty_passes_only(monkeypatch, loss, with_penalty, passes):
+    """The D step's passes differentiated twice (R1 on the reals, R2 on the fakes, WGAN-GP on the interpolates)
+    run SameConv2d; G's pass, D's others, a lazy step without the penalties and the approximate penalties run
+    F.conv2d."""
+    losses = {
+        "r1": make_loss("rpgan", r1_gamma=1.0, r2_gamma=0.0),
+        "r1_r2": make_loss("rpgan", r1_gamma=1.0, r2_gamma=1.0),
+        "wgan_gp": make_loss("wgan_gp"),
+        "approx": make_loss("rpgan", r1_gamma=1.0, r2_gamma=1.0, penalty_mode="approx"),
+    }
+    torch.manual_seed(0)
+    G = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4)
+    D = Discriminator(8, fmap_base=64, fmap_max=16, fmap_min=4)
+    opt = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99), fused=True)
+    calls = []
+    apply = SameConv2d.apply
+    monkeypatch.setattr(SameConv2d, "apply", lambda *args: calls.append(args[0].shape) or apply(*args))
+    with differentiated_twice():
+        D(torch.randn(4, 3, 8, 8), 0.5)
+    one_pass = len(calls)
+    assert one_pass == sum(isinstance(m, EqualizedConv2d) for m in D.modules())  # in a fade, both fromRGBs too
+    calls.clear()
+    d_step(G, D, opt, losses[loss], torch.randn(4, 3, 8, 8), torch.randn(4, 16), 0.5, with_penalty=with_penalty)
+    assert len(calls) == passes * one_pass
 
 
 class _Convolutions(TorchDispatchMode):
@@ -141,7 +177,8 @@ def test_penalty_runs_no_image_sized_kernel_and_no_unused_weight_gradient():
     torch.manual_seed(0)
     D = Discriminator(16, fmap_base=32, fmap_max=8, fmap_min=4)
     x = torch.randn(4, 3, 16, 16, requires_grad=True)
-    scores = D(x, 1.0)
+    with differentiated_twice():
+        scores = D(x, 1.0)
     with _Convolutions() as first:
         (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)
     assert first.backward_masks == []  # the input gradients are transposed convolutions: no weight gradient
@@ -176,18 +213,23 @@ def test_same_conv2d_under_torch_func_transforms_is_f_conv2d():
     torch.manual_seed(0)
     layer = EqualizedConv2d(2, 3, 3).double()
     x = torch.randn(4, 2, 5, 5, dtype=torch.float64, requires_grad=True)
-    per_sample = torch.func.vmap(torch.func.grad(lambda xi: layer(xi[None]).square().sum()))(x)
+    with differentiated_twice():
+        per_sample = torch.func.vmap(torch.func.grad(lambda xi: layer(xi[None]).square().sum()))(x)
     (expected,) = torch.autograd.grad(layer(x).square().sum(), x)
     torch.testing.assert_close(per_sample, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_same_conv2d_is_plain_f_conv2d_without_gradients():
-    """Under no_grad (sampling, evaluation, export) there is no autograd Function in the way."""
+def test_same_conv2d_is_plain_f_conv2d_outside_passes_differentiated_twice_and_without_gradients():
+    """Outside `differentiated_twice` (G, D's passes for the loss alone) and under no_grad (sampling, evaluation,
+    export) there is no autograd Function in the way."""
     layer = EqualizedConv2d(3, 4, 3)
-    assert type(layer(torch.randn(1, 3, 5, 5)).grad_fn).__name__ == "SameConv2dBackward"
-    with torch.no_grad():
-        out = layer(torch.randn(1, 3, 5, 5))
+    assert type(layer(torch.randn(1, 3, 5, 5)).grad_fn).__name__ == "ConvolutionBackward0"
+    with differentiated_twice():
+        assert type(layer(torch.randn(1, 3, 5, 5)).grad_fn).__name__ == "SameConv2dBackward"
+        with torch.no_grad():
+            out = layer(torch.randn(1, 3, 5, 5))
     assert out.grad_fn is None and out.shape == (1, 4, 5, 5)
+    assert type(layer(torch.randn(1, 3, 5, 5)).grad_fn).__name__ == "ConvolutionBackward0"
 
 
 @pytest.mark.parametrize("in_f, out_f", [(1, 1), (7, 3), (64, 10)])

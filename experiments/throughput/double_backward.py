@@ -50,8 +50,9 @@ def library_convolution() -> Iterator[None]:
 
 
 def penalty_pass(resolution: int, batch: int, device: torch.device, model: str) -> Callable[[], None]:
-    """R1 on a fresh D of `model` at `resolution`: forward, the images' gradient, the backward of its squared norm,
-    in the precision pgan-train's `precision=auto` picks on `device` (bf16 autocast on GPUs)."""
+    """R1 on a fresh D of `model` at `resolution`: forward (as the trainer's penalty pass, in
+    `differentiated_twice`), the images' gradient, the backward of its squared norm, in the precision pgan-train's
+    `precision=auto` picks on `device` (bf16 autocast on GPUs)."""
     cfg = train_config(model=model)
     autocast = autocast_for(device, resolve_precision(cfg.precision, device))
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def penalty_pass(resolution: int, batch: int, device: torch.device, model: str) 
 
     def step() -> None:
         x = reals.detach().requires_grad_(True)
-        with autocast:
+        with autocast, pgan.layers.differentiated_twice():
             scores = D(x, 1.0)
         r1_penalty(scores, x, 1.0).backward()
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pgan.dist import average_gradients, draw_for_rank
-from pgan.layers import at_least_fp32, downsample_2x
+from pgan.layers import at_least_fp32, differentiated_twice, downsample_2x
 from pgan.losses import (
     Loss,
     approx_gradient_penalty,
@@ -63,9 +63,11 @@ class Critic:
         self.exact = loss.penalty_mode == "exact"
 
     def scores(self, d_images: Tensor, eager: bool = False) -> Tensor:
-        """D's score of each (already augmented) image, in fp32."""
-        with self.autocast:
-            return at_least_fp32((self.eager_D if eager else self.D)(d_images, self.alpha, self.labels))
+        """D's score of each (already augmented) image, in fp32. `eager`: for an exact penalty, whose gradient is
+        differentiated again: through the uncompiled D, its convolutions as `differentiated_twice` runs them."""
+        D, twice = (self.eager_D, differentiated_twice()) if eager else (self.D, contextlib.nullcontext())
+        with self.autocast, twice:
+            return at_least_fp32(D(d_images, self.alpha, self.labels))
 
     def slope_scores(self, d_images: Tensor) -> tuple[Tensor, Tensor]:
         """D's scores at d_images - sigma * eps and d_images + sigma * eps, eps ~ N(0, I) drawn for the global
