@@ -52,8 +52,8 @@ _DIFFERENTIATED_TWICE = contextvars.ContextVar("differentiated_twice", default=F
 def differentiated_twice() -> Iterator[None]:
     """The forward passes inside build a graph whose gradient will be differentiated again (the exact penalties):
     pgan's convolutions run as `SameConv2d` there. Outside, they are F.conv2d, whose autograd node is C++:
-    SameConv2d's Python costs about 80 us a convolution's forward and backward, 4-8 % of G's and D's passes at
-    32-64 px in bf16 on 2 CPU cores (experiments/throughput, "The penalty's double backward")."""
+    SameConv2d's Python cost 10-290 us more a convolution's forward and backward on 2 CPU cores, on passes that
+    do not need it (experiments/throughput, "`same_conv2d` in the penalty passes only")."""
     token = _DIFFERENTIATED_TWICE.set(True)
     try:
         yield
