@@ -22,7 +22,7 @@ from pgan.layers import (
 )
 from pgan.losses import gradient_penalty, make_loss, r1_penalty
 from pgan.networks import Discriminator, Generator
-from pgan.train.step import d_step
+from pgan.train.step import d_penalty_step, d_step
 
 # ---------------------------------------------------------------- equalized learning rate
 
@@ -125,13 +125,21 @@ def test_penalty_gradients_through_same_conv2d_equal_those_through_f_conv2d(monk
 
 
 @pytest.mark.parametrize(
-    ("loss", "with_penalty", "passes"),
-    [("r1", True, 1), ("r1_r2", True, 2), ("r1_r2", False, 0), ("wgan_gp", True, 1), ("approx", True, 0)],
+    ("loss", "step", "passes"),
+    [
+        ("r1", "d_step", 1),
+        ("r1_r2", "d_step", 2),
+        ("r1_r2", "d_step without the penalties", 0),
+        ("r1_r2", "d_penalty_step", 2),
+        ("wgan_gp", "d_step", 1),
+        ("approx", "d_step", 0),
+        ("approx", "d_penalty_step", 0),
+    ],
 )
-def test_the_d_step_runs_same_conv2d_in_its_exact_penalty_passes_only(monkeypatch, loss, with_penalty, passes):
-    """The D step's passes differentiated twice (R1 on the reals, R2 on the fakes, WGAN-GP on the interpolates)
-    run SameConv2d; G's pass, D's others, a lazy step without the penalties and the approximate penalties run
-    F.conv2d."""
+def test_the_d_step_runs_same_conv2d_in_its_exact_penalty_passes_only(monkeypatch, loss, step, passes):
+    """The D step's passes differentiated twice (R1 on the reals, R2 on the fakes, WGAN-GP on the interpolates;
+    also lazy regularisation's own step) run SameConv2d; G's pass, D's others, a lazy step without the penalties
+    and the approximate penalties run F.conv2d."""
     losses = {
         "r1": make_loss("rpgan", r1_gamma=1.0, r2_gamma=0.0),
         "r1_r2": make_loss("rpgan", r1_gamma=1.0, r2_gamma=1.0),
@@ -142,15 +150,19 @@ def test_the_d_step_runs_same_conv2d_in_its_exact_penalty_passes_only(monkeypatc
     G = Generator(8, latent_dim=16, fmap_base=64, fmap_max=16, fmap_min=4)
     D = Discriminator(8, fmap_base=64, fmap_max=16, fmap_min=4)
     opt = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99), fused=True)
+    reals, z = torch.randn(4, 3, 8, 8), torch.randn(4, 16)
     calls = []
     apply = SameConv2d.apply
     monkeypatch.setattr(SameConv2d, "apply", lambda *args: calls.append(args[0].shape) or apply(*args))
     with differentiated_twice():
-        D(torch.randn(4, 3, 8, 8), 0.5)
+        D(reals, 0.5)
     one_pass = len(calls)
     assert one_pass == sum(isinstance(m, EqualizedConv2d) for m in D.modules())  # in a fade, both fromRGBs too
     calls.clear()
-    d_step(G, D, opt, losses[loss], torch.randn(4, 3, 8, 8), torch.randn(4, 16), 0.5, with_penalty=with_penalty)
+    if step == "d_penalty_step":
+        d_penalty_step(D, opt, losses[loss], reals, G(z, 0.5).detach(), 0.5)
+    else:
+        d_step(G, D, opt, losses[loss], reals, z, 0.5, with_penalty=step == "d_step")
     assert len(calls) == passes * one_pass
 
 
