@@ -11,6 +11,7 @@ import os
 # the tests start inherit it, so a run in this process and one in a CLI compute alike (bit for bit).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import logging  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -91,6 +92,21 @@ def folders(tmp_path_factory) -> Iterator[dict[str, Path]]:
         }
 
     yield from _built_once(tmp_path_factory, "images", build)
+
+
+@pytest.fixture
+def hydra_job_logging() -> Iterator[None]:
+    """For a test that runs pgan-train's Hydra entry point in this process: Hydra's job logging adds the console and
+    the run's train.log to the root logger; after the test the root logger is as it was (the handlers it added
+    closed), so later tests in this worker do not log into a finished run."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -141,7 +141,9 @@ def test_per_resolution_maps_fill_their_gaps_and_the_stage_line_says_how(tmp_pat
 
 
 @pytest.mark.subprocess
-def test_a_refused_resume_leaves_the_runs_saved_overrides_as_they_were(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_refused_resume_leaves_the_runs_saved_overrides_as_they_were(
+    tmp_path: Path, monkeypatch, capsys, hydra_job_logging
+) -> None:
     """Hydra rewrites DIR/.hydra/ before the trainer checks the overrides; a resume refused for a bad value
     puts it back, so the next plain resume runs with the run's own overrides (it used to reapply the bad one).
     With hydra.run.dir given twice, the lock and the saved overrides are the last one's, as Hydra's run dir.
@@ -168,7 +170,9 @@ def test_a_refused_resume_leaves_the_runs_saved_overrides_as_they_were(tmp_path:
 
 
 @pytest.mark.subprocess
-def test_a_user_error_after_the_resume_trained_keeps_the_new_overrides(tmp_path: Path, monkeypatch) -> None:
+def test_a_user_error_after_the_resume_trained_keeps_the_new_overrides(
+    tmp_path: Path, monkeypatch, hydra_job_logging
+) -> None:
     """A resume that trains (writes checkpoints) with new overrides and only then meets a user error: its .hydra/
     is not put back, since the run's checkpoints now come from the new overrides. The real Hydra entry point and
     trainer run in-process; only the late error is added after the trainer returns."""
